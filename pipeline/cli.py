@@ -1,0 +1,109 @@
+"""Command line: parse arguments, resolve the configuration, call the stages."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from pipeline import config as configuration
+from pipeline.errors import PipelineError
+
+STAGES = ("prepare", "train", "evaluate", "export", "predict")
+RUNS = Path("runs")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_pipeline.py",
+        description="U-Net (Ronneberger et al. 2015): prepare, train, evaluate, export, predict.",
+    )
+    p.add_argument("--stage", choices=STAGES + ("all",), default="all", help="stage to run (default: all, in order)")
+    p.add_argument("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
+                   "else the newest run under runs/)")
+    p.add_argument("--preset", choices=sorted(configuration.PRESETS), help="named configuration (default: cpu)")
+    p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one field, e.g. --set train.epochs=20 (repeatable)")
+    p.add_argument("--dataset", choices=("synthetic", "isbi2012"), help="data set (default: embedded synthetic)")
+    p.add_argument("--data-dir", help="folder of the data set's files (isbi2012)")
+    p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")
+    p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing predictions or export version")
+    return p
+
+
+def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
+    """The run directory and its configuration: saved one or preset, then overrides."""
+    run_dir = args.run_dir or _default_run_dir(args)
+    saved_path = run_dir / "config.yaml"
+    if saved_path.exists():
+        config = configuration.load(saved_path)
+        if args.preset and args.preset != config.preset:
+            raise PipelineError(f"{saved_path}: run uses preset {config.preset!r}, not {args.preset!r}; "
+                                "use a new --run-dir")
+    else:
+        config = configuration.preset(args.preset or "cpu")
+    if args.config:
+        config = configuration.apply_overrides(config, configuration.read_file(args.config), str(args.config))
+    data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None}
+    config = configuration.apply_overrides(config, {"data": data}, "command line")
+    config = configuration.apply_overrides(config, configuration.parse_set(args.assignments), "--set")
+    _save(config, saved_path)
+    return config, run_dir
+
+
+def _default_run_dir(args: argparse.Namespace) -> Path:
+    if args.stage in ("all", "prepare"):
+        return RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset or 'cpu'}"
+    runs = sorted(p for p in RUNS.glob("*") if (p / "config.yaml").exists()) if RUNS.is_dir() else []
+    if not runs:
+        raise PipelineError(f"{RUNS}: no run found; run --stage prepare first or give --run-dir")
+    print(f"using the newest run directory: {runs[-1]}")
+    return runs[-1]
+
+
+def _save(config: configuration.Config, path: Path) -> None:
+    """Writes config.yaml; a different earlier one is kept as config.N.yaml."""
+    if path.exists():
+        if configuration.load(path) == config:
+            return
+        n = 1
+        while path.with_name(f"config.{n}.yaml").exists():
+            n += 1
+        os.replace(path, path.with_name(f"config.{n}.yaml"))
+    configuration.save(config, path)
+
+
+def run_stage(stage: str, config: configuration.Config, run_dir: Path, args: argparse.Namespace) -> None:
+    # Imported here so that --help and argument errors answer without loading TensorFlow.
+    from pipeline import evaluate, export, predict, prepare, train
+
+    if stage == "prepare":
+        prepare.run(config, run_dir)
+    elif stage == "train":
+        train.run(config, run_dir)
+    elif stage == "evaluate":
+        evaluate.run(config, run_dir)
+    elif stage == "export":
+        export.run(config, run_dir, overwrite=args.overwrite)
+    elif stage == "predict":
+        predict.run(config, run_dir, args.input, args.output, overwrite=args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of run_pipeline.py and the `unet-pipeline` command."""
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
+    try:
+        config, run_dir = resolve(args)
+        stages = STAGES if args.stage == "all" else (args.stage,)
+        for stage in stages:
+            print(f"== {stage} ({run_dir})", flush=True)
+            run_stage(stage, config, run_dir, args)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,245 @@
+"""Configuration: dataclasses, named presets and overrides.
+
+A run is fully described by one `Config`. It starts from a named preset (`paper`, `cpu`,
+`smoke`), optionally updated from a YAML/JSON file and from `section.field=value` strings,
+and is saved into the run directory so that the run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.errors import PipelineError
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Which images to train and evaluate on."""
+
+    dataset: str = "synthetic"  # "synthetic" (embedded default) or "isbi2012"
+    data_dir: str | None = None  # folder of the real data set's files
+    seed: int = 0  # synthetic images are a pure function of this seed
+    image_size: int = 384  # synthetic: side length of each generated image
+    num_train: int = 6  # synthetic: number of images per split
+    num_val: int = 2
+    num_test: int = 2
+    val_slices: int = 4  # isbi2012: last labelled slices held out for validation
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The U-Net's shape; `paper` is Ronneberger et al. (2015) exactly."""
+
+    depth: int = 5  # resolution levels; depth - 1 max-poolings
+    base_filters: int = 64  # channels of the first level, doubled at every level
+    num_classes: int = 2  # 0 = membrane/background, 1 = cell
+    input_channels: int = 1
+    dropout: float = 0.5  # rate of the drop-out at the end of the contracting path
+
+
+@dataclasses.dataclass
+class WeightMapConfig:
+    """The paper's weight map w = w_c + w0 * exp(-(d1 + d2)^2 / (2 sigma^2))."""
+
+    w0: float = 10.0
+    sigma: float = 5.0
+    class_balance: bool = True  # w_c from class frequencies, else w_c = 1
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """Random transformations of training tiles."""
+
+    flip: bool = True
+    rotate90: bool = True
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """How the network is trained."""
+
+    seed: int = 0
+    tile_size: int = 572  # input tile side; the label tile is the network's output size
+    batch_size: int = 1
+    epochs: int = 100
+    steps_per_epoch: int = 200
+    optimizer: str = "sgd"  # "sgd" or "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.99  # sgd only
+    val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
+    early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
+    jit_compile: bool = False  # XLA; slower for this network on CPU
+
+
+@dataclasses.dataclass
+class PredictConfig:
+    """Overlap-tile prediction used by evaluate, export and predict."""
+
+    tile_size: int = 572  # input tile side
+    tiles_per_batch: int = 4  # bounds memory: tiles run through the network at once
+    threshold: float = 0.5  # probability of cell above which a pixel is cell
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    """Where the SavedModel for TF Serving goes."""
+
+    name: str = "unet"
+    root: str = "saved_models"
+    version: int = 0  # 0 = the next free version
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything that defines a run."""
+
+    preset: str = "paper"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    weight_map: WeightMapConfig = dataclasses.field(default_factory=WeightMapConfig)
+    augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    predict: PredictConfig = dataclasses.field(default_factory=PredictConfig)
+    export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _paper() -> Config:
+    # The dataclass defaults are the paper's settings.
+    return Config(preset="paper", data=DataConfig(image_size=512, num_train=20, num_val=4))
+
+
+def _cpu() -> Config:
+    return Config(
+        preset="cpu",
+        model=ModelConfig(depth=4, base_filters=16),
+        train=TrainConfig(
+            tile_size=188,
+            batch_size=4,
+            epochs=20,
+            steps_per_epoch=25,
+            optimizer="adam",
+            learning_rate=1e-3,
+        ),
+        predict=PredictConfig(tile_size=252, tiles_per_batch=4),
+    )
+
+
+def _smoke() -> Config:
+    return Config(
+        preset="smoke",
+        data=DataConfig(image_size=128, num_train=4, num_val=1, num_test=2),
+        model=ModelConfig(depth=3, base_filters=8),
+        train=TrainConfig(
+            tile_size=92,
+            batch_size=4,
+            epochs=3,
+            steps_per_epoch=10,
+            optimizer="adam",
+            learning_rate=3e-3,
+            val_tiles_per_image=4,
+        ),
+        predict=PredictConfig(tile_size=92, tiles_per_batch=8),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Config]] = {"paper": _paper, "cpu": _cpu, "smoke": _smoke}
+
+
+def preset(name: str) -> Config:
+    """Returns a fresh copy of the named preset."""
+    if name not in PRESETS:
+        raise PipelineError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _section_types(section: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(section))
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Checks a parsed YAML value against a field's type, allowing int for float."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, bool):
+            continue
+        if kind is not type(None) and isinstance(value, kind):
+            return value
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise PipelineError(f"{where}: expected {names}, got {value!r}")
+
+
+def apply_overrides(config: Config, overrides: dict[str, Any], source: str) -> Config:
+    """Returns a copy of `config` with nested `{section: {field: value}}` overrides applied."""
+    config = dataclasses.replace(config)
+    for key, value in overrides.items():
+        if key == "preset":
+            continue
+        if not hasattr(config, key) or not isinstance(value, dict):
+            raise PipelineError(f"{source}: unknown configuration section {key!r}")
+        section = dataclasses.replace(getattr(config, key))
+        types = _section_types(section)
+        for field, raw in value.items():
+            if field not in types:
+                raise PipelineError(f"{source}: unknown field {key}.{field}")
+            setattr(section, field, _coerce(raw, types[field], f"{source}: {key}.{field}"))
+        setattr(config, key, section)
+    return config
+
+
+def parse_set(assignments: list[str]) -> dict[str, Any]:
+    """Turns `["train.epochs=20", ...]` into nested overrides; values are parsed as YAML."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        section, dot, field = key.strip().partition(".")
+        if not sep or not dot or not field:
+            raise PipelineError(f"--set {assignment!r}: expected section.field=value")
+        overrides.setdefault(section, {})[field] = yaml.safe_load(raw) if raw else ""
+    return overrides
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML or JSON configuration file into a nested dict."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise PipelineError(f"{path}: cannot read configuration ({error.strerror})") from None
+    try:
+        content = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as error:
+        first_line = str(error).splitlines()[0]
+        raise PipelineError(f"{path}: not valid YAML/JSON ({first_line})") from None
+    if not isinstance(content, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections, got {type(content).__name__}")
+    return content
+
+
+def from_dict(content: dict[str, Any], source: str) -> Config:
+    """Builds a Config from a saved dict: its preset, then every field it lists."""
+    return apply_overrides(preset(content.get("preset", "paper")), content, source)
+
+
+def save(config: Config, path: str | Path) -> None:
+    """Writes the resolved configuration as YAML (atomically)."""
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def load(path: str | Path) -> Config:
+    """Reads a configuration written by `save` (or written by hand)."""
+    return from_dict(read_file(path), str(path))

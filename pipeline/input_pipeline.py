@@ -1,0 +1,119 @@
+"""tf.data pipelines that cut training and validation tiles.
+
+Each element is (input tile [i, i, C], label tile [o, o], weight tile [o, o]): the label
+and weight tiles cover the network's output window, the centre of the input tile. Images
+are normalised whole, then mirror-padded by the network's context so that output windows
+reach the image borders, as at prediction time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline import model as unet_model
+from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.errors import PipelineError
+
+
+def normalize(images: tf.Tensor) -> tf.Tensor:
+    """Zero mean, unit variance per whole image ([H, W, C] or [N, H, W, C]), any dtype."""
+    return tf.image.per_image_standardization(tf.cast(images, tf.float32))
+
+
+def _padded_images(images: np.ndarray, depth: int) -> tf.Tensor:
+    margin = unet_model.context(depth)
+    normalised = normalize(images).numpy()
+    return tf.constant(np.pad(normalised, ((0, 0), (margin, margin), (margin, margin), (0, 0)), mode="reflect"))
+
+
+def _tile_sizes(images: np.ndarray, tile_size: int, depth: int) -> tuple[int, int]:
+    out = unet_model.output_size(tile_size, depth)
+    height, width = images.shape[1:3]
+    if min(height, width) < out:
+        raise PipelineError(
+            f"training images of {height}x{width} px are smaller than the output window "
+            f"({out} px) of train.tile_size={tile_size}; choose a smaller tile size"
+        )
+    return tile_size, out
+
+
+def augment(tile: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, seed: tf.Tensor, config: AugmentConfig):
+    """Random flips and 90-degree rotations, the same for the tile, label and weights.
+
+    The output window is centred in the input tile, so transforming both about their own
+    centres keeps them aligned.
+    """
+    targets = tf.stack([tf.cast(label, tf.float32), weight], axis=-1)
+    draws = tf.random.stateless_uniform([2], seed, maxval=4, dtype=tf.int32)
+    if config.flip:
+        flip = draws[0] % 2 == 1
+        tile = tf.where(flip, tf.reverse(tile, [1]), tile)
+        targets = tf.where(flip, tf.reverse(targets, [1]), targets)
+    if config.rotate90:
+        tile = tf.image.rot90(tile, draws[1])
+        targets = tf.image.rot90(targets, draws[1])
+    return tile, tf.cast(targets[..., 0], tf.int32), targets[..., 1]
+
+
+def training_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    weights: np.ndarray,
+    depth: int,
+    train: TrainConfig,
+    augmentation: AugmentConfig,
+) -> tf.data.Dataset:
+    """An endless, seeded stream of augmented random tiles, batched and prefetched."""
+    size, out = _tile_sizes(images, train.tile_size, depth)
+    padded = _padded_images(images, depth)
+    labels = tf.constant(labels, tf.int32)
+    weights = tf.constant(weights, tf.float32)
+    count, height, width = labels.shape
+    channels = padded.shape[-1]
+
+    def random_tile(index: tf.Tensor):
+        # Stateless draws keyed by the element index: the same stream whatever the
+        # parallelism, and any element can be regenerated on its own.
+        seeds = tf.random.experimental.stateless_split(tf.stack([tf.cast(train.seed, tf.int64), index]), num=2)
+        tile_seed, augment_seed = seeds[0], seeds[1]
+        draws = tf.random.stateless_uniform([3], tile_seed)
+        n = tf.cast(draws[0] * count, tf.int32)
+        y = tf.cast(draws[1] * (height - out + 1), tf.int32)
+        x = tf.cast(draws[2] * (width - out + 1), tf.int32)
+        tile = tf.slice(padded, [n, y, x, 0], [1, size, size, channels])[0]
+        label = tf.slice(labels, [n, y, x], [1, out, out])[0]
+        weight = tf.slice(weights, [n, y, x], [1, out, out])[0]
+        return augment(tile, label, weight, augment_seed, augmentation)
+
+    return (
+        tf.data.Dataset.counter()
+        .map(random_tile, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        .batch(train.batch_size, drop_remainder=True)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def validation_tiles(
+    images: np.ndarray, labels: np.ndarray, weights: np.ndarray, depth: int, train: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fixed tiles spread evenly over each validation image, the same in every epoch."""
+    size, out = _tile_sizes(images, train.tile_size, depth)
+    padded = _padded_images(images, depth).numpy()
+    height, width = labels.shape[1:]
+    per_axis = int(np.ceil(np.sqrt(train.val_tiles_per_image)))
+    ys = np.linspace(0, height - out, per_axis).astype(int)
+    xs = np.linspace(0, width - out, per_axis).astype(int)
+    corners = [(y, x) for y in ys for x in xs][: train.val_tiles_per_image]
+    tiles, label_tiles, weight_tiles = [], [], []
+    for n in range(len(images)):
+        for y, x in corners:
+            tiles.append(padded[n, y : y + size, x : x + size])
+            label_tiles.append(labels[n, y : y + out, x : x + out])
+            weight_tiles.append(weights[n, y : y + out, x : x + out])
+    return np.stack(tiles), np.stack(label_tiles).astype(np.int32), np.stack(weight_tiles)
+
+
+def validation_dataset(tiles: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int) -> tf.data.Dataset:
+    """Batches the fixed validation tiles."""
+    return tf.data.Dataset.from_tensor_slices(tiles).batch(batch_size).prefetch(tf.data.AUTOTUNE)

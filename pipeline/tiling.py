@@ -1,0 +1,113 @@
+"""Overlap-tile prediction with mirror extrapolation (Ronneberger et al. 2015, fig. 2).
+
+Valid convolutions make every output pixel depend on `context(depth)` input pixels on
+each side, so an image of any size is mirror-padded by that context, cut into tiles,
+and the tiles' outputs are stitched. Tile offsets are multiples of 2^(depth-1), so every
+tile's max-pooling grid coincides with that of the whole padded image: the stitched
+result equals one pass of the network over the padded image, with the memory of one
+batch of tiles.
+
+Only TensorFlow ops run at prediction time (no numpy, no Python loop over tiles), so the
+function traces into a `tf.function` / SavedModel signature with dynamic height and width.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+from pipeline.model import alignment, check_input_size, context, output_size, valid_input_sizes
+
+
+def _reflect_indices(size: tf.Tensor, before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
+    """Source index of every position of an axis of length `size` padded by reflection."""
+    # Reflection without repeating the edge is periodic with period 2 * (size - 1), so
+    # folding one period reproduces numpy's repeated reflection for pads of any size.
+    # A size-1 axis has no period; numpy repeats its one pixel, as index 0 everywhere does.
+    period = tf.maximum(2 * (size - 1), 1)
+    folded = tf.math.floormod(tf.range(-before, size + after), period)
+    return tf.minimum(folded, period - folded)
+
+
+def mirror_pad(image: tf.Tensor, top, bottom, left, right) -> tf.Tensor:
+    """Pads [H, W, C] to [H + top + bottom, W + left + right, C] by mirror reflection.
+
+    The edge pixel is not repeated (numpy's 'reflect', TF's REFLECT); pads larger than
+    the image reflect repeatedly, as `numpy.pad(mode='reflect')` does, and a side of one
+    pixel is repeated. Unlike `tf.pad(mode='REFLECT')`, any pad size works. Pads may be
+    Python ints or scalar int32 tensors.
+    """
+    image = tf.convert_to_tensor(image)
+    top, bottom, left, right = (tf.cast(pad, tf.int32) for pad in (top, bottom, left, right))
+    shape = tf.shape(image)
+    rows = tf.gather(image, _reflect_indices(shape[0], top, bottom), axis=0)
+    return tf.gather(rows, _reflect_indices(shape[1], left, right), axis=1)
+
+
+def _tile_step(tile_size: int, depth: int) -> tuple[int, int, int]:
+    """(output side, margin, step between tiles) for a tile side; raises if unusable."""
+    check_input_size(tile_size, depth)
+    out, margin, align = output_size(tile_size, depth), context(depth), alignment(depth)
+    # Offsets must be multiples of `align`, so a tile must yield at least `align` pixels.
+    if out < align:
+        smallest = valid_input_sizes(depth, 2 * margin + align, 2 * margin + 3 * align)[0]
+        raise PipelineError(
+            f"tile size {tile_size} gives a {out}-pixel output at depth {depth}, less than "
+            f"the tile alignment {align}; the smallest usable tile size is {smallest}"
+        )
+    return out, margin, out // align * align
+
+
+def overlap_tile_predict(
+    model: keras.Model, image: tf.Tensor, depth: int, tile_size: int, tiles_per_batch: int = 4
+) -> tf.Tensor:
+    """Runs `model` over an image of any size by overlapping, aligned tiles.
+
+    Args:
+        model: a U-Net of `depth` levels accepting [N, tile_size, tile_size, C].
+        image: [H, W, C] float32, already normalised; H and W may be dynamic.
+        depth: the network's number of resolution levels.
+        tile_size: input tile side; must be a valid input size for `depth`.
+        tiles_per_batch: tiles run through the network at once; bounds the memory.
+
+    Returns:
+        [H, W, K] network output (class probabilities), exactly the input's size.
+    """
+    out, margin, step = _tile_step(tile_size, depth)
+    if tiles_per_batch < 1:
+        raise PipelineError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
+    image = tf.convert_to_tensor(image, tf.float32)
+    height, width = tf.shape(image)[0], tf.shape(image)[1]
+    rows, cols = (height + step - 1) // step, (width + step - 1) // step
+    # The far sides get whatever completes the last tile's window: the padded side is
+    # tile_size + (tiles - 1) * step, itself a valid input size.
+    padded = mirror_pad(
+        image,
+        margin,
+        margin + rows * step - height + out - step,
+        margin,
+        margin + cols * step - width + out - step,
+    )
+    count = rows * cols
+
+    def cut(origin: tf.Tensor) -> tf.Tensor:
+        return tf.slice(padded, [origin[0], origin[1], 0], [tile_size, tile_size, -1])
+
+    def predict_batch(first: tf.Tensor, outputs: tf.TensorArray):
+        ids = tf.range(first, tf.minimum(first + tiles_per_batch, count))
+        origins = tf.stack([ids // cols * step, ids % cols * step], axis=1)
+        # Slicing tile by tile keeps the inputs to one batch too, however wide the image.
+        tiles = tf.map_fn(cut, origins, fn_output_signature=tf.float32)
+        probabilities = model(tiles, training=False)[:, :step, :step, :]
+        return first + tiles_per_batch, outputs.scatter(ids, tf.cast(probabilities, tf.float32))
+
+    outputs = tf.TensorArray(tf.float32, size=count, element_shape=[step, step, None])
+    # One batch at a time: parallel iterations would hold several batches' activations.
+    _, outputs = tf.while_loop(
+        lambda first, _: first < count, predict_batch, [0, outputs], parallel_iterations=1
+    )
+    # Kept blocks form a regular grid: [rows, cols, step, step, K] -> [rows*step, cols*step, K].
+    grid = tf.reshape(outputs.stack(), [rows, cols, step, step, -1])
+    mosaic = tf.reshape(tf.transpose(grid, [0, 2, 1, 3, 4]), [rows * step, cols * step, -1])
+    return mosaic[:height, :width]

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="unet-pipeline",
+    version="0.1.0",
+    description="U-Net (Ronneberger, Fischer and Brox, 2015) for microscopy segmentation in Keras/TensorFlow",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # Only `pipeline` is installed: the top-level `datasets/` folder must never shadow the
+    # popular `datasets` package of the same name.
+    packages=find_packages(include=["pipeline", "pipeline.*"]),
+    install_requires=[
+        "tensorflow>=2.21",
+        "keras>=3.10",
+        "tensorflow-datasets>=4.9.9",
+        "tensorboard>=2.20",
+        "numpy>=1.26",
+        "opencv-python-headless>=4.9",
+        "tifffile>=2024.1.30",
+        "pyyaml>=6.0",
+    ],
+    extras_require={"test": ["pytest>=8.0"]},
+    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
+)

@@ -1,0 +1,151 @@
+"""Overlap-tile prediction: mirror padding and exactness against one whole-image pass."""
+
+from __future__ import annotations
+
+import functools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.model import alignment, context, output_size, unet
+from pipeline.tiling import mirror_pad, overlap_tile_predict
+
+
+@functools.cache
+def tiny_unet(depth: int = 3, input_channels: int = 1, num_classes: int = 2) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    config = ModelConfig(
+        depth=depth,
+        base_filters=4,
+        num_classes=num_classes,
+        input_channels=input_channels,
+        dropout=0.0,
+    )
+    return unet(config)
+
+
+def random_image(height: int, width: int, channels: int = 1, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(height, width, channels)).astype(np.float32)
+
+
+def whole_image_reference(model: keras.Model, image: np.ndarray, depth: int, tile: int) -> np.ndarray:
+    """The network run once on the padded image that the tiles are cut from, cropped."""
+    out, margin = output_size(tile, depth), context(depth)
+    step = out // alignment(depth) * alignment(depth)
+    height, width = image.shape[:2]
+    rows, cols = -(-height // step), -(-width // step)
+    padded = mirror_pad(
+        image,
+        margin,
+        margin + rows * step - height + out - step,
+        margin,
+        margin + cols * step - width + out - step,
+    )
+    assert padded.shape[0] == tile + (rows - 1) * step
+    assert padded.shape[1] == tile + (cols - 1) * step
+    return model(padded[None], training=False)[0, :height, :width].numpy()
+
+
+@pytest.mark.parametrize(
+    "shape, pads",
+    [
+        ((6, 7, 1), (2, 3, 1, 4)),
+        ((6, 7, 2), (5, 5, 6, 6)),  # pad = size - 1, the most tf.pad REFLECT allows
+        ((3, 5, 1), (11, 11, 11, 11)),  # pads larger than the image: repeated reflection
+        ((4, 4, 3), (0, 9, 13, 0)),
+        ((1, 6, 1), (4, 2, 3, 8)),  # a one-row strip
+        ((5, 1, 1), (2, 3, 7, 1)),
+        ((1, 1, 2), (3, 2, 4, 5)),  # a single pixel
+        ((4, 5, 1), (0, 0, 0, 0)),
+    ],
+)
+def test_mirror_pad_matches_numpy_reflect(shape, pads):
+    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    top, bottom, left, right = pads
+    expected = np.pad(x, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(mirror_pad(x, *pads).numpy(), expected)
+    as_tensors = [tf.constant(p, tf.int32) for p in pads]
+    np.testing.assert_array_equal(mirror_pad(tf.constant(x), *as_tensors).numpy(), expected)
+
+
+@pytest.mark.parametrize(
+    "depth, tile, size",
+    [
+        (3, 60, (40, 40)),  # a multiple of the step (20)
+        (3, 60, (50, 50)),  # not a multiple
+        (3, 92, (50, 50)),  # smaller than the tile's output
+        (3, 92, (37, 103)),  # non-square, several tiles across only
+        (3, 44, (23, 18)),  # tiny tiles (step 4): many of them
+        (3, 60, (7, 9)),  # smaller than the context (20)
+        (3, 60, (1, 40)),  # a one-row strip
+        (3, 60, (1, 1)),
+        (2, 20, (13, 11)),  # depth 2: alignment 2, step 4
+        (2, 30, (29, 31)),
+        # From depth 4 on, the output side is not a multiple of the alignment: tile 108
+        # gives 20 pixels but steps by 16, so only these cases test the aligned step.
+        (4, 108, (50, 70)),
+        (4, 100, (9, 30)),
+        (4, 124, (67, 5)),
+    ],
+)
+def test_tiles_equal_one_pass_over_the_padded_image(depth, tile, size):
+    model = tiny_unet(depth)
+    image = random_image(*size)
+    result = overlap_tile_predict(model, image, depth, tile, tiles_per_batch=4).numpy()
+    assert result.shape == (*size, 2)
+    np.testing.assert_allclose(result, whole_image_reference(model, image, depth, tile), atol=1e-5)
+    np.testing.assert_allclose(result.sum(axis=-1), 1.0, atol=1e-5)
+
+
+def test_multichannel_input_and_three_classes():
+    model = tiny_unet(3, input_channels=2, num_classes=3)
+    image = random_image(45, 70, channels=2, seed=1)
+    result = overlap_tile_predict(model, image, 3, 60, tiles_per_batch=3).numpy()
+    assert result.shape == (45, 70, 3)
+    np.testing.assert_allclose(result, whole_image_reference(model, image, 3, 60), atol=1e-5)
+
+
+def test_batch_size_does_not_change_the_result():
+    model = tiny_unet(3)
+    image = random_image(61, 47, seed=2)
+    results = [overlap_tile_predict(model, image, 3, 60, tiles_per_batch=n).numpy() for n in (1, 3, 64)]
+    for other in results[1:]:
+        np.testing.assert_allclose(other, results[0], atol=1e-6)
+
+
+def test_inside_tf_function_with_dynamic_size():
+    model = tiny_unet(3, input_channels=2)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 2], tf.float32)])
+    def predict(image):
+        return overlap_tile_predict(model, image, 3, 60, tiles_per_batch=3)
+
+    for size in [(50, 33), (21, 64)]:
+        image = random_image(*size, channels=2, seed=3)
+        traced = predict(tf.constant(image)).numpy()
+        assert traced.shape == (*size, 2)
+        eager = overlap_tile_predict(model, image, 3, 60, tiles_per_batch=3).numpy()
+        np.testing.assert_allclose(traced, eager, atol=1e-6)
+    assert predict.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("tile", [61, 62, 10])
+def test_invalid_tile_size_raises(tile):
+    with pytest.raises(PipelineError, match=f"input size {tile} is not valid"):
+        overlap_tile_predict(tiny_unet(3), random_image(8, 8), 3, tile)
+
+
+@pytest.mark.parametrize("depth, tile", [(3, 40), (3, 36), (2, 16)])
+def test_tile_with_too_small_an_output_raises(depth, tile):
+    # The model module accepts these sizes, but their output is smaller than one step.
+    with pytest.raises(PipelineError, match="tile size"):
+        overlap_tile_predict(tiny_unet(depth), random_image(8, 8), depth, tile)
+
+
+def test_tiles_per_batch_must_be_positive():
+    with pytest.raises(PipelineError, match="tiles_per_batch"):
+        overlap_tile_predict(tiny_unet(3), random_image(8, 8), 3, 60, tiles_per_batch=0)
