@@ -39,15 +39,15 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
     """The run directory and its configuration: saved one or preset, then overrides."""
     run_dir = args.run_dir or _default_run_dir(args)
     saved_path = run_dir / "config.yaml"
+    overrides = configuration.read_file(args.config) if args.config else {}
     if saved_path.exists():
         config = configuration.load(saved_path)
         if args.preset and args.preset != config.preset:
             raise PipelineError(f"{saved_path}: run uses preset {config.preset!r}, not {args.preset!r}; "
                                 "use a new --run-dir")
     else:
-        config = configuration.preset(args.preset or "cpu")
-    if args.config:
-        config = configuration.apply_overrides(config, configuration.read_file(args.config), str(args.config))
+        config = configuration.preset(args.preset or overrides.get("preset", "cpu"))
+    config = configuration.apply_overrides(config, overrides, str(args.config))
     data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None}
     config = configuration.apply_overrides(config, {"data": data}, "command line")
     config = configuration.apply_overrides(config, configuration.parse_set(args.assignments), "--set")

@@ -124,7 +124,7 @@ def _cpu() -> Config:
         train=TrainConfig(
             tile_size=188,
             batch_size=4,
-            epochs=20,
+            epochs=30,
             steps_per_epoch=25,
             optimizer="adam",
             learning_rate=1e-3,
@@ -141,10 +141,10 @@ def _smoke() -> Config:
         train=TrainConfig(
             tile_size=92,
             batch_size=4,
-            epochs=3,
-            steps_per_epoch=10,
+            epochs=4,
+            steps_per_epoch=15,
             optimizer="adam",
-            learning_rate=3e-3,
+            learning_rate=1e-2,
             val_tiles_per_image=4,
         ),
         predict=PredictConfig(tile_size=92, tiles_per_batch=8),
@@ -171,8 +171,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if value is None and type(None) in allowed:
         return None
     for kind in allowed:
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        if kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:  # YAML reads 1e-3 (no dot) as a string
+                return float(value)
+            except ValueError:
+                continue
         if kind is int and isinstance(value, bool):
             continue
         if kind is not type(None) and isinstance(value, kind):

@@ -56,7 +56,7 @@ def atomic_write_text(target: Path, text: str, overwrite: bool = True) -> None:
 def write_tiff(target: Path, array: np.ndarray, overwrite: bool = False) -> None:
     """Writes an image or a stack (leading axis = slices) as a TIFF file."""
     with atomic_path(target, overwrite) as temporary:
-        tifffile.imwrite(temporary, array)
+        tifffile.imwrite(temporary, array, photometric="minisblack")
 
 
 def write_png(target: Path, array: np.ndarray, overwrite: bool = False) -> None:
@@ -88,6 +88,8 @@ def read_image(path: Path) -> np.ndarray:
             array = tifffile.imread(path)
         except Exception as error:  # tifffile raises many types for damaged files
             raise PipelineError(f"{path}: corrupt or unreadable TIFF ({error})") from None
+        if array.size == 0:  # a damaged header can leave no pages at all
+            raise PipelineError(f"{path}: corrupt or unreadable TIFF (no image data)")
     elif suffix == ".png":
         array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if array is None:

@@ -27,7 +27,7 @@ def _shrink_through(size: int, depth: int) -> int | None:
         return None
     for _ in range(depth - 1):
         size = 2 * size - 4
-    return size
+    return size if size > 0 else None
 
 
 def is_valid_input_size(size: int, depth: int) -> bool:

@@ -115,6 +115,7 @@ def run(config: Config, run_dir: Path) -> keras.callbacks.History:
         steps_per_epoch=train.steps_per_epoch,
         validation_data=input_pipeline.validation_dataset(val_tiles, train.batch_size),
         callbacks=callbacks,
+        shuffle=False,  # the tile stream is already random
         verbose=2 if _quiet() else 1,
     )
     if np.isnan(history.history["loss"][-1]):

@@ -1,0 +1,19 @@
+"""Shared fixtures: one trained smoke run that the end-to-end tests look at."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+ISBI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> dict:
+    """`--stage all --preset smoke` on the embedded default, with the export in a temp folder."""
+    root = tmp_path_factory.mktemp("smoke")
+    run_dir, exports = root / "run", root / "saved_models"
+    status = main(["--stage", "all", "--preset", "smoke", "--run-dir", str(run_dir), "--set", f"export.root={exports}"])
+    assert status == 0
+    return {"run_dir": run_dir, "exports": exports}

@@ -1,0 +1,80 @@
+import math
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.model import (
+    alignment,
+    check_input_size,
+    context,
+    is_valid_input_size,
+    output_size,
+    unet,
+    valid_input_sizes,
+)
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    keras.utils.set_random_seed(1)
+    return unet(ModelConfig())
+
+
+def test_paper_network_has_23_convolutions_and_31m_parameters(paper_model):
+    convolutions = [l for l in paper_model.layers if isinstance(l, (keras.layers.Conv2D, keras.layers.Conv2DTranspose))]
+    assert len(convolutions) == 23
+    assert paper_model.count_params() == 31_030_658
+    assert [l.filters for l in convolutions if l.name.startswith("down")] == [64, 64, 128, 128, 256, 256, 512, 512]
+
+
+def test_paper_network_maps_572_to_388(paper_model):
+    assert output_size(572, 5) == 388
+    assert context(5) == 92 and alignment(5) == 16
+    assert paper_model(np.zeros((1, 572, 572, 1), np.float32)).shape == (1, 388, 388, 2)
+
+
+def test_initialisation_is_gaussian_with_std_sqrt_2_over_n(paper_model):
+    for name, fan_in in [("down3_conv1", 9 * 256), ("bottom_conv2", 9 * 1024), ("up1_upconv", 256), ("up0_conv1", 9 * 128)]:
+        kernel = paper_model.get_layer(name).kernel.numpy().ravel()
+        expected = math.sqrt(2 / fan_in)
+        # Standard error of a sample std is std / sqrt(2n); allow 5 of them.
+        assert abs(kernel.std() - expected) < 5 * expected / math.sqrt(2 * kernel.size)
+        assert abs(kernel.mean()) < 5 * expected / math.sqrt(kernel.size)
+        # Untruncated: a Gaussian has ~0.27% of draws beyond 3 std; a 2-std truncation has none.
+        assert np.mean(np.abs(kernel) > 2.5 * expected) > 0.005
+
+
+@pytest.mark.parametrize("depth,size", [(2, 18), (3, 44), (3, 92), (4, 188), (4, 252)])
+def test_any_valid_size_gives_the_predicted_output_size(depth, size):
+    model = unet(ModelConfig(depth=depth, base_filters=2, dropout=0.0))
+    out = model(np.zeros((1, size, size, 1), np.float32)).shape
+    assert out == (1, output_size(size, depth), output_size(size, depth), 2)
+    assert output_size(size, depth) == size - 2 * context(depth)
+
+
+def test_valid_sizes_step_by_the_pooling_alignment():
+    sizes = valid_input_sizes(5, 1, 700)
+    assert 572 in sizes and 188 in sizes
+    assert set(np.diff(sizes)) == {16}
+    assert not is_valid_input_size(571, 5)
+
+
+def test_invalid_size_names_the_nearest_valid_sizes():
+    with pytest.raises(PipelineError, match=r"input size 570 .* nearest valid sizes: 556 and 572"):
+        check_input_size(570, 5)
+    with pytest.raises(PipelineError, match=r"smallest valid size is 188"):
+        check_input_size(20, 5)
+    with pytest.raises(PipelineError, match="input size 570"):
+        output_size(570, 5)
+
+
+def test_configurable_channels_classes_and_dropout():
+    model = unet(ModelConfig(depth=2, base_filters=4, num_classes=3, input_channels=2, dropout=0.3))
+    assert model.input_shape == (None, None, None, 2)
+    assert model.output_shape[-1] == 3
+    assert [l.rate for l in model.layers if isinstance(l, keras.layers.Dropout)] == [0.3, 0.3]
+    probabilities = model(np.random.default_rng(0).normal(size=(1, 20, 20, 2)).astype(np.float32))
+    np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, rtol=1e-5)

@@ -1,0 +1,157 @@
+"""End to end: the CLI's stages on the embedded default and on ISBI 2012."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+import tifffile
+
+from pipeline import config as configuration
+from pipeline import rundir
+from pipeline.cli import main
+from pipeline.evaluate import evaluate_model
+from pipeline.model import unet
+from pipeline.predict import Segmenter, load_model
+
+from conftest import ISBI_DIR
+
+
+def test_stage_all_writes_every_output(smoke_run):
+    run_dir = smoke_run["run_dir"]
+    for path in ["config.yaml", "prepared/manifest.json", "train/best.keras", "train/last.keras",
+                 "train/history.csv", "evaluation/report.json", "predictions/test_000_prob.tif",
+                 "predictions/test_000_mask.tif", "predictions/test_000_overlay.png"]:
+        assert (run_dir / path).is_file(), path
+    assert list((run_dir / "logs" / "train").glob("events.out.tfevents.*"))
+    assert (smoke_run["exports"] / "unet" / "1" / "saved_model.pb").is_file()
+    probability = tifffile.imread(run_dir / "predictions" / "test_000_prob.tif")
+    mask = tifffile.imread(run_dir / "predictions" / "test_000_mask.tif")
+    assert probability.dtype == np.float32 and probability.shape == (128, 128)
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+
+
+def test_trained_network_beats_an_untrained_one(smoke_run):
+    run_dir = smoke_run["run_dir"]
+    config = configuration.load(run_dir / "config.yaml")
+    report = json.loads((run_dir / "evaluation" / "report.json").read_text())
+    test = rundir.load_split(run_dir, "test", config)
+    keras.utils.set_random_seed(config.train.seed)
+    untrained = evaluate_model(unet(config.model), test["images"], test["instances"] > 0, config)
+    trained, baseline = report["overall"], untrained["overall"]
+    print(f"IoU trained {trained['foreground_iou']:.3f} vs untrained {baseline['foreground_iou']:.3f}")
+    assert trained["foreground_iou"] > baseline["foreground_iou"] + 0.1
+    assert trained["foreground_iou"] > 0.8
+    assert trained["pixel_error"] < baseline["pixel_error"] - 0.05
+
+
+def test_exported_signature_segments_a_whole_image_like_the_model(smoke_run):
+    run_dir = smoke_run["run_dir"]
+    config = configuration.load(run_dir / "config.yaml")
+    image = tifffile.imread(run_dir / "predictions" / "test_000_prob.tif")  # any float image will do
+    image = (np.random.default_rng(0).uniform(0, 255, size=(75, 140, 1))).astype(np.float32)
+    served = tf.saved_model.load(str(smoke_run["exports"] / "unet" / "1")).signatures["serving_default"]
+    outputs = served(image=tf.constant(image))
+    expected = Segmenter(load_model(run_dir), config)(image)
+    assert outputs["probabilities"].shape == (75, 140, 2)
+    np.testing.assert_allclose(outputs["probabilities"][..., 1].numpy(), expected, atol=1e-5)
+    assert outputs["mask"].dtype == tf.uint8
+
+
+def test_existing_export_version_is_never_overwritten(smoke_run, capsys):
+    run_dir, exports = smoke_run["run_dir"], smoke_run["exports"]
+    version_1 = exports / "unet" / "1" / "saved_model.pb"
+    before = version_1.read_bytes()
+    status = main(["--stage", "export", "--run-dir", str(run_dir), "--set", "export.version=1"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().endswith("export version 1 already exists (pass --overwrite to replace it)")
+    assert version_1.read_bytes() == before
+    assert main(["--stage", "export", "--run-dir", str(run_dir), "--set", "export.version=0"]) == 0
+    assert sorted(p.name for p in (exports / "unet").iterdir()) == ["1", "2"]
+
+
+def test_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path, capsys):
+    assert main(["--stage", "train", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "run --stage prepare first" in capsys.readouterr().err
+    assert main(["--stage", "prepare", "--run-dir", str(tmp_path / "r")]) == 0
+    assert main(["--stage", "predict", "--run-dir", str(tmp_path / "r")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "best.keras: not found; run --stage train first" in error
+
+
+def test_changed_data_settings_require_a_new_prepare(smoke_run, tmp_path, capsys):
+    status = main(["--stage", "evaluate", "--run-dir", str(smoke_run["run_dir"]), "--set", "weight_map.w0=5"])
+    assert status == 2 and "run --stage prepare again" in capsys.readouterr().err
+    # The earlier configuration is kept, not lost.
+    assert configuration.load(smoke_run["run_dir"] / "config.1.yaml").weight_map.w0 == 10.0
+    assert main(["--stage", "evaluate", "--run-dir", str(smoke_run["run_dir"]), "--set", "weight_map.w0=10"]) == 0
+
+
+def test_run_repeats_exactly_from_its_saved_config(tmp_path):
+    quick = ["--preset", "smoke", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=3"]
+    for name in ("a", "b"):
+        for stage in ("prepare", "train"):
+            args = ["--stage", stage, "--run-dir", str(tmp_path / name)]
+            assert main(args + (quick if name == "a" else ["--config", str(tmp_path / "a" / "config.yaml")])) == 0
+    assert configuration.load(tmp_path / "a" / "config.yaml") == configuration.load(tmp_path / "b" / "config.yaml")
+    first, second = (keras.models.load_model(tmp_path / n / "train" / "best.keras") for n in "ab")
+    # Same seeds, same tiles; oneDNN's threaded float sums may differ in the last bits.
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):
+    import cv2
+
+    image = np.random.default_rng(1).integers(0, 255, size=(13, 20), dtype=np.uint8)  # context is 20 px
+    cv2.imwrite(str(tmp_path / "tiny.png"), image)
+    out = tmp_path / "out"
+    assert main(["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(tmp_path / "tiny.png"),
+                 "--output", str(out)]) == 0
+    assert tifffile.imread(out / "tiny_prob.tif").shape == (13, 20)
+    assert cv2.imread(str(out / "tiny_overlay.png")).shape == (13, 20, 3)
+
+
+def test_predict_a_folder_with_a_stack_and_refuse_to_overwrite(smoke_run, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "stack.tif", np.random.default_rng(2).integers(0, 65535, (3, 40, 50), dtype=np.uint16))
+    tifffile.imwrite(folder / "single.tif", np.random.default_rng(3).uniform(size=(30, 30)).astype(np.float32))
+    out = tmp_path / "out"
+    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(folder), "--output", str(out)]
+    assert main(args) == 0
+    assert tifffile.imread(out / "stack_prob.tif").shape == (3, 40, 50)
+    assert tifffile.imread(out / "single_mask.tif").shape == (30, 30)
+    assert len(list(out.glob("stack_overlay_*.png"))) == 3
+    before = (out / "stack_prob.tif").read_bytes()
+    assert main(args) == 2
+    assert "single_prob.tif: already exists" in capsys.readouterr().err
+    assert (out / "stack_prob.tif").read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_tiff_gets_a_one_line_error(smoke_run, tmp_path, capsys, damage):
+    path = tmp_path / "broken.tif"
+    if damage == "garbage":
+        path.write_bytes(b"II*\x00" + b"\x07" * 100)
+    else:
+        tifffile.imwrite(path, np.zeros((64, 64), np.uint8))
+        path.write_bytes(path.read_bytes()[:2000])
+    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(path),
+            "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {path}: corrupt or unreadable TIFF") and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not ISBI_DIR.is_dir(), reason=f"real ISBI 2012 data not found at {ISBI_DIR}")
+def test_isbi2012_runs_all_stages_with_the_smoke_preset(tmp_path):
+    args = ["--stage", "all", "--preset", "smoke", "--dataset", "isbi2012", "--data-dir", str(ISBI_DIR),
+            "--run-dir", str(tmp_path / "run"), "--set", f"export.root={tmp_path / 'saved'}"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "run" / "evaluation" / "report.json").read_text())
+    assert report["split"] == "val" and len(report["per_image"]) == 4  # the test labels are secret
+    assert len(list((tmp_path / "run" / "predictions").glob("test_*_prob.tif"))) == 30
