@@ -32,6 +32,18 @@ def test_stage_all_writes_every_output(smoke_run):
     assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
 
 
+def test_tensorboard_shows_scalars_and_validation_images(smoke_run):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    events = EventMultiplexer().AddRunsFromDirectory(str(smoke_run["run_dir"] / "logs"))
+    events.Reload()
+    tags = {run: set(kinds["tensors"]) for run, kinds in events.Runs().items()}
+    for tag in ("epoch_loss", "epoch_pixel_accuracy", "epoch_cell_iou"):
+        assert tag in tags["train"] and tag in tags["validation"]
+    assert {"validation/input", "validation/weight_map", "validation/probability"} <= tags["images"]
+    assert len(events.Tensors("images", "validation/mask")) == configuration.preset("smoke").train.epochs
+
+
 def test_trained_network_beats_an_untrained_one(smoke_run):
     run_dir = smoke_run["run_dir"]
     config = configuration.load(run_dir / "config.yaml")
