@@ -110,4 +110,5 @@ def overlap_tile_predict(
     # Kept blocks form a regular grid: [rows, cols, step, step, K] -> [rows*step, cols*step, K].
     grid = tf.reshape(outputs.stack(), [rows, cols, step, step, -1])
     mosaic = tf.reshape(tf.transpose(grid, [0, 2, 1, 3, 4]), [rows * step, cols * step, -1])
-    return mosaic[:height, :width]
+    # The reshapes lose the static class count, which serving signatures should advertise.
+    return tf.ensure_shape(mosaic[:height, :width], [None, None, model.output_shape[-1]])

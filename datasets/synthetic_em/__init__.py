@@ -1,0 +1,6 @@
+"""synthetic_em: the project's embedded synthetic EM data set as a TFDS builder.
+
+Build it with `tfds build datasets/synthetic_em`; the builder is
+`synthetic_em_dataset_builder.Builder`. This folder is deliberately not part of a
+top-level `datasets` package (see datasets/README.md).
+"""
