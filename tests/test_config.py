@@ -17,12 +17,12 @@ def test_presets_differ_where_they_should():
 
 
 def test_set_overrides_are_typed():
-    overrides = configuration.parse_set(["train.epochs=30", "train.learning_rate=1e-2", "data.data_dir=/x",
+    overrides = configuration.parse_set(["train.epochs=45", "train.learning_rate=1e-2", "data.data_dir=/x",
                                          "augment.flip=false", "data.data_dir=null"])
     config = configuration.apply_overrides(configuration.preset("cpu"), overrides, "--set")
-    assert config.train.epochs == 30 and config.train.learning_rate == 0.01
+    assert config.train.epochs == 45 and config.train.learning_rate == 0.01
     assert config.augment.flip is False and config.data.data_dir is None
-    assert configuration.preset("cpu").train.epochs != 30  # presets are not mutated
+    assert configuration.preset("cpu").train.epochs != 45  # presets are not mutated
 
 
 @pytest.mark.parametrize("assignment,message", [
