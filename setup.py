@@ -14,6 +14,9 @@ setup(
         "tensorflow>=2.21",
         "keras>=3.10",
         "tensorflow-datasets>=4.9.9",
+        # tensorflow-datasets needs it for package-style builders but declares it only
+        # for Python < 3.9 (tensorflow/datasets#11212).
+        "importlib_resources>=6.0",
         "tensorboard>=2.20",
         "numpy>=1.26",
         "opencv-python-headless>=4.9",

@@ -128,7 +128,8 @@ def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):
 def test_predict_a_folder_with_a_stack_and_refuse_to_overwrite(smoke_run, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
-    tifffile.imwrite(folder / "stack.tif", np.random.default_rng(2).integers(0, 65535, (3, 40, 50), dtype=np.uint16))
+    stack = np.random.default_rng(2).integers(0, 65535, (3, 40, 50), dtype=np.uint16)
+    tifffile.imwrite(folder / "stack.tif", stack, photometric="minisblack")
     tifffile.imwrite(folder / "single.tif", np.random.default_rng(3).uniform(size=(30, 30)).astype(np.float32))
     out = tmp_path / "out"
     args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(folder), "--output", str(out)]
