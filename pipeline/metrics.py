@@ -53,7 +53,7 @@ def foreground_iou(probability: np.ndarray, truth: np.ndarray, threshold: float 
     predicted = np.asarray(probability, np.float64) > threshold
     truth = np.asarray(truth) > 0
     union = np.count_nonzero(predicted | truth)
-    return np.count_nonzero(predicted & truth) / union if union else 1.0
+    return float(np.count_nonzero(predicted & truth) / union) if union else 1.0
 
 
 def pixel_accuracy(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> float:
