@@ -31,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of the data set's files (isbi2012)")
     p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")
     p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions)")
-    p.add_argument("--overwrite", action="store_true", help="replace existing predictions or export version")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing trained model, predictions or export version")
     return p
 
 
@@ -84,7 +84,7 @@ def run_stage(stage: str, config: configuration.Config, run_dir: Path, args: arg
     if stage == "prepare":
         prepare.run(config, run_dir)
     elif stage == "train":
-        train.run(config, run_dir)
+        train.run(config, run_dir, overwrite=args.overwrite)
     elif stage == "evaluate":
         evaluate.run(config, run_dir)
     elif stage == "export":

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import input_pipeline, rundir
+from pipeline import input_pipeline, io, rundir
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
@@ -72,8 +72,12 @@ def compiled_model(config: Config) -> keras.Model:
     return model
 
 
-def run(config: Config, run_dir: Path) -> keras.callbacks.History:
-    """Trains on the prepared data; writes train/best.keras, train/last.keras and logs/."""
+def run(config: Config, run_dir: Path, overwrite: bool = False) -> keras.callbacks.History:
+    """Trains on the prepared data; writes train/best.keras, train/last.keras and logs/.
+
+    A run's trained model is refused to be replaced unless `overwrite`.
+    """
+    io.refuse_existing([rundir.best_model(run_dir)], overwrite)
     train_split = rundir.load_split(run_dir, "train", config)
     val_split = rundir.load_split(run_dir, "val", config)
     depth, train = config.model.depth, config.train

@@ -83,6 +83,14 @@ def test_existing_export_version_is_never_overwritten(smoke_run, capsys):
     assert sorted(p.name for p in (exports / "unet").iterdir()) == ["1", "2"]
 
 
+def test_training_again_needs_overwrite(smoke_run, capsys):
+    best = smoke_run["run_dir"] / "train" / "best.keras"
+    before = best.read_bytes()
+    assert main(["--stage", "train", "--run-dir", str(smoke_run["run_dir"])]) == 2
+    assert capsys.readouterr().err == f"error: {best}: already exists (pass --overwrite to replace it)\n"
+    assert best.read_bytes() == before
+
+
 def test_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path, capsys):
     assert main(["--stage", "train", "--preset", "smoke", "--run-dir", str(tmp_path / "r")]) == 2
     assert "run --stage prepare first" in capsys.readouterr().err
