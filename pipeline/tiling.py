@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import alignment, check_input_size, context, output_size, valid_input_sizes
 
 
-def _reflect_indices(size: tf.Tensor, before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
+def reflect_indices(size: tf.Tensor, before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
     """Source index of every position of an axis of length `size` padded by reflection."""
     # Reflection without repeating the edge is periodic with period 2 * (size - 1), so
     # folding one period reproduces numpy's repeated reflection for pads of any size.
@@ -41,8 +41,8 @@ def mirror_pad(image: tf.Tensor, top, bottom, left, right) -> tf.Tensor:
     image = tf.convert_to_tensor(image)
     top, bottom, left, right = (tf.cast(pad, tf.int32) for pad in (top, bottom, left, right))
     shape = tf.shape(image)
-    rows = tf.gather(image, _reflect_indices(shape[0], top, bottom), axis=0)
-    return tf.gather(rows, _reflect_indices(shape[1], left, right), axis=1)
+    rows = tf.gather(image, reflect_indices(shape[0], top, bottom), axis=0)
+    return tf.gather(rows, reflect_indices(shape[1], left, right), axis=1)
 
 
 def _tile_step(tile_size: int, depth: int) -> tuple[int, int, int]:
