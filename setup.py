@@ -18,6 +18,7 @@ setup(
         # for Python < 3.9 (tensorflow/datasets#11212).
         "importlib_resources>=6.0",
         "tensorboard>=2.20",
+        "tensorflow-serving-api>=2.21",  # PredictionLog protos for the export's warm-up file
         "numpy>=1.26",
         "opencv-python-headless>=4.9",
         "tifffile>=2024.1.30",

@@ -84,6 +84,7 @@ class PredictConfig:
     tile_size: int = 572  # input tile side
     tiles_per_batch: int = 4  # bounds memory: tiles run through the network at once
     threshold: float = 0.5  # probability of cell above which a pixel is cell
+    test_time_augmentation: bool = False  # average over the 8 rotations/flips (8x the work)
 
 
 @dataclasses.dataclass

@@ -15,22 +15,75 @@ from pipeline.input_pipeline import normalize
 from pipeline.tiling import overlap_tile_predict
 
 
+def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """[H, W], [H, W, C], [B, H, W] (C = 1) or [B, H, W, C] -> ([B, H, W, C], leading dims).
+
+    The leading dims are [] or [B], so that outputs can take the input's layout again.
+    """
+    shape = tf.shape(image, out_type=tf.int32)
+    rank = tf.size(shape)
+    last = shape[-1]
+    channel_axis = (rank == 4) | ((rank == 3) & (last == channels))
+    batch_axis = (rank == 4) | ((rank == 3) & ~channel_axis)
+    valid = tf.reduce_any([
+        (rank == 2) & (channels == 1),
+        (rank == 3) & (channel_axis | (channels == 1)),
+        (rank == 4) & (last == channels),
+    ])
+    check = tf.debugging.Assert(valid, [
+        f"image must be [H, W]{', [B, H, W]' if channels == 1 else ''}, [H, W, {channels}] or "
+        f"[B, H, W, {channels}]; got shape", shape,
+    ])
+    with tf.control_dependencies([check]):
+        leading = tf.cast(batch_axis, tf.int32)
+        height, width = shape[leading], shape[leading + 1]
+        batch = tf.reshape(image, tf.stack([tf.reduce_prod(shape[:leading]), height, width, channels]))
+    return batch, shape[:leading]
+
+
+def segmentation_function(model: keras.Model, config: Config):
+    """Whole images -> {"mask", "probabilities"}: what `predict`, `evaluate` and the export run.
+
+    Takes [H, W], [H, W, C], [B, H, W] (1-channel models) or [B, H, W, C] of any numeric
+    dtype; normalises each image, predicts it tile by tile (with test-time augmentation
+    if configured) and returns the mask (uint8, 255 = cell) and class probabilities in the
+    input's layout. Written with TensorFlow ops only, so it traces into a SavedModel.
+    """
+    channels, depth, tiles = config.model.input_channels, config.model.depth, config.predict
+    classes = config.model.num_classes
+
+    def segment(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = tf.cast(image, tf.float32)
+        image = tf.debugging.assert_all_finite(image, "image contains NaN or infinite values")
+        batch, leading = _as_batch(image, channels)
+        probabilities = tf.map_fn(
+            lambda one: overlap_tile_predict(
+                model, normalize(one), depth, tiles.tile_size, tiles.tiles_per_batch, tiles.test_time_augmentation
+            ),
+            batch,
+            fn_output_signature=tf.TensorSpec([None, None, classes], tf.float32),
+        )
+        mask = tf.cast(probabilities[..., 1] > tiles.threshold, tf.uint8) * 255
+        spatial = tf.shape(mask)[1:]
+        return {
+            "mask": tf.reshape(mask, tf.concat([leading, spatial], 0)),
+            "probabilities": tf.reshape(probabilities, tf.concat([leading, spatial, [classes]], 0)),
+        }
+
+    return segment
+
+
 class Segmenter:
     """Probability of cell for whole images of any size, with a trained model."""
 
     def __init__(self, model: keras.Model, config: Config):
-        depth, tiles = config.model.depth, config.predict
-
-        @tf.function(input_signature=[tf.TensorSpec([None, None, config.model.input_channels])])
-        def probability(image: tf.Tensor) -> tf.Tensor:
-            output = overlap_tile_predict(model, normalize(image), depth, tiles.tile_size, tiles.tiles_per_batch)
-            return output[..., 1]
-
-        self._probability = probability
+        self._segment = tf.function(
+            segmentation_function(model, config), input_signature=[tf.TensorSpec(None, tf.float32)]
+        )
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """[H, W, C] image of any dtype -> [H, W] float32 probability of cell."""
-        return self._probability(tf.cast(image, tf.float32)).numpy()
+        return self._segment(tf.cast(image, tf.float32))["probabilities"][..., 1].numpy()
 
 
 def load_model(run_dir: Path) -> keras.Model:

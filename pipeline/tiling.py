@@ -60,7 +60,12 @@ def _tile_step(tile_size: int, depth: int) -> tuple[int, int, int]:
 
 
 def overlap_tile_predict(
-    model: keras.Model, image: tf.Tensor, depth: int, tile_size: int, tiles_per_batch: int = 4
+    model: keras.Model,
+    image: tf.Tensor,
+    depth: int,
+    tile_size: int,
+    tiles_per_batch: int = 4,
+    test_time_augmentation: bool = False,
 ) -> tf.Tensor:
     """Runs `model` over an image of any size by overlapping, aligned tiles.
 
@@ -70,6 +75,8 @@ def overlap_tile_predict(
         depth: the network's number of resolution levels.
         tile_size: input tile side; must be a valid input size for `depth`.
         tiles_per_batch: tiles run through the network at once; bounds the memory.
+        test_time_augmentation: average the outputs for the 8 rotations and flips of the
+            image (the paper averaged rotated versions for ISBI 2012); 8 times the work.
 
     Returns:
         [H, W, K] network output (class probabilities), exactly the input's size.
@@ -78,6 +85,23 @@ def overlap_tile_predict(
     if tiles_per_batch < 1:
         raise PipelineError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
     image = tf.convert_to_tensor(image, tf.float32)
+    if not test_time_augmentation:
+        return _stitched_tiles(model, image, tile_size, out, margin, step, tiles_per_batch)
+    outputs = []
+    for quarter_turns in range(4):
+        for flip in (False, True):
+            view = tf.image.rot90(image, quarter_turns)
+            view = tf.reverse(view, [1]) if flip else view
+            output = _stitched_tiles(model, view, tile_size, out, margin, step, tiles_per_batch)
+            output = tf.reverse(output, [1]) if flip else output
+            outputs.append(tf.image.rot90(output, (4 - quarter_turns) % 4))
+    return tf.add_n(outputs) / len(outputs)
+
+
+def _stitched_tiles(
+    model: keras.Model, image: tf.Tensor, tile_size: int, out: int, margin: int, step: int, tiles_per_batch: int
+) -> tf.Tensor:
+    """The overlap-tile pass proper, for one orientation of the image."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     rows, cols = (height + step - 1) // step, (width + step - 1) // step
     # The far sides get whatever completes the last tile's window: the padded side is

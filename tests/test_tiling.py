@@ -150,3 +150,19 @@ def test_tile_with_output_smaller_than_the_alignment_raises(depth, tile, smalles
 def test_tiles_per_batch_must_be_positive():
     with pytest.raises(PipelineError, match="tiles_per_batch"):
         overlap_tile_predict(tiny_unet(3), random_image(8, 8), 3, 60, tiles_per_batch=0)
+
+
+def test_test_time_augmentation_is_equivariant_and_averages_the_eight_views():
+    keras.utils.set_random_seed(5)
+    model = unet(ModelConfig(depth=3, base_filters=4, dropout=0.0))
+    image = tf.constant(np.random.default_rng(6).normal(size=(37, 53, 1)).astype(np.float32))
+    averaged = overlap_tile_predict(model, image, 3, 60, test_time_augmentation=True)
+    # The average over all rotations and flips commutes with rotating the input.
+    rotated = overlap_tile_predict(model, tf.image.rot90(image), 3, 60, test_time_augmentation=True)
+    np.testing.assert_allclose(rotated.numpy(), np.rot90(averaged.numpy()), atol=1e-5)
+    views = [
+        np.rot90(np.fliplr(overlap_tile_predict(model, tf.image.flip_left_right(tf.image.rot90(image, k)), 3, 60)),
+                 -k) for k in range(4)
+    ] + [np.rot90(overlap_tile_predict(model, tf.image.rot90(image, k), 3, 60), -k) for k in range(4)]
+    np.testing.assert_allclose(averaged.numpy(), np.mean(views, axis=0), atol=1e-5)
+    assert not np.allclose(averaged.numpy(), overlap_tile_predict(model, image, 3, 60).numpy(), atol=1e-3)

@@ -1,0 +1,145 @@
+"""The SavedModel as TF Serving sees it: signatures, layouts, warm-up file, server config."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from pipeline import config as configuration
+from pipeline.export import WARMUP_FILE, export_model, warmup_images
+from pipeline.model import unet
+from pipeline.predict import Segmenter
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A small untrained net exported with the smoke preset: (model, config, version folder)."""
+    root = tmp_path_factory.mktemp("exports")
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"export": {"root": str(root)}}, "test")
+    keras.utils.set_random_seed(3)
+    model = unet(config.model)
+    return model, config, export_model(model, config)
+
+
+def image_of(shape, seed=0):
+    return np.random.default_rng(seed).uniform(0, 255, size=shape).astype(np.float32)
+
+
+def test_a_fresh_process_serves_what_the_pipeline_predicts(exported, tmp_path):
+    model, config, version = exported
+    image = image_of((70, 101))
+    np.save(tmp_path / "image.npy", image)
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        served = tf.saved_model.load({str(version)!r}).signatures["serving_default"]
+        outputs = served(image=tf.constant(np.load({str(tmp_path / 'image.npy')!r})))
+        np.save({str(tmp_path / 'probabilities.npy')!r}, outputs["probabilities"].numpy())
+        np.save({str(tmp_path / 'mask.npy')!r}, outputs["mask"].numpy())
+        import sys; assert not any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules)
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    probabilities = np.load(tmp_path / "probabilities.npy")
+    assert probabilities.shape == (70, 101, 2)
+    expected = Segmenter(model, config)(image[..., None])
+    np.testing.assert_allclose(probabilities[..., 1], expected, atol=1e-5)
+    mask = np.load(tmp_path / "mask.npy")
+    clear = np.abs(expected - config.predict.threshold) > 1e-4
+    np.testing.assert_array_equal(mask[clear], np.where(expected[clear] > config.predict.threshold, 255, 0))
+
+
+def test_every_input_layout_and_dtype_gives_the_same_segmentation(exported):
+    _, _, version = exported
+    signatures = tf.saved_model.load(str(version)).signatures
+    serve = signatures["serving_default"]
+    images = np.stack([image_of((40, 52), seed) for seed in (1, 2)]).round()
+    reference = np.stack([serve(image=tf.constant(im))["probabilities"].numpy() for im in images])
+    assert reference.shape == (2, 40, 52, 2)
+    layouts = {"[H, W, C]": (images[0, ..., None], reference[0]), "[B, H, W]": (images, reference),
+               "[B, H, W, C]": (images[..., None], reference)}
+    for layout, (array, expected) in layouts.items():
+        result = serve(image=tf.constant(array))["probabilities"].numpy()
+        np.testing.assert_allclose(result, expected, atol=1e-5, err_msg=layout)
+    assert serve(image=tf.constant(images[0, ..., None]))["mask"].shape == (40, 52)
+    assert serve(image=tf.constant(images))["mask"].shape == (2, 40, 52)
+    # Normalisation is per image, so 8-bit and 16-bit versions of an image agree.
+    as_uint8 = signatures["segment_uint8"](image=tf.constant(images[0].astype(np.uint8)))["probabilities"]
+    as_uint16 = signatures["segment_uint16"](image=tf.constant(images[0].astype(np.uint16) * 257))["probabilities"]
+    np.testing.assert_allclose(as_uint8.numpy(), reference[0], atol=1e-5)
+    np.testing.assert_allclose(as_uint16.numpy(), reference[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,message", [
+    ((5,), "image must be [H, W], [B, H, W], [H, W, 1] or [B, H, W, 1]"),
+    ((2, 20, 20, 3), "image must be"),
+    ((1, 2, 20, 20, 1), "image must be"),
+])
+def test_wrong_rank_or_channels_get_a_clear_error(exported, shape, message):
+    serve = tf.saved_model.load(str(exported[2])).signatures["serving_default"]
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        serve(image=tf.zeros(shape))
+
+
+def test_nan_input_is_refused(exported):
+    serve = tf.saved_model.load(str(exported[2])).signatures["serving_default"]
+    image = image_of((30, 30))
+    image[3, 4] = np.nan
+    with pytest.raises(tf.errors.InvalidArgumentError, match="image contains NaN or infinite values"):
+        serve(image=tf.constant(image))
+
+
+def test_saved_model_cli_shows_dynamic_shapes_and_runs_on_an_npy_file(exported, tmp_path):
+    cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    shown = subprocess.run(cli + ["show", "--dir", str(exported[2]), "--all"], check=True, capture_output=True, text=True)
+    for signature in ("serving_default", "segment_uint8", "segment_uint16", "tile"):
+        assert f"signature_def['{signature}']" in shown.stdout
+    default = shown.stdout.split("signature_def['serving_default']")[1].split("signature_def[")[0]
+    assert default.count("shape: unknown_rank") == 3  # image in; mask and probabilities out
+    tile = shown.stdout.split("signature_def['tile']")[1]
+    assert "shape: (-1, 92, 92, 1)" in tile
+    np.save(tmp_path / "x.npy", image_of((33, 47)))
+    subprocess.run(cli + ["run", "--dir", str(exported[2]), "--tag_set", "serve", "--signature_def", "serving_default",
+                          "--inputs", f"image={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out")],
+                   check=True, capture_output=True)
+    mask = np.load(tmp_path / "out" / "mask.npy")
+    assert mask.shape == (33, 47) and mask.dtype == np.uint8
+
+
+def test_rest_request_bodies_decode_into_accepted_inputs(exported):
+    serve = tf.saved_model.load(str(exported[2])).signatures["serving_default"]
+    images = [image_of((24, 31), seed).round() for seed in (4, 5)]
+    # Row format: TF Serving stacks the instances along a new batch axis.
+    rows = json.loads(json.dumps({"signature_name": "serving_default", "instances": [im.tolist() for im in images]}))
+    batch = tf.constant(np.array(rows["instances"], np.float32))
+    # Columnar format: the tensor as sent.
+    columns = json.loads(json.dumps({"inputs": {"image": images[1].tolist()}}))
+    single = tf.constant(np.array(columns["inputs"]["image"], np.float32))
+    np.testing.assert_array_equal(serve(image=batch)["mask"].numpy()[1], serve(image=single)["mask"].numpy())
+
+
+def test_warmup_requests_parse_and_run(exported):
+    _, config, version = exported
+    signatures = tf.saved_model.load(str(version)).signatures
+    records = list(tf.data.TFRecordDataset(str(version / WARMUP_FILE)).as_numpy_iterator())
+    assert len(records) == len(warmup_images(config)) == 3
+    for record in records:
+        request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+        assert request.model_spec.name == config.export.name
+        image = tf.make_ndarray(request.inputs["image"])
+        outputs = signatures[request.model_spec.signature_name](image=tf.constant(image))
+        assert outputs["mask"].shape == image.shape
+
+
+def test_models_config_lists_the_model_for_the_server(exported):
+    _, config, version = exported
+    text = (version.parent.parent / "models.config").read_text()
+    server_config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    [entry] = server_config.model_config_list.config
+    assert (entry.name, entry.base_path, entry.model_platform) == ("unet", "/models/unet", "tensorflow")
