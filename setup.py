@@ -24,6 +24,6 @@ setup(
         "tifffile>=2024.1.30",
         "pyyaml>=6.0",
     ],
-    extras_require={"test": ["pytest>=8.0"]},
+    extras_require={"test": ["pytest>=8.0", "py-ctcmetrics>=1.3"]},
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
 )

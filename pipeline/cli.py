@@ -29,8 +29,14 @@ def parser() -> argparse.ArgumentParser:
                    help="override one field, e.g. --set train.epochs=20 (repeatable)")
     p.add_argument("--dataset", choices=("synthetic", "isbi2012"), help="data set (default: embedded synthetic)")
     p.add_argument("--data-dir", help="folder of the data set's files (isbi2012)")
+    p.add_argument("--strategy", choices=("mirrored", "multi_worker"),
+                   help="train on this machine's devices (default) or on the TF_CONFIG cluster")
     p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")
-    p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions)")
+    p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions); "
+                   "evaluate with --prediction: the JSON report to write")
+    p.add_argument("--prediction", type=Path, help="evaluate: score this probability-of-cell TIFF (image or stack) "
+                   "instead of a run's model; needs --ground-truth")
+    p.add_argument("--ground-truth", type=Path, help="evaluate: binary labels for --prediction (255 or 1 = cell)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trained model, predictions or export version")
     return p
 
@@ -49,7 +55,8 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
         config = configuration.preset(args.preset or overrides.get("preset", "cpu"))
     config = configuration.apply_overrides(config, overrides, str(args.config))
     data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None}
-    config = configuration.apply_overrides(config, {"data": data}, "command line")
+    train = {"strategy": args.strategy} if args.strategy else {}
+    config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
     config = configuration.apply_overrides(config, configuration.parse_set(args.assignments), "--set")
     _save(config, saved_path)
     return config, run_dir
@@ -93,11 +100,23 @@ def run_stage(stage: str, config: configuration.Config, run_dir: Path, args: arg
         predict.run(config, run_dir, args.input, args.output, overwrite=args.overwrite)
 
 
+def _score_files(args: argparse.Namespace) -> int:
+    """`--stage evaluate --prediction P --ground-truth G`: no run directory, no model."""
+    if args.stage != "evaluate" or not (args.prediction and args.ground_truth):
+        raise PipelineError("--prediction and --ground-truth go together, with --stage evaluate")
+    from pipeline import evaluate
+
+    evaluate.score_files(args.prediction, args.ground_truth, args.output)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of run_pipeline.py and the `unet-pipeline` command."""
     args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
     try:
+        if args.prediction or args.ground_truth:
+            return _score_files(args)
         config, run_dir = resolve(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
         for stage in stages:

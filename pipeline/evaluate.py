@@ -1,73 +1,198 @@
-"""Stage `evaluate`: overlap-tile prediction of a labelled split, scored per image."""
+"""Stage `evaluate`: score predictions with the challenges' metrics, as JSON, table and pictures.
+
+Two ways in: `run` predicts the run's labelled test split (ISBI 2012: the validation
+slices) with the trained model; `score_files` scores any probability map against
+ground truth files, without a run directory or a model.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 
 from pipeline import io, metrics, rundir
 from pipeline.config import Config
-from pipeline.predict import Segmenter, load_model
+from pipeline.errors import PipelineError
+
+# The paper's ISBI 2012 results, on the challenge's 30-slice test set (hidden labels).
+PAPER_ISBI2012 = {"warping_error": 0.000353, "rand_error": 0.0382, "pixel_error": 0.0611}
+
+# Error picture colours (BGR): false membrane, missed membrane, split, merger.
+COLOURS = {"false_membrane": (255, 128, 0), "missed_membrane": (0, 215, 255),
+           "split": (0, 0, 255), "merger": (255, 0, 255)}
+
+_SWEEPS = {
+    "pixel_error": metrics.pixel_error_sweep,
+    "rand_error": metrics.rand_error_sweep,
+    "warping_error": metrics.warping_error_sweep,
+    "v_rand_error": metrics.v_rand_sweep,
+    "v_info_error": metrics.v_info_sweep,
+}
 
 
-def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, config: Config) -> dict:
+def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
+          instances: np.ndarray | None = None) -> dict:
+    """Every metric of one image [H, W] or stack [D, H, W] (counts summed over slices).
+
+    Returns the headline values (lowest error over the ISBI grid) with the threshold
+    that reached them, the errors per threshold, foreground IoU and pixel accuracy at
+    `threshold`, and CTC SEG when ground-truth `instances` are given (the prediction's
+    instances: 4-connected cells at `threshold`). V_rand and V_info are reported as
+    errors, 1 - V, so that lower is better everywhere.
+    """
+    probability, cells = metrics.check_pair(probability, truth)
+    result, curves = {}, {}
+    for name, sweep_of in _SWEEPS.items():
+        sweep = sweep_of(probability, cells)
+        result[name], result[f"{name}_threshold"] = sweep.error, sweep.threshold
+        curves[name] = dict(zip(map(repr, sweep.thresholds), sweep.errors))
+    result["foreground_iou"] = metrics.foreground_iou(probability, cells, threshold)
+    result["pixel_accuracy"] = metrics.pixel_accuracy(probability, cells, threshold)
+    if instances is not None:
+        reference = np.asarray(instances).reshape(probability.shape)
+        result["seg"] = metrics.seg(metrics.cell_instances(probability, threshold), reference)
+    return result | {"per_threshold": curves}
+
+
+def report_for(probabilities: np.ndarray, truth: np.ndarray, threshold: float,
+               instances: np.ndarray | None = None) -> dict:
+    """Report of a stack: headline values at the top, overall, mean and per image."""
+    per_image = [
+        score(p, t, threshold, None if instances is None else instances[i]) | {"image": i}
+        for i, (p, t) in enumerate(zip(probabilities, truth))
+    ]
+    overall = score(probabilities, truth, threshold, instances)
+    headline = ("warping_error", "rand_error", "pixel_error")
+    scalar_keys = [key for key, value in overall.items() if not isinstance(value, dict) and not key.endswith("_threshold")]
+    mean = {key: float(np.mean([row[key] for row in per_image])) for key in scalar_keys}
+    return ({key: overall[key] for key in headline} | {"threshold": threshold, "overall": overall,
+            "mean_per_image": mean, "per_image": per_image})
+
+
+def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, config: Config,
+                   instances: np.ndarray | None = None) -> dict:
     """Scores a model on whole images [N, H, W, C] against cell masks [N, H, W].
 
-    Returns per-image and overall pixel error (ISBI 2012 definition), foreground IoU
-    and pixel accuracy at the configured threshold.
+    Returns `report_for`'s report, plus the predicted probabilities under the
+    key "probabilities" (not written to JSON).
     """
+    from pipeline.predict import Segmenter  # TensorFlow only for this path
+
     segment = Segmenter(model, config)
-    threshold = config.predict.threshold
     progress = keras.utils.Progbar(len(images), unit_name="image")
-    probabilities, per_image = [], []
-    for index, (image, cells) in enumerate(zip(images, truth)):
-        probability = segment(image)
-        probabilities.append(probability)
-        per_image.append(_scores(probability, cells, threshold) | {"image": index})
+    probabilities = []
+    for image in images:
+        probabilities.append(segment(image))
         progress.add(1)
-    overall = _scores(np.stack(probabilities), truth, threshold)
-    mean = {key: float(np.mean([row[key] for row in per_image])) for key in overall}
-    return {"threshold": threshold, "overall": overall, "mean_per_image": mean, "per_image": per_image}
-
-
-def _scores(probability: np.ndarray, truth: np.ndarray, threshold: float) -> dict:
-    error, best_threshold = metrics.pixel_error(probability, truth)
-    return {
-        "pixel_error": error,
-        "pixel_error_threshold": best_threshold,
-        "foreground_iou": metrics.foreground_iou(probability, truth, threshold),
-        "pixel_accuracy": metrics.pixel_accuracy(probability, truth, threshold),
-    }
+    probabilities = np.stack(probabilities)
+    return report_for(probabilities, truth, config.predict.threshold, instances) | {"probabilities": probabilities}
 
 
 def run(config: Config, run_dir: Path) -> dict:
     """Evaluates the best model on the test split (or val, when test has no labels)."""
+    from pipeline.predict import load_model
+
     model = load_model(run_dir)
     split_name = "test"
     split = rundir.load_split(run_dir, split_name, config)
     if "instances" not in split:  # ISBI 2012's test labels are secret
         split_name = "val"
         split = rundir.load_split(run_dir, split_name, config)
-    report = evaluate_model(model, split["images"], split["instances"] > 0, config)
+    report = evaluate_model(model, split["images"], split["instances"] > 0, config, split["instances"])
+    probabilities = report.pop("probabilities")
     report = {"split": split_name, "dataset": config.data.dataset} | report
-    path = Path(run_dir) / "evaluation" / "report.json"
-    io.atomic_write_text(path, json.dumps(report, indent=2))
-    print(_table(report))
-    print(f"evaluation report -> {path}")
+    if config.data.dataset == "isbi2012":
+        report["paper"] = PAPER_ISBI2012 | {"note": "the paper's numbers are on the ISBI 2012 test set (30 slices, "
+                                            f"hidden labels); ours are on the {split_name} slices, a different test set"}
+    folder = Path(run_dir) / "evaluation"
+    _write(report, folder / "report.json")
+    for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
+        io.write_png(folder / f"panel_{index:03d}.png", panel(probability, cells, report["threshold"], image[..., 0]),
+                     overwrite=True)
     return report
 
 
-def _table(report: dict) -> str:
-    header = f"{'image':>8} {'pixel error':>12} {'IoU (cell)':>11} {'accuracy':>9}"
-    rows = [
-        f"{row['image']:>8} {row['pixel_error']:>12.4f} {row['foreground_iou']:>11.4f} {row['pixel_accuracy']:>9.4f}"
-        for row in report["per_image"]
-    ]
-    for label, key in (("mean", "mean_per_image"), ("overall", "overall")):
-        row = report[key]
-        rows.append(f"{label:>8} {row['pixel_error']:>12.4f} {row['foreground_iou']:>11.4f} {row['pixel_accuracy']:>9.4f}")
-    title = f"{report['dataset']} {report['split']} split, threshold {report['threshold']}:"
+def score_files(prediction: Path, ground_truth: Path, output: Path | None = None, threshold: float = 0.5) -> dict:
+    """Scores a probability-of-cell TIFF (image or stack) against ISBI-style labels.
+
+    Prints the table; writes the JSON report to `output` when given, and the error
+    pictures into the folder `<output without suffix>_panels/` beside it.
+    """
+    probability, truth = io.read_image(prediction), io.read_image(ground_truth)
+    if probability.shape != truth.shape:
+        raise PipelineError(f"{prediction}: shape {probability.shape} differs from {ground_truth}'s {truth.shape}")
+    if probability.dtype.kind != "f":
+        raise PipelineError(f"{prediction}: pixel type {probability.dtype}; expected a float probability of cell in [0, 1]")
+    try:
+        probability, cells = metrics.check_pair(probability, truth)
+    except PipelineError as error:
+        raise PipelineError(f"{prediction} vs {ground_truth}: {error}") from None
+    report = {"prediction": str(prediction), "ground_truth": str(ground_truth)} | report_for(probability, cells, threshold)
+    if output is not None:
+        _write(report, Path(output))
+        folder = Path(output).with_suffix("").with_name(Path(output).stem + "_panels")
+        for index, (p, t) in enumerate(zip(probability, cells)):
+            io.write_png(folder / f"panel_{index:03d}.png", panel(p, t, threshold), overwrite=True)
+    else:
+        print(table(report))
+    return report
+
+
+def _write(report: dict, path: Path) -> None:
+    io.atomic_write_text(path, json.dumps(report, indent=2))
+    print(table(report))
+    print(f"evaluation report -> {path}")
+
+
+def table(report: dict) -> str:
+    """The report as a text table: per image, mean, overall, and the paper's row."""
+    columns = [("warping_error", "warping", ".6f"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
+               ("v_rand_error", "1-Vrand", ".4f"), ("v_info_error", "1-Vinfo", ".4f"),
+               ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f")]
+    columns = [c for c in columns if c[0] in report["overall"]]
+    header = f"{'image':>10}" + "".join(f"{title:>11}" for _, title, _ in columns)
+
+    def row(label: str, values: dict) -> str:
+        return f"{label:>10}" + "".join(
+            f"{values[key]:>11{fmt}}" if key in values else f"{'-':>11}" for key, _, fmt in columns)
+
+    rows = [row(str(r["image"]), r) for r in report["per_image"]]
+    rows += [row("mean", report["mean_per_image"]), row("overall", report["overall"])]
+    if "paper" in report:
+        rows.append(row("paper*", report["paper"]))
+        rows.append(f"* {report['paper']['note']}")
+    source = f"{report['dataset']} {report['split']} split" if "dataset" in report else report.get("prediction", "")
+    title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy and SEG at "
+             f"threshold {report['threshold']}")
     return "\n".join([title, header, *rows])
+
+
+def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: np.ndarray | None = None) -> np.ndarray:
+    """BGR picture: [input,] ground truth, prediction at `threshold`, and its errors.
+
+    Errors: false membrane (predicted membrane on a cell) and missed membrane
+    (predicted cell on a membrane) in their colours, and on top the split and merger
+    pixels of the warping error at the same threshold (see `COLOURS`).
+    """
+    predicted = probability > threshold
+    errors = np.full(truth.shape + (3,), 255, np.uint8)
+    errors[truth & ~predicted] = COLOURS["false_membrane"]
+    errors[~truth & predicted] = COLOURS["missed_membrane"]
+    kinds = metrics.warping_mismatches(probability, truth, threshold)
+    errors[kinds == metrics.SPLIT] = COLOURS["split"]
+    errors[kinds == metrics.MERGER] = COLOURS["merger"]
+    tiles = [_grey(truth, 0, 1), _grey(predicted, 0, 1), errors]
+    if image is not None:
+        tiles.insert(0, _grey(image, *np.percentile(image, (0.5, 99.5))))
+    gap = np.full((truth.shape[0], 4, 3), 128, np.uint8)
+    return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)
+
+
+def _grey(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    values = values.astype(np.float64)
+    scaled = np.clip((values - low) / max(high - low, 1e-12) * 255, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(scaled, cv2.COLOR_GRAY2BGR)
