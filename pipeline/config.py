@@ -54,10 +54,22 @@ class WeightMapConfig:
 
 @dataclasses.dataclass
 class AugmentConfig:
-    """Random transformations of training tiles."""
+    """Random transformations of training tiles (the paper's augmentation, sec. 3.1).
 
-    flip: bool = True
-    rotate90: bool = True
+    Random shifts are the random tile positions. Gray values act on normalised tiles
+    (zero mean, unit variance per image), so amounts are in units of the image's std.
+    """
+
+    flip: bool = True  # mirror left-right
+    rotate90: bool = True  # multiples of 90 degrees
+    rotate: bool = True  # any angle, uniform in [0, 360); mirror extrapolation
+    elastic: bool = True  # random displacements on a coarse grid, bicubically interpolated
+    elastic_grid: int = 3  # nodes per side of the grid
+    elastic_sigma: float = 10.0  # std of the nodes' displacements, px
+    interpolation: str = "bicubic"  # image sampling of rotation/elastic: bicubic or bilinear
+    brightness: float = 0.1  # added offset uniform in [-b, b] std; 0 = off
+    contrast: float = 0.1  # gain uniform in [1 - c, 1 + c]; 0 = off
+    gamma: float = 0.2  # gamma curve exp(uniform [-g, g]) on the logistic scale; 0 = off
 
 
 @dataclasses.dataclass
@@ -75,6 +87,8 @@ class TrainConfig:
     val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
     jit_compile: bool = False  # XLA; slower for this network on CPU
+    strategy: str = "mirrored"  # this machine's devices, or "multi_worker" (TF_CONFIG)
+    precision: str = "float32"  # or "mixed_float16" / "mixed_bfloat16"
 
 
 @dataclasses.dataclass
@@ -149,6 +163,9 @@ def _smoke() -> Config:
             val_tiles_per_image=4,
         ),
         predict=PredictConfig(tile_size=92, tiles_per_batch=8),
+        # Sixty steps are too few to profit from deformations and gray-value changes: with
+        # them the test IoU ranged from 0.71 to 0.84 over train seeds 0-2.
+        augment=AugmentConfig(rotate=False, elastic=False, brightness=0.0, contrast=0.0, gamma=0.0),
     )
 
 

@@ -4,6 +4,13 @@ Each element is (input tile [i, i, C], label tile [o, o], weight tile [o, o]): t
 and weight tiles cover the network's output window, the centre of the input tile. Images
 are normalised whole, then mirror-padded by the network's context so that output windows
 reach the image borders, as at prediction time.
+
+Training tiles are augmented before the output window is cut: labels and weights are
+mirror-padded exactly like the images, cut at the input size, moved by the same
+flips, rotations and elastic field as the image tile, and only then centre-cropped to
+the output window. The warp therefore sees real neighbouring labels (not a mirrored
+or constant border of the output window), and image and label stay aligned because
+all three are transformed about the same centre.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import model as unet_model
+from pipeline.augmentation import augment
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import PipelineError
 
@@ -21,10 +29,15 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
     return tf.image.per_image_standardization(tf.cast(images, tf.float32))
 
 
-def _padded_images(images: np.ndarray, depth: int) -> tf.Tensor:
+def _mirror_padded(arrays: np.ndarray, depth: int) -> tf.Tensor:
+    """Pads [N, H, W, ...] on both sides of H and W by the network's context, by reflection."""
     margin = unet_model.context(depth)
-    normalised = normalize(images).numpy()
-    return tf.constant(np.pad(normalised, ((0, 0), (margin, margin), (margin, margin), (0, 0)), mode="reflect"))
+    pads = [(0, 0), (margin, margin), (margin, margin)] + [(0, 0)] * (arrays.ndim - 3)
+    return tf.constant(np.pad(arrays, pads, mode="reflect"))
+
+
+def _padded_images(images: np.ndarray, depth: int) -> tf.Tensor:
+    return _mirror_padded(normalize(images).numpy(), depth)
 
 
 def _tile_sizes(images: np.ndarray, tile_size: int, depth: int) -> tuple[int, int]:
@@ -38,24 +51,6 @@ def _tile_sizes(images: np.ndarray, tile_size: int, depth: int) -> tuple[int, in
     return tile_size, out
 
 
-def augment(tile: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, seed: tf.Tensor, config: AugmentConfig):
-    """Random flips and 90-degree rotations, the same for the tile, label and weights.
-
-    The output window is centred in the input tile, so transforming both about their own
-    centres keeps them aligned.
-    """
-    targets = tf.stack([tf.cast(label, tf.float32), weight], axis=-1)
-    draws = tf.random.stateless_uniform([2], seed, maxval=4, dtype=tf.int32)
-    if config.flip:
-        flip = draws[0] % 2 == 1
-        tile = tf.where(flip, tf.reverse(tile, [1]), tile)
-        targets = tf.where(flip, tf.reverse(targets, [1]), targets)
-    if config.rotate90:
-        tile = tf.image.rot90(tile, draws[1])
-        targets = tf.image.rot90(targets, draws[1])
-    return tile, tf.cast(targets[..., 0], tf.int32), targets[..., 1]
-
-
 def training_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -63,14 +58,20 @@ def training_dataset(
     depth: int,
     train: TrainConfig,
     augmentation: AugmentConfig,
+    first_batch: int = 0,
 ) -> tf.data.Dataset:
-    """An endless, seeded stream of augmented random tiles, batched and prefetched."""
+    """An endless, seeded stream of augmented random tiles, batched and prefetched.
+
+    `first_batch` skips that many batches without computing them: a resumed run sees the
+    tiles that an uninterrupted run would have seen.
+    """
     size, out = _tile_sizes(images, train.tile_size, depth)
-    padded = _padded_images(images, depth)
-    labels = tf.constant(labels, tf.int32)
-    weights = tf.constant(weights, tf.float32)
     count, height, width = labels.shape
+    padded = _padded_images(images, depth)
+    labels = _mirror_padded(np.asarray(labels, np.int32), depth)
+    weights = _mirror_padded(np.asarray(weights, np.float32), depth)
     channels = padded.shape[-1]
+    window = slice(unet_model.context(depth), unet_model.context(depth) + out)  # the output window
 
     def random_tile(index: tf.Tensor):
         # Stateless draws keyed by the element index: the same stream whatever the
@@ -82,12 +83,13 @@ def training_dataset(
         y = tf.cast(draws[1] * (height - out + 1), tf.int32)
         x = tf.cast(draws[2] * (width - out + 1), tf.int32)
         tile = tf.slice(padded, [n, y, x, 0], [1, size, size, channels])[0]
-        label = tf.slice(labels, [n, y, x], [1, out, out])[0]
-        weight = tf.slice(weights, [n, y, x], [1, out, out])[0]
-        return augment(tile, label, weight, augment_seed, augmentation)
+        label = tf.slice(labels, [n, y, x], [1, size, size])[0]
+        weight = tf.slice(weights, [n, y, x], [1, size, size])[0]
+        tile, label, weight = augment(tile, label, weight, augment_seed, augmentation)
+        return tile, label[window, window], weight[window, window]
 
     return (
-        tf.data.Dataset.counter()
+        tf.data.Dataset.counter(start=first_batch * train.batch_size)
         .map(random_tile, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .batch(train.batch_size, drop_remainder=True)
         .prefetch(tf.data.AUTOTUNE)

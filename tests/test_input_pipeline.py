@@ -1,0 +1,72 @@
+"""Training tiles: shapes, image/label alignment under augmentation, seeded reproducibility."""
+
+import numpy as np
+import pytest
+
+from pipeline import input_pipeline
+from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.model import output_size
+
+DEPTH, TILE = 3, 92
+OUT = output_size(TILE, DEPTH)
+NO_GRAY = dict(brightness=0.0, contrast=0.0, gamma=0.0)
+
+
+def _data(count=3, size=100, seed=0):
+    """Blocky binary labels; images are 255 * label, so a normalised pixel is > 0 iff its label is 1."""
+    rng = np.random.default_rng(seed)
+    labels = np.kron(rng.integers(0, 2, (count, size // 5, size // 5)), np.ones((1, 5, 5), int))
+    images = (255 * labels[..., None]).astype(np.uint8)
+    weights = 1 + labels.astype(np.float32)  # weight 1 on membrane, 2 on cell
+    return images, labels, weights
+
+
+def _batches(augment: AugmentConfig, seed=0, count=3, batch_size=4, first_batch=0):
+    images, labels, weights = _data()
+    train = TrainConfig(seed=seed, tile_size=TILE, batch_size=batch_size)
+    dataset = input_pipeline.training_dataset(images, labels, weights, DEPTH, train, augment, first_batch)
+    return [tuple(part.numpy() for part in batch) for batch in dataset.take(count)]
+
+
+def test_tiles_have_the_element_format():
+    tiles, labels, weights = _batches(AugmentConfig())[0]
+    assert tiles.shape == (4, TILE, TILE, 1) and tiles.dtype == np.float32
+    assert labels.shape == (4, OUT, OUT) and labels.dtype == np.int32
+    assert weights.shape == (4, OUT, OUT) and weights.dtype == np.float32
+    assert set(np.unique(labels)) <= {0, 1}
+
+
+def _agreement(tiles, labels, shift=(0, 0)):
+    """Fraction of output-window pixels where the image's sign says the label's class."""
+    margin = (TILE - OUT) // 2
+    dy, dx = shift
+    centre = tiles[:, margin + dy : margin + dy + OUT, margin + dx : margin + dx + OUT, 0]
+    return ((centre > 0) == (labels == 1)).mean()
+
+
+@pytest.mark.parametrize("augment", [AugmentConfig(), AugmentConfig(**NO_GRAY), AugmentConfig(elastic=False, rotate=False)],
+                         ids=["all", "geometric", "exact"])
+def test_label_tile_is_aligned_with_the_image_tile(augment):
+    tiles, labels, weights = (np.concatenate(parts) for parts in zip(*_batches(augment, count=4)))
+    aligned = _agreement(tiles, labels)
+    # Nearest-sampled labels and bicubic images differ only at interpolated block edges.
+    assert aligned > (0.999 if not augment.elastic else 0.97)
+    for shift in [(1, 0), (0, 1), (-1, 0), (0, -1)]:
+        assert _agreement(tiles, labels, shift) < aligned - 0.05
+    # The weights (bilinear) follow the labels (nearest) too.
+    assert (np.abs(weights - (1 + labels)) < 0.5).mean() > 0.97
+
+
+def test_same_seed_same_batches_other_seed_other_batches():
+    first, again, other = _batches(AugmentConfig(), 0), _batches(AugmentConfig(), 0), _batches(AugmentConfig(), 1)
+    for batch, repeat in zip(first, again):
+        for part, repeated in zip(batch, repeat):
+            np.testing.assert_array_equal(part, repeated)
+    assert not np.array_equal(first[0][0], other[0][0])
+
+
+
+def test_first_batch_resumes_the_stream_where_it_left_off():
+    stream, resumed = _batches(AugmentConfig(), count=3), _batches(AugmentConfig(), count=1, first_batch=2)
+    for part, repeated in zip(stream[2], resumed[0]):
+        np.testing.assert_array_equal(part, repeated)
