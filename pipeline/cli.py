@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline import config as configuration
+from pipeline import rundir
 from pipeline.errors import PipelineError
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
@@ -58,7 +59,8 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
     train = {"strategy": args.strategy} if args.strategy else {}
     config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
     config = configuration.apply_overrides(config, configuration.parse_set(args.assignments), "--set")
-    _save(config, saved_path)
+    if rundir.is_writer():  # in a cluster, only the chief writes the shared files
+        _save(config, saved_path)
     return config, run_dir
 
 

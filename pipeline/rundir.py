@@ -12,12 +12,26 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's shared files (configuration, checkpoints, logs).
+
+    True unless `TF_CONFIG` makes it a worker other than the chief: the task `chief`, or
+    worker 0 when the cluster has no chief.
+    """
+    tf_config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task, cluster = tf_config.get("task", {}), tf_config.get("cluster", {})
+    if task.get("type") in (None, "chief"):
+        return True
+    return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in cluster
 
 
 def prepared_file(run_dir: Path, split: str) -> Path:

@@ -283,3 +283,20 @@ def test_real_labels_membrane_across_a_cell_is_a_split(isbi_truth):
     probability[y, cells[y] == label] = 0.0  # membrane drawn across the cell's middle row
     kinds = warping_mismatches(probability, isbi_truth, 0.5)
     assert np.count_nonzero(kinds == SPLIT) >= 1 and np.count_nonzero(kinds == MERGER) == 0
+
+
+def test_streaming_pixel_error_equals_the_reference_over_batches():
+    from pipeline.metrics import PixelError, pixel_error
+
+    rng = np.random.default_rng(11)
+    truth = rng.integers(0, 2, size=(3, 2, 16, 16))
+    cell = rng.uniform(size=(3, 2, 16, 16)).astype(np.float32)
+    cell[0, 0, :4] = 0.5  # on a grid value: strict comparison in double decides
+    metric = PixelError()
+    for labels, probability in zip(truth, cell):
+        metric.update_state(labels, np.stack([1 - probability, probability], -1))
+    expected, _ = pixel_error(cell.reshape(6, 16, 16), truth.reshape(6, 16, 16))
+    assert float(metric.result()) == pytest.approx(expected, abs=1e-7)
+    metric.reset_state()
+    metric.update_state(truth[0], np.stack([1 - truth[0], truth[0]], -1).astype(np.float32))
+    assert float(metric.result()) == 0.0

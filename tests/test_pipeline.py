@@ -38,10 +38,15 @@ def test_tensorboard_shows_scalars_and_validation_images(smoke_run):
     events = EventMultiplexer().AddRunsFromDirectory(str(smoke_run["run_dir"] / "logs"))
     events.Reload()
     tags = {run: set(kinds["tensors"]) for run, kinds in events.Runs().items()}
-    for tag in ("epoch_loss", "epoch_pixel_accuracy", "epoch_cell_iou"):
+    for tag in ("epoch_loss", "epoch_pixel_error", "epoch_cell_iou", "epoch_pixel_accuracy"):
         assert tag in tags["train"] and tag in tags["validation"]
-    assert {"validation/input", "validation/weight_map", "validation/probability"} <= tags["images"]
+    assert "epoch_learning_rate" in tags["train"]
+    images = {"input", "ground_truth", "weight_map", "probability", "mask"}
+    assert {f"validation/{name}" for name in images} <= tags["images"]
     assert len(events.Tensors("images", "validation/mask")) == configuration.preset("smoke").train.epochs
+    # Image summaries hold [width, height, encoded PNG...]; the weight map is colour-mapped.
+    weight_map = tf.image.decode_png(events.Tensors("images", "validation/weight_map")[0].tensor_proto.string_val[2])
+    assert weight_map.shape[-1] == 3
 
 
 def test_trained_network_beats_an_untrained_one(smoke_run):

@@ -1,0 +1,97 @@
+"""Keras callbacks of the training stage: what Keras' own ones do not do for us."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import io
+from pipeline.errors import PipelineError
+
+
+class StopOnNaN(keras.callbacks.Callback):
+    """Stops training at the first NaN or infinite loss with a message naming the step.
+
+    It raises instead of setting `stop_training`, so that no epoch-end callback runs on
+    the broken weights: the last backup and the best model stay the last good ones.
+    """
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise PipelineError(
+                f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, step {batch + 1}; "
+                "the last good model and backup are kept (try a lower train.learning_rate)"
+            )
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+    """Saves the model with the lowest `monitor` value, atomically, surviving restarts.
+
+    Unlike `keras.callbacks.ModelCheckpoint`, the `.keras` file is written under a
+    temporary name and renamed into place, so a killed run never leaves it half-written;
+    the best value so far is kept beside it, so a resumed run keeps comparing against it.
+    """
+
+    def __init__(self, path: Path, monitor: str = "val_loss"):
+        super().__init__()
+        self.path, self.monitor = Path(path), monitor
+        self.record = self.path.with_suffix(".json")
+        self.best = json.loads(self.record.read_text())[monitor] if self.record.exists() else math.inf
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = float((logs or {}).get(self.monitor, math.inf))
+        if value < self.best:
+            self.best = value
+            with io.atomic_path(self.path, overwrite=True) as temporary:
+                self.model.save(temporary)
+            io.atomic_write_text(self.record, json.dumps({self.monitor: value, "epoch": epoch + 1}))
+
+
+class ValidationImages(keras.callbacks.Callback):
+    """Writes a fixed validation tile to TensorBoard after every epoch.
+
+    Input, ground truth, weight map (colour-mapped), predicted probability of cell and
+    mask, so that a user sees what the network learns, not only how the loss falls.
+    """
+
+    def __init__(self, log_dir: Path, tile: np.ndarray, label: np.ndarray, weight: np.ndarray):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
+        self.tile = tile[None]
+        out = label.shape[0]
+        margin = (tile.shape[0] - out) // 2
+        centre = tile[margin : margin + out, margin : margin + out, :1]
+        self.fixed = {
+            "input": _unit_range(centre),
+            "ground_truth": label[..., None].astype(np.float32),
+            "weight_map": _colour_mapped(weight),
+        }
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        probability = self.model(self.tile, training=False)[0, ..., 1:2].numpy()
+        images = dict(self.fixed, probability=probability, mask=(probability > 0.5).astype(np.float32))
+        with self.writer.as_default(step=epoch):
+            for name, image in images.items():
+                tf.summary.image(f"validation/{name}", image[None])
+        self.writer.flush()
+
+
+def _unit_range(image: np.ndarray) -> np.ndarray:
+    low, high = float(image.min()), float(image.max())
+    return ((image - low) / (high - low if high > low else 1.0)).astype(np.float32)
+
+
+def _colour_mapped(weight: np.ndarray) -> np.ndarray:
+    """[H, W] weights -> [H, W, 3] RGB in [0, 1] (viridis: dark = low, yellow = high)."""
+    grey = (_unit_range(weight) * 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB).astype(np.float32) / 255

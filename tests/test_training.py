@@ -1,0 +1,166 @@
+"""Training that scales and survives: replicas, workers, kills, NaNs, mixed precision."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from pipeline import config as configuration
+from pipeline.cli import main
+from pipeline.train import compiled_model
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
+
+
+def pipeline_process(args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_pipeline.py"), *args],
+        cwd=ROOT, env=dict(os.environ, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def finished(process: subprocess.Popen, timeout: float = 240) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A prepared smoke run directory, copied by each test that trains in it."""
+    run_dir = tmp_path_factory.mktemp("prepared") / "run"
+    assert main(["--stage", "prepare", "--run-dir", str(run_dir), *QUICK]) == 0
+    return run_dir
+
+
+def copy_of(prepared: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(prepared, target)
+    return target
+
+
+def weights(path: Path) -> list[np.ndarray]:
+    return keras.models.load_model(path).get_weights()
+
+
+def test_gradients_do_not_depend_on_the_number_of_replicas():
+    # Logical devices must be configured before TensorFlow starts: a process of its own.
+    script = textwrap.dedent("""
+        import numpy as np, tensorflow as tf, keras
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from pipeline import config as configuration
+        from pipeline.train import compiled_model
+        config = configuration.apply_overrides(configuration.preset("smoke"), {
+            "train": {"optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5}, "model": {"dropout": 0.0}}, "t")
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(4, 92, 92, 1)).astype("float32")
+        y = rng.integers(0, 2, size=(4, 52, 52)).astype("int32")
+        w = rng.uniform(0.5, 10, size=(4, 52, 52)).astype("float32")  # uneven weights per replica
+        results = []
+        for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+            keras.utils.set_random_seed(0)
+            strategy = tf.distribute.MirroredStrategy(devices)
+            with strategy.scope():
+                model = compiled_model(config)
+            model.fit(tf.data.Dataset.from_tensors((x, y, w)), epochs=1, verbose=0, shuffle=False)
+            results.append((strategy.num_replicas_in_sync, model.get_weights()))
+        (one, a), (two, b) = results
+        assert (one, two) == (1, 2)
+        print(max(float(np.max(np.abs(p - q))) for p, q in zip(a, b)))
+    """)
+    output = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert float(output.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_identical_weights_and_the_chief_writes(prepared, tmp_path):
+    run_dir = copy_of(prepared, tmp_path / "run")
+    cluster = {"worker": [f"localhost:{free_port()}", f"localhost:{free_port()}"]}
+    args = ["--stage", "train", "--strategy", "multi_worker", "--run-dir", str(run_dir), *QUICK,
+            "--set", "train.epochs=2"]
+    workers = [
+        pipeline_process(args, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
+        for i in range(2)
+    ]
+    outputs = [finished(worker) for worker in workers]
+    assert "2 replica(s) (multi_worker" in outputs[0]
+    chief, other = weights(run_dir / "train" / "last.keras"), weights(run_dir / "train" / "worker-1" / "last.keras")
+    for a, b in zip(chief, other):
+        np.testing.assert_array_equal(a, b)
+    assert (run_dir / "train" / "best.keras").is_file()
+    assert len((run_dir / "train" / "history.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    assert list((run_dir / "logs" / "train").glob("events.out.tfevents.*"))
+    assert not (run_dir / "train" / "worker-1" / "best.keras").exists()
+
+
+def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(prepared, tmp_path):
+    # Without drop-out: its random masks are drawn afresh after a resume (Keras does not
+    # back up seed-generator states), which changes the weights, not the step count.
+    epochs = ["--set", "train.epochs=8", "--set", "model.dropout=0.0"]
+    straight = copy_of(prepared, tmp_path / "straight")
+    finished(pipeline_process(["--stage", "train", "--run-dir", str(straight), *QUICK, *epochs]))
+
+    killed = copy_of(prepared, tmp_path / "killed")
+    args = ["--stage", "train", "--run-dir", str(killed), *QUICK, *epochs]
+    process = pipeline_process(args)
+    record = killed / "train" / "backup" / "training_metadata.json"
+    deadline = time.time() + 180
+    while not (record.exists() and json.loads(record.read_text() or "{}").get("epoch", 0) >= 2):
+        assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "train" / "last.keras").exists()
+
+    output = finished(pipeline_process(args))
+    assert "resuming after epoch" in output
+    # Logs are written after each epoch's backup: no epoch is logged twice.
+    logged = [int(line.split(",")[0]) for line in (killed / "train" / "history.csv").read_text().splitlines()[1:]]
+    assert logged == sorted(set(logged)) and logged[-1] == 7
+    for a, b in zip(weights(straight / "train" / "last.keras"), weights(killed / "train" / "last.keras")):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_model(prepared, tmp_path, capsys):
+    run_dir = copy_of(prepared, tmp_path / "run")
+    args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.optimizer=sgd",
+            "--set", "train.learning_rate=1e12"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: training diverged: loss is nan at epoch ") and ", step " in error
+    assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_softmax_and_loss_in_float32(precision):
+    config = configuration.apply_overrides(
+        configuration.preset("smoke"), {"train": {"precision": precision}}, "test")
+    model = compiled_model(config)
+    assert model.get_layer("down0_conv1").compute_dtype == precision.split("_")[1]
+    assert model.get_layer("down0_conv1").kernel.dtype == "float32"
+    assert model.output.dtype == "float32"
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is left alone
+    if precision == "mixed_float16":
+        assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    rng = np.random.default_rng(0)
+    logs = model.train_on_batch(rng.normal(size=(2, 92, 92, 1)).astype("float32"),
+                                rng.integers(0, 2, (2, 52, 52)), sample_weight=np.ones((2, 52, 52), "float32"),
+                                return_dict=True)
+    assert np.isfinite(logs["loss"])
