@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pipeline import config as configuration
 from pipeline import rundir
+from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
@@ -28,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set train.epochs=20 (repeatable)")
-    p.add_argument("--dataset", choices=("synthetic", "isbi2012"), help="data set (default: embedded synthetic)")
-    p.add_argument("--data-dir", help="folder of the data set's files (isbi2012)")
+    p.add_argument("--dataset", choices=DATASETS, help="data set (default: embedded synthetic)")
+    p.add_argument("--data-dir", help="folder of the data set's files: isbi2012's TIFF stacks, image_folder's "
+                   "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
     p.add_argument("--strategy", choices=("mirrored", "multi_worker"),
                    help="train on this machine's devices (default) or on the TF_CONFIG cluster")
     p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")

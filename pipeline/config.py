@@ -22,14 +22,17 @@ from pipeline.errors import PipelineError
 class DataConfig:
     """Which images to train and evaluate on."""
 
-    dataset: str = "synthetic"  # "synthetic" (embedded default) or "isbi2012"
-    data_dir: str | None = None  # folder of the real data set's files
+    # "synthetic" (embedded default), "isbi2012", "ctc2d/PhC-C2DH-U373", "ctc2d/DIC-C2DH-HeLa"
+    # or "image_folder" (see pipeline/data.py)
+    dataset: str = "synthetic"
+    data_dir: str | None = None  # folder of the data set's files (ctc2d: optional, else downloaded)
     seed: int = 0  # synthetic images are a pure function of this seed
     image_size: int = 384  # synthetic: side length of each generated image
     num_train: int = 6  # synthetic: number of images per split
     num_val: int = 2
     num_test: int = 2
     val_slices: int = 4  # isbi2012: last labelled slices held out for validation
+    val_images: int = 1  # image_folder: last images (sorted by name) held out for validation
 
 
 @dataclasses.dataclass
@@ -50,6 +53,7 @@ class WeightMapConfig:
     w0: float = 10.0
     sigma: float = 5.0
     class_balance: bool = True  # w_c from class frequencies, else w_c = 1
+    separation: int = 1  # px of background inserted between touching instances (>= 1)
 
 
 @dataclasses.dataclass
@@ -144,7 +148,7 @@ def _cpu() -> Config:
             optimizer="adam",
             learning_rate=1e-3,
         ),
-        predict=PredictConfig(tile_size=252, tiles_per_batch=4),
+        predict=PredictConfig(tile_size=508, tiles_per_batch=2),
     )
 
 

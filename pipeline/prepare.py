@@ -1,4 +1,12 @@
-"""Stage `prepare`: load the data set, compute the weight maps, cache everything."""
+"""Stage `prepare`: load the data set, compute the weight maps, cache everything.
+
+The training targets of the train and val splits are the paper's: touching instances
+are pulled apart by background separation borders (`weight_map.separate_instances`,
+`weight_map.separation` px), and the weight map is computed from the separated
+instances. The test split keeps its ground truth as given, for scoring. Each image's own
+size is stored as `sizes` (see `pipeline.data`): padding beyond it gets weight 0, so it
+never counts in the loss.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +18,26 @@ import numpy as np
 
 from pipeline import data, io, rundir
 from pipeline.config import Config
-from pipeline.weight_map import weight_map
+from pipeline.weight_map import separate_instances, weight_map
 
 
 def run(config: Config, run_dir: Path) -> None:
     """Writes prepared/{train,val,test}.npz and a manifest into the run directory."""
     splits = data.load(config.data)
-    labelled = sum(len(s.images) for s in splits.values() if s.instances is not None)
-    progress = keras.utils.Progbar(labelled, unit_name="weight map")
+    targets = [s for name, s in splits.items() if name != "test" and s.instances is not None]
+    progress = keras.utils.Progbar(sum(len(s.images) for s in targets), unit_name="weight map")
     counts = {}
     for name, split in splits.items():
-        arrays = {"images": split.images}
-        if split.instances is not None:
+        sizes = split.sizes if split.sizes is not None else _full_sizes(split.images)
+        arrays = {"images": split.images, "sizes": sizes}
+        if split.instances is not None and name == "test":
             arrays["instances"] = split.instances
-            arrays["weights"] = np.stack([_weight_map(inst, config, progress) for inst in split.instances])
+        elif split.instances is not None:
+            instances = np.stack([separate_instances(i, config.weight_map.separation) for i in split.instances])
+            arrays["instances"] = instances
+            arrays["weights"] = np.stack(
+                [_weight_map(i, size, config, progress) for i, size in zip(instances, sizes)]
+            )
         io.save_arrays(rundir.prepared_file(run_dir, name), **arrays)
         counts[name] = len(split.images)
     manifest = {"settings": rundir.data_settings(config), "counts": counts}
@@ -36,9 +50,16 @@ def run(config: Config, run_dir: Path) -> None:
     )
 
 
-def _weight_map(instances: np.ndarray, config: Config, progress: keras.utils.Progbar) -> np.ndarray:
-    weights = weight_map(
-        instances,
+def _full_sizes(images: np.ndarray) -> np.ndarray:
+    return np.tile(np.array(images.shape[1:3], np.int32), (len(images), 1))
+
+
+def _weight_map(instances: np.ndarray, size: np.ndarray, config: Config, progress: keras.utils.Progbar) -> np.ndarray:
+    """The weight map of the image's own area; 0 on the padding."""
+    height, width = size
+    weights = np.zeros(instances.shape, np.float32)
+    weights[:height, :width] = weight_map(
+        instances[:height, :width],
         w0=config.weight_map.w0,
         sigma=config.weight_map.sigma,
         balance_classes=config.weight_map.class_balance,

@@ -11,6 +11,9 @@
   it is there to make the network learn the thin gaps between touching cells. Inside a
   cell d1 = 0, so the term would only paint the cell's own rim. Where fewer than two
   cells exist the term is 0.
+* Touching instances are first pulled apart (`separate_instances`): the paper inserts
+  background separation borders between touching cells with morphological operations, so
+  that the network sees (and is weighted towards) a background gap between every pair.
 * The border term is truncated: distances beyond
   R = sigma * sqrt(2 ln(w0 / 1e-6)) (about 28 px for w0 = 10, sigma = 5) count as
   infinite, which changes w by less than 1e-6 and lets every instance's distance
@@ -65,6 +68,41 @@ def instances_from_binary(labels: np.ndarray) -> np.ndarray:
         (labels != 0).astype(np.uint8), connectivity=4, ltype=cv2.CV_32S
     )
     return instances.astype(np.int32, copy=False)
+
+
+def separate_instances(instances: np.ndarray, width: int = 1) -> np.ndarray:
+    """Inserts background separation borders `width` px wide between touching instances.
+
+    A pixel of instance k becomes background (0) when a pixel of a higher-numbered
+    instance lies within city-block distance `width` of it: a grey dilation of the labels
+    with the 4-neighbourhood cross, `width` times, compared with the pixel's own label.
+    Only the lower-numbered side of each contact yields, so touching instances end up
+    exactly `width` px apart. 4-neighbourhoods, because the project's instances are
+    4-connected (`instances_from_binary`): a binary label image's components, which only
+    ever touch diagonally, come out unchanged, and so does the background. A very thin
+    instance can lose all its pixels.
+
+    Args:
+        instances: 2-D integer array, 0 = background, k > 0 = instance k.
+        width: border width in pixels, >= 1.
+
+    Returns:
+        int32 array of the same shape.
+    """
+    instances = _check_instances(instances)
+    if not (isinstance(width, (int, np.integer)) and not isinstance(width, bool) and width >= 1):
+        raise ValueError(f"width must be an integer >= 1, got {width!r}")
+    instances = instances.astype(np.int32, copy=False)
+    if instances.max() >= 2**24:
+        # The dilation runs on float32, which is exact for integers below 2^24.
+        raise ValueError(f"instance ids must be < 2^24, got {instances.max()}")
+    cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+    highest_nearby = cv2.dilate(
+        instances.astype(np.float32), cross, iterations=width, borderType=cv2.BORDER_REPLICATE
+    )
+    separated = instances.copy()
+    separated[(instances > 0) & (highest_nearby > instances)] = 0
+    return separated
 
 
 def class_balance(semantic: np.ndarray) -> np.ndarray:

@@ -4,16 +4,14 @@ import numpy as np
 import pytest
 import tifffile
 
+from fakes import CTC_ANNOTATED, CTC_NAME, ctc_frame, imwrite, touching_cells, write_ctc, write_image_folder
 from pipeline import data
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 
 
-def imwrite(path, stack):
-    tifffile.imwrite(path, stack, photometric="minisblack")
-
-
 def isbi_folder(tmp_path, slices=5, labels=None, size=32):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     imwrite(tmp_path / "train-volume.tif", rng.integers(0, 255, (slices, size, size), dtype=np.uint8))
     if labels is None:
@@ -74,3 +72,131 @@ def test_synthetic_splits_are_distinct_and_reproducible():
     np.testing.assert_array_equal(first["train"].images, second["train"].images)
     assert not np.array_equal(first["train"].images[0], first["test"].images[0])
     assert first["val"].images.shape == (1, 64, 64, 1)
+
+
+# --- Cell Tracking Challenge and image folders ------------------------------------------------
+
+
+def ctc_config(folder) -> DataConfig:
+    return DataConfig(dataset=f"ctc2d/{CTC_NAME}", data_dir=str(folder))
+
+
+def test_ctc2d_uses_only_annotated_frames_and_holds_out_sequence_02(tmp_path):
+    write_ctc(tmp_path)
+    splits = data.load(ctc_config(tmp_path))
+    assert splits["train"].ids == [f"01_t{t:03d}" for t in CTC_ANNOTATED["01"]]
+    assert splits["val"].ids == splits["test"].ids == [f"02_t{t:03d}" for t in CTC_ANNOTATED["02"]]
+    first = splits["train"]
+    assert first.images.dtype == np.uint8 and first.instances.dtype == np.int32
+    np.testing.assert_array_equal(first.instances[1], touching_cells((64, 80), 12))  # 01, frame 2
+    np.testing.assert_array_equal(first.images[0, ..., 0], data.to_uint8(ctc_frame((64, 80), 10)))
+
+
+def test_ctc2d_reads_the_zip_as_downloaded(tmp_path):
+    write_ctc(tmp_path, as_zip=True)
+    from_zip = data.load(ctc_config(tmp_path))
+    write_ctc(tmp_path / "unzipped")
+    from_folder = data.load(ctc_config(tmp_path / "unzipped"))
+    for name in data.SPLITS:
+        np.testing.assert_array_equal(from_zip[name].images, from_folder[name].images)
+        np.testing.assert_array_equal(from_zip[name].instances, from_folder[name].instances)
+
+
+def test_sixteen_bit_images_are_scaled_by_percentiles():
+    frame = ctc_frame((64, 80), 0)  # ~3000 +- 100 with one hot pixel at 65535
+    scaled = data.to_uint8(frame)
+    low, high = np.percentile(frame, data.PERCENTILES)
+    assert scaled.dtype == np.uint8 and scaled[0, 0] == 255
+    assert scaled[frame <= low].max() == 0 and scaled[frame >= high].min() == 255
+    assert 100 < scaled.mean() < 155  # the hot pixel does not squash the contrast
+    assert data.to_uint8(np.full((4, 4), 7, np.uint16)).max() == 0
+    eight_bit = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    assert data.to_uint8(eight_bit) is eight_bit
+
+
+def test_ctc2d_ground_truth_without_image(tmp_path):
+    root = write_ctc(tmp_path)
+    (root / "02" / "t003.tif").unlink()
+    truth = root / "02_GT" / "SEG" / "man_seg003.tif"
+    with pytest.raises(PipelineError, match=f"^{truth}: ground-truth frame with no matching image .*t003.tif$"):
+        data.load(ctc_config(tmp_path))
+
+
+def test_ctc2d_bad_ground_truth(tmp_path):
+    root = write_ctc(tmp_path)
+    truth = root / "01_GT" / "SEG" / "man_seg002.tif"
+    imwrite(truth, np.zeros((64, 81), np.uint16))
+    with pytest.raises(PipelineError, match=f"^{truth}: labels of 64x81 px do not match the image's 64x80 px$"):
+        data.load(ctc_config(tmp_path))
+    imwrite(truth, np.full((64, 80), -3, np.int16))
+    with pytest.raises(PipelineError, match="man_seg002.tif: unexpected label values: negative label -3"):
+        data.load(ctc_config(tmp_path))
+    imwrite(truth, np.full((64, 80), 0.5, np.float32))
+    with pytest.raises(PipelineError, match="man_seg002.tif: unexpected label values: labels must be integers"):
+        data.load(ctc_config(tmp_path))
+    truth.write_bytes(b"II*\x00garbage")
+    with pytest.raises(PipelineError, match="man_seg002.tif: corrupt or unreadable TIFF"):
+        data.load(ctc_config(tmp_path))
+
+
+def test_ctc2d_missing_files(tmp_path):
+    with pytest.raises(PipelineError, match=f"{tmp_path}: neither {CTC_NAME}.zip nor {CTC_NAME}/01/"):
+        data.load(ctc_config(tmp_path))
+    root = write_ctc(tmp_path)
+    for path in (root / "02_GT" / "SEG").iterdir():
+        path.unlink()
+    with pytest.raises(PipelineError, match=r"02_GT/SEG: no man_segNNN.tif ground-truth frames"):
+        data.load(ctc_config(tmp_path))
+    with pytest.raises(PipelineError, match="unknown Cell Tracking Challenge set 'Fluo-X'"):
+        data.load(DataConfig(dataset="ctc2d/Fluo-X", data_dir=str(tmp_path)))
+
+
+def test_image_folder_pairs_binary_and_instance_masks_of_any_size(tmp_path):
+    write_image_folder(tmp_path)
+    splits = data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path), val_images=2))
+    assert splits["train"].ids == ["a"] and splits["val"].ids == splits["test"].ids == ["b", "c"]
+    binary = splits["train"].instances[0]
+    assert set(np.unique(binary)) == {0, 1, 2}  # two components of a 0/255 mask
+    val = splits["val"]
+    # c (64x70, 16-bit) is padded to b's 72x72: images by mirroring, labels with background.
+    assert val.images.shape == (2, 72, 72, 1) and val.images.dtype == np.uint8
+    np.testing.assert_array_equal(val.sizes, [[72, 72], [64, 70]])
+    np.testing.assert_array_equal(val.instances[1, :64, :70], touching_cells((64, 70), 1))
+    assert not val.instances[1, 64:].any() and not val.instances[1, :, 70:].any()
+    np.testing.assert_array_equal(val.images[1, 64:66, :70], val.images[1, 62:60:-1, :70])
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda root: (root / "images" / "b.tif").unlink(), r"masks/b.tif: mask with no image b\.\*"),
+        (lambda root: (root / "masks" / "a.png").unlink(), r"images/a.png: image with no mask a\.\*"),
+        (lambda root: imwrite(root / "masks" / "b.tif", np.zeros((72, 71), np.uint8)),
+         r"masks/b.tif: labels of 72x71 px do not match the image's 72x72 px"),
+        (lambda root: imwrite(root / "masks" / "b.tif", np.full((72, 72), 1.5, np.float32)),
+         r"masks/b.tif: unexpected label values: labels must be integers, got float32"),
+        (lambda root: (root / "images" / "c.tif").write_bytes(b"not a tiff"), r"images/c.tif: corrupt or unreadable TIFF"),
+        (lambda root: (root / "masks" / "a.png").write_bytes(b"not a png"), r"masks/a.png: corrupt or unreadable PNG"),
+        (lambda root: imwrite(root / "images" / "a.tif", np.zeros((72, 72), np.uint8)),
+         r"images/a.tif: two files named a \(a.png, a.tif\)"),
+    ],
+)
+def test_image_folder_bad_input_names_the_file(tmp_path, damage, message):
+    damage(write_image_folder(tmp_path))
+    with pytest.raises(PipelineError, match=message):
+        data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path)))
+
+
+def test_image_folder_empty_or_missing(tmp_path):
+    config = DataConfig(dataset="image_folder", data_dir=str(tmp_path))
+    with pytest.raises(PipelineError, match=r"images: missing folder \(expected images/ and masks/ side by side\)"):
+        data.load(config)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(PipelineError, match=r"images: folder is empty"):
+        data.load(config)
+    with pytest.raises(PipelineError, match="needs --data-dir"):
+        data.load(DataConfig(dataset="image_folder"))
+    write_image_folder(tmp_path / "one")
+    with pytest.raises(PipelineError, match="data.val_images=3 must leave training images among the 3"):
+        data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path / "one"), val_images=3))

@@ -16,14 +16,15 @@ import pytest
 import tensorflow_datasets as tfds
 import tifffile
 
+from fakes import CTC_ANNOTATED, CTC_NAME, touching_cells, write_ctc, write_image_folder
 from pipeline import data as pipeline_data
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
-from pipeline.weight_map import instances_from_binary
+from pipeline.weight_map import instances_from_binary, separate_instances
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT / "datasets"
-BUILDERS = ("synthetic_em", "isbi2012")
+BUILDERS = ("synthetic_em", "isbi2012", "ctc2d", "image_folder")
 ISBI_DIR = ROOT.parent / "shared" / "data" / "isbi2012"  # as in conftest.py
 SPLITS = {"train": "train", "validation": "val", "test": "test"}  # TFDS -> pipeline.data
 
@@ -233,3 +234,89 @@ def test_isbi2012_real_data(tmp_path):
             if split != "test":
                 assert set(np.unique(example["label"])) == {0, 255}
                 np.testing.assert_array_equal(example["instances"], expected[source].instances[index])
+
+
+# --- ctc2d -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ctc_built(tmp_path_factory):
+    """ctc2d/PhC-C2DH-U373 built from a fake training zip in the manual directory."""
+    manual = tmp_path_factory.mktemp("ctc_manual")
+    write_ctc(manual, as_zip=True)
+    module = load_builder_module("ctc2d")
+    builder = module.Builder(data_dir=str(tmp_path_factory.mktemp("tfds_ctc")), config=CTC_NAME)
+    builder.download_and_prepare(download_config=manual_config(manual))
+    return builder, manual
+
+
+def test_ctc2d_configs_are_the_paper_sets():
+    module = load_builder_module("ctc2d")
+    assert [c.name for c in module.Builder.BUILDER_CONFIGS] == ["PhC-C2DH-U373", "DIC-C2DH-HeLa"]
+    assert pipeline_data.CTC2D_URL.format(name=CTC_NAME) == (
+        "http://data.celltrackingchallenge.net/training-datasets/PhC-C2DH-U373.zip"
+    )
+
+
+def test_ctc2d_examples_are_the_annotated_frames(ctc_built):
+    builder, manual = ctc_built
+    expected = pipeline_data.load(DataConfig(dataset=f"ctc2d/{CTC_NAME}", data_dir=str(manual)))
+    for split, sequence, source in (("train", "01", "train"), ("validation", "02", "val")):
+        examples = read_split(builder, split)
+        frames = CTC_ANNOTATED[sequence]
+        assert len(examples) == builder.info.splits[split].num_examples == len(frames)
+        for index, (example, frame) in enumerate(zip(examples, frames)):
+            assert example["id"].decode() == f"{sequence}_t{frame:03d}"
+            assert example["sequence"].decode() == sequence and example["frame"] == frame
+            assert example["image"].shape == example["label"].shape == (64, 80, 1)
+            assert example["image"].dtype == example["label"].dtype == np.uint8
+            assert example["instances"].dtype == np.int32
+            truth = touching_cells((64, 80), 10 * int(sequence) + frame)
+            np.testing.assert_array_equal(example["instances"], truth)
+            np.testing.assert_array_equal(example["image"], expected[source].images[index])
+            # The semantic label has a background border where cells 1 and 2 touch.
+            label = example["label"][..., 0]
+            assert set(np.unique(label)) == {0, 255}
+            np.testing.assert_array_equal(label == 255, separate_instances(truth) > 0)
+            assert (label[truth == 1] == 0).sum() == 20
+
+
+def test_ctc2d_builds_from_the_extracted_folder(tmp_path):
+    write_ctc(tmp_path / "manual")
+    builder = load_builder_module("ctc2d").Builder(data_dir=str(tmp_path / "out"), config=CTC_NAME)
+    builder.download_and_prepare(download_config=manual_config(tmp_path / "manual"))
+    assert builder.info.splits["train"].num_examples == len(CTC_ANNOTATED["01"])
+
+
+def test_ctc2d_ground_truth_without_image_names_the_file(tmp_path):
+    root = write_ctc(tmp_path / "manual")
+    (root / "01" / "t002.tif").unlink()
+    builder = load_builder_module("ctc2d").Builder(data_dir=str(tmp_path / "out"), config=CTC_NAME)
+    with pytest.raises(PipelineError, match=r"01_GT/SEG/man_seg002.tif: ground-truth frame with no matching image"):
+        builder.download_and_prepare(download_config=manual_config(tmp_path / "manual"))
+
+
+# --- image_folder ----------------------------------------------------------------------------
+
+
+def test_image_folder_builder(tmp_path):
+    write_image_folder(tmp_path / "manual")
+    builder = load_builder_module("image_folder").Builder(data_dir=str(tmp_path / "out"))
+    builder.download_and_prepare(download_config=manual_config(tmp_path / "manual"))
+    examples = read_split(builder, "train")
+    expected = pipeline_data.read_image_folder(tmp_path / "manual")
+    assert [e["id"].decode() for e in examples] == ["a", "b", "c"]
+    for example, source in zip(examples, expected):
+        assert example["image"].dtype == example["label"].dtype == np.uint8
+        np.testing.assert_array_equal(example["image"], source.image)
+        np.testing.assert_array_equal(example["instances"], source.instances)
+        np.testing.assert_array_equal(example["label"][..., 0] == 255, separate_instances(source.instances) > 0)
+    assert [e["image"].shape for e in examples] == [(72, 72, 1), (72, 72, 1), (64, 70, 1)]
+
+
+def test_image_folder_builder_errors_name_the_file(tmp_path):
+    root = write_image_folder(tmp_path / "manual")
+    (root / "images" / "b.tif").unlink()
+    builder = load_builder_module("image_folder").Builder(data_dir=str(tmp_path / "out"))
+    with pytest.raises(PipelineError, match=r"masks/b.tif: mask with no image"):
+        builder.download_and_prepare(download_config=manual_config(root))

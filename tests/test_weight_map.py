@@ -9,6 +9,7 @@ from pipeline.weight_map import (
     border_distances,
     class_balance,
     instances_from_binary,
+    separate_instances,
     weight_map,
 )
 
@@ -138,3 +139,44 @@ def test_realistic_grid_of_touching_cells():
     gap_pixel = (100, 58)
     wc_bg = class_balance(labels)[gap_pixel]
     assert w[gap_pixel] == pytest.approx(wc_bg + border_term(1, 2), rel=1e-5)
+
+
+def test_separation_borders_between_touching_instances():
+    instances = np.zeros((8, 12), np.int32)
+    instances[1:7, 1:6] = 2
+    instances[1:7, 6:11] = 1  # touches instance 2 along a whole column
+    separated = separate_instances(instances)
+    assert separated.dtype == np.int32
+    # The lower-numbered instance yields one column; nothing else changes.
+    np.testing.assert_array_equal(separated[1:7, 6], 0)
+    expected = instances.copy()
+    expected[:, 6] = 0
+    np.testing.assert_array_equal(separated, expected)
+    wide = separate_instances(instances, width=3)
+    np.testing.assert_array_equal(wide[1:7, 6:9], 0)
+    np.testing.assert_array_equal(wide[1:7, 9:11], 1)
+    np.testing.assert_array_equal(wide[:, :6], instances[:, :6])
+
+
+def test_separation_leaves_4_connected_components_alone():
+    rng = np.random.default_rng(0)
+    labels = (rng.uniform(size=(40, 40)) > 0.4).astype(np.uint8)  # many diagonal contacts
+    instances = instances_from_binary(labels)
+    np.testing.assert_array_equal(separate_instances(instances, 1), instances)
+
+
+def test_separated_cells_get_the_border_weight():
+    instances = np.zeros((12, 16), np.int32)
+    instances[2:10, 2:8] = 1
+    instances[2:10, 8:14] = 2
+    separated = separate_instances(instances)
+    w = weight_map(separated)
+    wc_bg = class_balance((separated > 0).astype(np.int32))[5, 7]
+    assert separated[5, 7] == 0  # the inserted border: 1 px from both cells
+    assert w[5, 7] == pytest.approx(wc_bg + border_term(1, 1), rel=1e-6)
+
+
+@pytest.mark.parametrize("width", [0, -1, 1.5, True])
+def test_separation_width_must_be_a_positive_integer(width):
+    with pytest.raises(ValueError, match="width must be an integer >= 1"):
+        separate_instances(np.zeros((4, 4), np.int32), width)

@@ -1,0 +1,79 @@
+"""Small fake data sets laid out exactly like the real archives, for the tests."""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import tifffile
+
+CTC_NAME = "PhC-C2DH-U373"
+CTC_SIZE = (64, 80)
+CTC_FRAMES = 4
+# Annotated frames per sequence, as in the real sets only some of them.
+CTC_ANNOTATED = {"01": (0, 2, 3), "02": (1, 3)}
+
+
+def imwrite(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, array, photometric="minisblack")
+
+
+def touching_cells(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """uint16 instance labels: cells 1 and 2 share an edge, cell 3 stands apart."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint16)
+    top = int(rng.integers(4, 12))
+    labels[top : top + 20, 6:26] = 1
+    labels[top : top + 20, 26:46] = 2  # column 25 (cell 1) touches column 26 (cell 2)
+    labels[top + 30 : top + 40, 50:70] = 3
+    return labels
+
+
+def ctc_frame(shape: tuple[int, int], seed: int) -> np.ndarray:
+    """A 16-bit frame with a narrow grey range and one hot pixel, as microscopes give."""
+    rng = np.random.default_rng(1000 + seed)
+    frame = rng.normal(3000, 100, shape).clip(0, 65535).astype(np.uint16)
+    frame[0, 0] = 65535
+    return frame
+
+
+def write_ctc(root: Path, name: str = CTC_NAME, as_zip: bool = False) -> Path:
+    """`root/<name>/{01,02}/tNNN.tif`, `..._GT/SEG/man_segNNN.tif`, `..._GT/TRA/`; or `root/<name>.zip`."""
+    base = root / name
+    for sequence, annotated in CTC_ANNOTATED.items():
+        for t in range(CTC_FRAMES):
+            imwrite(base / sequence / f"t{t:03d}.tif", ctc_frame(CTC_SIZE, 10 * int(sequence) + t))
+        for t in annotated:
+            labels = touching_cells(CTC_SIZE, 10 * int(sequence) + t)
+            imwrite(base / f"{sequence}_GT" / "SEG" / f"man_seg{t:03d}.tif", labels)
+            imwrite(base / f"{sequence}_GT" / "TRA" / f"man_track{t:03d}.tif", labels)
+        (base / f"{sequence}_GT" / "TRA" / "man_track.txt").write_text("1 0 3 0\n2 0 3 0\n3 0 3 0\n")
+    if not as_zip:
+        return base
+    archive = root / f"{name}.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for path in sorted(base.rglob("*")):
+            handle.write(path, path.relative_to(root).as_posix())
+    shutil.rmtree(base)
+    return archive
+
+
+def write_image_folder(root: Path) -> Path:
+    """images/ and masks/ with a binary PNG pair, an instance TIFF pair and a smaller 16-bit pair."""
+    rng = np.random.default_rng(7)
+    binary = np.zeros((72, 72), np.uint8)
+    binary[10:30, 10:30] = 255
+    binary[40:60, 35:65] = 255
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    cv2.imwrite(str(root / "images" / "a.png"), rng.integers(0, 255, (72, 72), dtype=np.uint8))
+    cv2.imwrite(str(root / "masks" / "a.png"), binary)
+    imwrite(root / "images" / "b.tif", rng.integers(0, 255, (72, 72), dtype=np.uint8))
+    imwrite(root / "masks" / "b.tif", touching_cells((72, 72), 0))
+    imwrite(root / "images" / "c.tif", ctc_frame((64, 70), 0))
+    imwrite(root / "masks" / "c.tif", touching_cells((64, 70), 1))
+    return root
