@@ -58,37 +58,51 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     return result | {"per_threshold": curves}
 
 
-def report_for(probabilities: np.ndarray, truth: np.ndarray, threshold: float,
-               instances: np.ndarray | None = None) -> dict:
-    """Report of a stack: headline values at the top, overall, mean and per image."""
+def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], threshold: float,
+               instances: list[np.ndarray] | None = None) -> dict:
+    """Report of a set of images: headline values at the top, overall, mean and per image.
+
+    "overall" sums the counts over the images, as the challenge does for a stack; for
+    images of different sizes, which make no stack, the headline values are the means.
+    """
     per_image = [
         score(p, t, threshold, None if instances is None else instances[i]) | {"image": i}
         for i, (p, t) in enumerate(zip(probabilities, truth))
     ]
-    overall = score(probabilities, truth, threshold, instances)
-    headline = ("warping_error", "rand_error", "pixel_error")
-    scalar_keys = [key for key, value in overall.items() if not isinstance(value, dict) and not key.endswith("_threshold")]
+    scalar_keys = [key for key, value in per_image[0].items()
+                   if not isinstance(value, dict) and not key.endswith("_threshold") and key != "image"]
     mean = {key: float(np.mean([row[key] for row in per_image])) for key in scalar_keys}
+    headline = ("warping_error", "rand_error", "pixel_error")
+    if len({p.shape for p in probabilities}) > 1:
+        return {key: mean[key] for key in headline} | {"threshold": threshold, "overall": None,
+                                                       "mean_per_image": mean, "per_image": per_image}
+    overall = score(np.stack(probabilities), np.stack(truth), threshold,
+                    None if instances is None else np.stack(instances))
     return ({key: overall[key] for key in headline} | {"threshold": threshold, "overall": overall,
             "mean_per_image": mean, "per_image": per_image})
 
 
 def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, config: Config,
-                   instances: np.ndarray | None = None) -> dict:
+                   instances: np.ndarray | None = None, sizes: np.ndarray | None = None) -> dict:
     """Scores a model on whole images [N, H, W, C] against cell masks [N, H, W].
 
-    Returns `report_for`'s report, plus the predicted probabilities under the
-    key "probabilities" (not written to JSON).
+    `sizes` [N, 2] crops each image and its labels to its own size first (prepared
+    splits of different image sizes are padded to the largest). Returns `report_for`'s
+    report, plus the predicted probabilities under the key "probabilities" (not written
+    to JSON).
     """
     from pipeline.predict import Segmenter  # TensorFlow only for this path
 
+    sizes = [image.shape[:2] for image in images] if sizes is None else [tuple(size) for size in sizes]
+    crops = [(slice(0, height), slice(0, width)) for height, width in sizes]
     segment = Segmenter(model, config)
     progress = keras.utils.Progbar(len(images), unit_name="image")
     probabilities = []
-    for image in images:
-        probabilities.append(segment(image))
+    for image, crop in zip(images, crops):
+        probabilities.append(segment(image[crop]))
         progress.add(1)
-    probabilities = np.stack(probabilities)
+    truth = [cells[crop] for cells, crop in zip(truth, crops)]
+    instances = None if instances is None else [labels[crop] for labels, crop in zip(instances, crops)]
     return report_for(probabilities, truth, config.predict.threshold, instances) | {"probabilities": probabilities}
 
 
@@ -102,7 +116,7 @@ def run(config: Config, run_dir: Path) -> dict:
     if "instances" not in split:  # ISBI 2012's test labels are secret
         split_name = "val"
         split = rundir.load_split(run_dir, split_name, config)
-    report = evaluate_model(model, split["images"], split["instances"] > 0, config, split["instances"])
+    report = evaluate_model(model, split["images"], split["instances"] > 0, config, split["instances"], split.get("sizes"))
     probabilities = report.pop("probabilities")
     report = {"split": split_name, "dataset": config.data.dataset} | report
     if config.data.dataset == "isbi2012":
@@ -111,8 +125,9 @@ def run(config: Config, run_dir: Path) -> dict:
     folder = Path(run_dir) / "evaluation"
     _write(report, folder / "report.json")
     for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
-        io.write_png(folder / f"panel_{index:03d}.png", panel(probability, cells, report["threshold"], image[..., 0]),
-                     overwrite=True)
+        height, width = probability.shape
+        picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width, 0])
+        io.write_png(folder / f"panel_{index:03d}.png", picture, overwrite=True)
     return report
 
 
@@ -153,7 +168,7 @@ def table(report: dict) -> str:
     columns = [("warping_error", "warping", ".6f"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
                ("v_rand_error", "1-Vrand", ".4f"), ("v_info_error", "1-Vinfo", ".4f"),
                ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f")]
-    columns = [c for c in columns if c[0] in report["overall"]]
+    columns = [c for c in columns if c[0] in report["mean_per_image"]]
     header = f"{'image':>10}" + "".join(f"{title:>11}" for _, title, _ in columns)
 
     def row(label: str, values: dict) -> str:
@@ -161,7 +176,9 @@ def table(report: dict) -> str:
             f"{values[key]:>11{fmt}}" if key in values else f"{'-':>11}" for key, _, fmt in columns)
 
     rows = [row(str(r["image"]), r) for r in report["per_image"]]
-    rows += [row("mean", report["mean_per_image"]), row("overall", report["overall"])]
+    rows.append(row("mean", report["mean_per_image"]))
+    if report["overall"] is not None:  # None for images of different sizes
+        rows.append(row("overall", report["overall"]))
     if "paper" in report:
         rows.append(row("paper*", report["paper"]))
         rows.append(f"* {report['paper']['note']}")

@@ -143,8 +143,10 @@ def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
 def _inputs(config: Config, run_dir: Path, input_path: Path | None) -> dict[str, np.ndarray]:
     """Named [N, H, W, C] stacks: the given file or folder, else the run's test split."""
     if input_path is None:
-        test = rundir.load_split(run_dir, "test", config)["images"]
-        return {f"test_{i:03d}": image[None] for i, image in enumerate(test)}
+        test = rundir.load_split(run_dir, "test", config)
+        # Prepared images of different sizes are padded to the largest: crop them back.
+        return {f"test_{i:03d}": image[None, :height, :width]
+                for i, (image, (height, width)) in enumerate(zip(test["images"], test["sizes"]))}
     channels = config.model.input_channels
     return {path.stem: io.read_stack(path, channels) for path in io.image_files(input_path)}
 

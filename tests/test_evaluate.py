@@ -43,3 +43,15 @@ def test_bad_prediction_file_is_a_one_line_error(tmp_path, capsys):
     assert error.count("\n") == 1 and "outside [0, 1]" in error
     assert main(["--stage", "evaluate", "--prediction", str(prediction)]) == 2
     assert "--ground-truth" in capsys.readouterr().err
+
+
+def test_images_of_different_sizes_are_scored_on_their_own_pixels():
+    from pipeline.evaluate import report_for
+
+    rng = np.random.default_rng(4)
+    truth = [rng.integers(0, 2, (20, 30)).astype(bool), rng.integers(0, 2, (12, 16)).astype(bool)]
+    perfect = [t.astype(np.float32) for t in truth]
+    report = report_for(perfect, truth, 0.5)
+    assert report["overall"] is None
+    assert report["pixel_error"] == report["rand_error"] == report["warping_error"] == 0.0
+    assert [row["foreground_iou"] for row in report["per_image"]] == [1.0, 1.0]
