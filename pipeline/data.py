@@ -341,3 +341,22 @@ def _images_by_name(folder: Path) -> dict[str, Path]:
             raise PipelineError(f"{path}: two files named {path.stem} ({files[path.stem].name}, {path.name})")
         files[path.stem] = path
     return files
+
+
+def tfds_features(docs: dict[str, str], size: int | None = None, **extra) -> "tfds.features.FeaturesDict":
+    """The features every TFDS builder's examples share, plus a builder's `extra` ones.
+
+    `image` and `label` (uint8, 255 = cell) are [H, W, 1] images, `instances` int32
+    [H, W], `id` a stable text id; `docs` gives each its description, `size` fixes the
+    side where all images have one. The builders in `datasets/` call this.
+    """
+    import tensorflow_datasets as tfds  # only the builders need TFDS
+
+    shape = (size, size)
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=shape + (1,), dtype=np.uint8, doc=docs["image"]),
+        "label": tfds.features.Image(shape=shape + (1,), dtype=np.uint8, doc=docs["label"]),
+        "instances": tfds.features.Tensor(shape=shape, dtype=np.int32, encoding="zlib", doc=docs["instances"]),
+        "id": tfds.features.Text(doc=docs["id"]),
+        **extra,
+    })

@@ -60,26 +60,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
+            features=pipeline_data.tfds_features(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 1), dtype=np.uint8, doc="frame scaled to 8 bits (percentiles 1-99.8)"
-                    ),
-                    "label": tfds.features.Image(
-                        shape=(None, None, 1),
-                        dtype=np.uint8,
-                        doc=f"255 = cell, 0 = background, with {SEPARATION} px borders between touching cells",
-                    ),
-                    "instances": tfds.features.Tensor(
-                        shape=(None, None),
-                        dtype=np.int32,
-                        encoding="zlib",
-                        doc="the challenge's instance labels as given: 0 = background, k > 0 = cell k",
-                    ),
-                    "sequence": tfds.features.Text(doc='"01" or "02"'),
-                    "frame": tfds.features.Scalar(dtype=np.int32, doc="time point: NNN of tNNN.tif"),
-                    "id": tfds.features.Text(doc='stable example id, "<sequence>_t<frame>", e.g. "01_t021"'),
-                }
+                    "image": "frame scaled to 8 bits (percentiles 1-99.8)",
+                    "label": f"255 = cell, 0 = background, with {SEPARATION} px borders between touching cells",
+                    "instances": "the challenge's instance labels as given: 0 = background, k > 0 = cell k",
+                    "id": 'stable example id, "<sequence>_t<frame>", e.g. "01_t021"',
+                },
+                sequence=tfds.features.Text(doc='"01" or "02"'),
+                frame=tfds.features.Scalar(dtype=np.int32, doc="time point: NNN of tNNN.tif"),
             ),
             supervised_keys=("image", "label"),
             homepage="https://celltrackingchallenge.net/2d-datasets/",

@@ -50,23 +50,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
+            features=pipeline_data.tfds_features(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 1), dtype=np.uint8, doc="image (not 8-bit: scaled, percentiles 1-99.8)"
-                    ),
-                    "label": tfds.features.Image(
-                        shape=(None, None, 1),
-                        dtype=np.uint8,
-                        doc=f"255 = object, 0 = background, with {SEPARATION} px borders between touching objects",
-                    ),
-                    "instances": tfds.features.Tensor(
-                        shape=(None, None),
-                        dtype=np.int32,
-                        encoding="zlib",
-                        doc="0 = background, k > 0 = object k (binary masks: 4-connected components)",
-                    ),
-                    "id": tfds.features.Text(doc="NAME, the file name without its suffix"),
+                    "image": "image (not 8-bit: scaled, percentiles 1-99.8)",
+                    "label": f"255 = object, 0 = background, with {SEPARATION} px borders between touching objects",
+                    "instances": "0 = background, k > 0 = object k (binary masks: 4-connected components)",
+                    "id": "NAME, the file name without its suffix",
                 }
             ),
             supervised_keys=("image", "label"),

@@ -71,34 +71,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
+            features=pipeline_data.tfds_features(
                 {
-                    "image": tfds.features.Image(
-                        shape=(None, None, 1), dtype=np.uint8, doc="EM section (512x512)"
+                    "image": "EM section (512x512)",
+                    "label": "255 = cell, 0 = membrane; all 0 where `labelled` is False",
+                    "instances": (
+                        "4-connected components of the cell class: 0 = membrane, "
+                        f"1..N = cells; all {UNLABELLED_INSTANCE} where `labelled` is False"
                     ),
-                    "label": tfds.features.Image(
-                        shape=(None, None, 1),
-                        dtype=np.uint8,
-                        doc="255 = cell, 0 = membrane; all 0 where `labelled` is False",
-                    ),
-                    "instances": tfds.features.Tensor(
-                        shape=(None, None),
-                        dtype=np.int32,
-                        encoding="zlib",
-                        doc=(
-                            "4-connected components of the cell class: 0 = membrane, "
-                            f"1..N = cells; all {UNLABELLED_INSTANCE} where `labelled` is False"
-                        ),
-                    ),
-                    "labelled": tfds.features.Scalar(
-                        dtype=np.bool_, doc="False for the test split: label/instances are placeholders"
-                    ),
-                    "slice": tfds.features.Scalar(
-                        dtype=np.int32,
-                        doc="index of the section in its TIFF stack (train-volume.tif or test-volume.tif)",
-                    ),
-                    "id": tfds.features.Text(doc='stable example id, e.g. "train_000"'),
-                }
+                    "id": 'stable example id, e.g. "train_000"',
+                },
+                labelled=tfds.features.Scalar(
+                    dtype=np.bool_, doc="False for the test split: label/instances are placeholders"
+                ),
+                slice=tfds.features.Scalar(
+                    dtype=np.int32, doc="index of the section in its TIFF stack (train-volume.tif or test-volume.tif)"
+                ),
             ),
             supervised_keys=("image", "label"),
             homepage="https://imagej.net/events/isbi-2012-segmentation-challenge",

@@ -84,26 +84,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     DEFAULT_CONFIG_NAME = "default"
 
     def _info(self) -> tfds.core.DatasetInfo:
-        size = self.builder_config.image_size
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
+            features=pipeline_data.tfds_features(
                 {
-                    "image": tfds.features.Image(
-                        shape=(size, size, 1), dtype=np.uint8, doc="grey-level EM-like image"
-                    ),
-                    "label": tfds.features.Image(
-                        shape=(size, size, 1),
-                        dtype=np.uint8,
-                        doc="semantic label, ISBI 2012 convention: 255 = cell, 0 = membrane",
-                    ),
-                    "instances": tfds.features.Tensor(
-                        shape=(size, size),
-                        dtype=np.int32,
-                        encoding="zlib",
-                        doc="cell instances: 0 = membrane, 1..N = cells",
-                    ),
-                    "id": tfds.features.Text(doc='stable example id, e.g. "train_003"'),
-                }
+                    "image": "grey-level EM-like image",
+                    "label": "semantic label, ISBI 2012 convention: 255 = cell, 0 = membrane",
+                    "instances": "cell instances: 0 = membrane, 1..N = cells",
+                    "id": 'stable example id, e.g. "train_003"',
+                },
+                size=self.builder_config.image_size,
             ),
             supervised_keys=("image", "label"),
             # Written in generation order, so split order = id order = pipeline order.
