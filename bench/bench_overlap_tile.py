@@ -29,6 +29,7 @@ from pipeline import config as configuration
 from pipeline import model as unet_model
 from pipeline.export import export_model
 from pipeline.input_pipeline import normalize
+from pipeline.tiling import tile_geometry
 
 
 def best_time(function, repeats: int) -> float:
@@ -43,11 +44,10 @@ def best_time(function, repeats: int) -> float:
 
 
 def geometry(config: configuration.Config, height: int, width: int) -> tuple[int, int, int, int, int, int]:
-    """(tile, output, step, margin, rows, cols) exactly as pipeline.tiling computes them."""
-    depth, tile = config.model.depth, config.predict.tile_size
-    out = unet_model.output_size(tile, depth)
-    step = out // unet_model.alignment(depth) * unet_model.alignment(depth)
-    return tile, out, step, unet_model.context(depth), -(-height // step), -(-width // step)
+    """(tile, output, step, margin, rows, cols): the tiles pipeline.tiling cuts."""
+    tile = config.predict.tile_size
+    out, margin, step = tile_geometry(tile, config.model.depth)
+    return tile, out, step, margin, -(-height // step), -(-width // step)
 
 
 def padded_image(image: np.ndarray, config: configuration.Config) -> np.ndarray:

@@ -45,7 +45,7 @@ def mirror_pad(image: tf.Tensor, top, bottom, left, right) -> tf.Tensor:
     return tf.gather(rows, reflect_indices(shape[1], left, right), axis=1)
 
 
-def _tile_step(tile_size: int, depth: int) -> tuple[int, int, int]:
+def tile_geometry(tile_size: int, depth: int) -> tuple[int, int, int]:
     """(output side, margin, step between tiles) for a tile side; raises if unusable."""
     check_input_size(tile_size, depth)
     out, margin, align = output_size(tile_size, depth), context(depth), alignment(depth)
@@ -81,7 +81,7 @@ def overlap_tile_predict(
     Returns:
         [H, W, K] network output (class probabilities), exactly the input's size.
     """
-    out, margin, step = _tile_step(tile_size, depth)
+    out, margin, step = tile_geometry(tile_size, depth)
     if tiles_per_batch < 1:
         raise PipelineError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
     image = tf.convert_to_tensor(image, tf.float32)
