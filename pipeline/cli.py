@@ -49,21 +49,28 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
     run_dir = args.run_dir or _default_run_dir(args)
     saved_path = run_dir / "config.yaml"
     overrides = configuration.read_file(args.config) if args.config else {}
+    assignments = configuration.parse_set(args.assignments)
     if saved_path.exists():
         config = configuration.load(saved_path)
         if args.preset and args.preset != config.preset:
             raise PipelineError(f"{saved_path}: run uses preset {config.preset!r}, not {args.preset!r}; "
                                 "use a new --run-dir")
     else:
-        config = configuration.preset(args.preset or overrides.get("preset", "cpu"))
+        dataset = args.dataset or _dataset_of(assignments) or _dataset_of(overrides)
+        config = configuration.preset(args.preset or overrides.get("preset", "cpu"), dataset)
     config = configuration.apply_overrides(config, overrides, str(args.config))
     data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None}
     train = {"strategy": args.strategy} if args.strategy else {}
     config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
-    config = configuration.apply_overrides(config, configuration.parse_set(args.assignments), "--set")
+    config = configuration.apply_overrides(config, assignments, "--set")
     if rundir.is_writer():  # in a cluster, only the chief writes the shared files
         _save(config, saved_path)
     return config, run_dir
+
+
+def _dataset_of(overrides: dict) -> str | None:
+    data = overrides.get("data")
+    return data.get("dataset") if isinstance(data, dict) else None
 
 
 def _default_run_dir(args: argparse.Namespace) -> Path:

@@ -50,3 +50,19 @@ def test_json_and_yaml_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
     with pytest.raises(PipelineError, match="bad.yaml: not valid YAML/JSON"):
         configuration.read_file(tmp_path / "bad.yaml")
+
+
+def test_a_data_set_recipe_applies_under_explicit_overrides(tmp_path):
+    from pipeline.cli import parser, resolve
+
+    def resolved(*argv):
+        return resolve(parser().parse_args(["--run-dir", str(tmp_path / str(len(list(tmp_path.iterdir())))), *argv]))[0]
+
+    isbi = resolved("--dataset", "isbi2012", "--preset", "cpu")
+    recipe = configuration.RECIPES[("cpu", "isbi2012")]
+    assert (isbi.model.depth, isbi.train.tile_size) == (recipe["model"]["depth"], recipe["train"]["tile_size"])
+    assert isbi.augment == configuration.preset("cpu").augment  # untouched sections stay the preset's
+    assert resolved("--set", "data.dataset=isbi2012").model.depth == isbi.model.depth
+    assert resolved("--dataset", "isbi2012", "--set", "model.depth=4").model.depth == 4
+    assert resolved("--dataset", "synthetic") == configuration.preset("cpu", "synthetic") == configuration.preset("cpu")
+    assert resolved("--dataset", "isbi2012", "--preset", "paper").predict.test_time_augmentation
