@@ -29,19 +29,18 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
     return tf.image.per_image_standardization(tf.cast(images, tf.float32))
 
 
-def _mirror_padded(arrays: np.ndarray, depth: int) -> tf.Tensor:
-    """Pads [N, H, W, ...] on both sides of H and W by the network's context, by reflection."""
-    margin = unet_model.context(depth)
+def _mirror_padded(arrays: np.ndarray, margin: int) -> tf.Tensor:
+    """Pads [N, H, W, ...] on both sides of H and W by `margin` (the context), by reflection."""
     pads = [(0, 0), (margin, margin), (margin, margin)] + [(0, 0)] * (arrays.ndim - 3)
     return tf.constant(np.pad(arrays, pads, mode="reflect"))
 
 
-def _padded_images(images: np.ndarray, depth: int) -> tf.Tensor:
-    return _mirror_padded(normalize(images).numpy(), depth)
+def _padded_images(images: np.ndarray, margin: int) -> tf.Tensor:
+    return _mirror_padded(normalize(images).numpy(), margin)
 
 
-def _tile_sizes(images: np.ndarray, tile_size: int, depth: int) -> tuple[int, int]:
-    out = unet_model.output_size(tile_size, depth)
+def _tile_sizes(images: np.ndarray, tile_size: int, depth: int, padding: str) -> tuple[int, int]:
+    out = unet_model.output_size(tile_size, depth, padding)
     height, width = images.shape[1:3]
     if min(height, width) < out:
         raise PipelineError(
@@ -59,19 +58,21 @@ def training_dataset(
     train: TrainConfig,
     augmentation: AugmentConfig,
     first_batch: int = 0,
+    padding: str = "valid",
 ) -> tf.data.Dataset:
     """An endless, seeded stream of augmented random tiles, batched and prefetched.
 
     `first_batch` skips that many batches without computing them: a resumed run sees the
-    tiles that an uninterrupted run would have seen.
+    tiles that an uninterrupted run would have seen. `padding` is the network's.
     """
-    size, out = _tile_sizes(images, train.tile_size, depth)
+    size, out = _tile_sizes(images, train.tile_size, depth, padding)
     count, height, width = labels.shape
-    padded = _padded_images(images, depth)
-    labels = _mirror_padded(np.asarray(labels, np.int32), depth)
-    weights = _mirror_padded(np.asarray(weights, np.float32), depth)
+    margin = unet_model.context(depth, padding)
+    padded = _padded_images(images, margin)
+    labels = _mirror_padded(np.asarray(labels, np.int32), margin)
+    weights = _mirror_padded(np.asarray(weights, np.float32), margin)
     channels = padded.shape[-1]
-    window = slice(unet_model.context(depth), unet_model.context(depth) + out)  # the output window
+    window = slice(margin, margin + out)  # the output window
 
     def random_tile(index: tf.Tensor):
         # Stateless draws keyed by the element index: the same stream whatever the
@@ -97,11 +98,12 @@ def training_dataset(
 
 
 def validation_tiles(
-    images: np.ndarray, labels: np.ndarray, weights: np.ndarray, depth: int, train: TrainConfig
+    images: np.ndarray, labels: np.ndarray, weights: np.ndarray, depth: int, train: TrainConfig,
+    padding: str = "valid",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed tiles spread evenly over each validation image, the same in every epoch."""
-    size, out = _tile_sizes(images, train.tile_size, depth)
-    padded = _padded_images(images, depth).numpy()
+    size, out = _tile_sizes(images, train.tile_size, depth, padding)
+    padded = _padded_images(images, unet_model.context(depth, padding)).numpy()
     height, width = labels.shape[1:]
     per_axis = int(np.ceil(np.sqrt(train.val_tiles_per_image)))
     ys = np.linspace(0, height - out, per_axis).astype(int)

@@ -58,7 +58,8 @@ def segmentation_function(model: keras.Model, config: Config):
         batch, leading = _as_batch(image, channels)
         probabilities = tf.map_fn(
             lambda one: overlap_tile_predict(
-                model, normalize(one), depth, tiles.tile_size, tiles.tiles_per_batch, tiles.test_time_augmentation
+                model, normalize(one), depth, tiles.tile_size, tiles.tiles_per_batch, tiles.test_time_augmentation,
+                config.model.padding,
             ),
             batch,
             fn_output_signature=tf.TensorSpec([None, None, classes], tf.float32),

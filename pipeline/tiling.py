@@ -45,13 +45,13 @@ def mirror_pad(image: tf.Tensor, top, bottom, left, right) -> tf.Tensor:
     return tf.gather(rows, reflect_indices(shape[1], left, right), axis=1)
 
 
-def tile_geometry(tile_size: int, depth: int) -> tuple[int, int, int]:
+def tile_geometry(tile_size: int, depth: int, padding: str = "valid") -> tuple[int, int, int]:
     """(output side, margin, step between tiles) for a tile side; raises if unusable."""
-    check_input_size(tile_size, depth)
-    out, margin, align = output_size(tile_size, depth), context(depth), alignment(depth)
+    check_input_size(tile_size, depth, padding)
+    out, margin, align = output_size(tile_size, depth, padding), context(depth, padding), alignment(depth)
     # Offsets must be multiples of `align`, so a tile must yield at least `align` pixels.
     if out < align:
-        smallest = valid_input_sizes(depth, 2 * margin + align, 2 * margin + 3 * align)[0]
+        smallest = valid_input_sizes(depth, 2 * margin + align, 2 * margin + 3 * align, padding)[0]
         raise PipelineError(
             f"tile size {tile_size} gives a {out}-pixel output at depth {depth}, less than "
             f"the tile alignment {align}; the smallest usable tile size is {smallest}"
@@ -66,6 +66,7 @@ def overlap_tile_predict(
     tile_size: int,
     tiles_per_batch: int = 4,
     test_time_augmentation: bool = False,
+    padding: str = "valid",
 ) -> tf.Tensor:
     """Runs `model` over an image of any size by overlapping, aligned tiles.
 
@@ -77,11 +78,13 @@ def overlap_tile_predict(
         tiles_per_batch: tiles run through the network at once; bounds the memory.
         test_time_augmentation: average the outputs for the 8 rotations and flips of the
             image (the paper averaged rotated versions for ISBI 2012); 8 times the work.
+        padding: the network's convolutions; "same" nets get no context, so their
+            tiles abut and the result is not exact at tile borders.
 
     Returns:
         [H, W, K] network output (class probabilities), exactly the input's size.
     """
-    out, margin, step = tile_geometry(tile_size, depth)
+    out, margin, step = tile_geometry(tile_size, depth, padding)
     if tiles_per_batch < 1:
         raise PipelineError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
     image = tf.convert_to_tensor(image, tf.float32)

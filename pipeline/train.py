@@ -189,10 +189,10 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> keras.callbac
     tf.config.experimental.enable_op_determinism()
     train_data = input_pipeline.training_dataset(
         train_split["images"], train_split["instances"] > 0, train_split["weights"], depth, train, config.augment,
-        first_batch=initial_epoch * train.steps_per_epoch,
+        first_batch=initial_epoch * train.steps_per_epoch, padding=config.model.padding,
     )
     val_tiles = input_pipeline.validation_tiles(
-        val_split["images"], val_split["instances"] > 0, val_split["weights"], depth, train
+        val_split["images"], val_split["instances"] > 0, val_split["weights"], depth, train, config.model.padding
     )
     val_data = input_pipeline.validation_dataset(val_tiles, train.batch_size)
     with distribution.scope():

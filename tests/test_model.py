@@ -78,3 +78,14 @@ def test_configurable_channels_classes_and_dropout():
     assert [l.rate for l in model.layers if isinstance(l, keras.layers.Dropout)] == [0.3, 0.3]
     probabilities = model(np.random.default_rng(0).normal(size=(1, 20, 20, 2)).astype(np.float32))
     np.testing.assert_allclose(probabilities.numpy().sum(-1), 1.0, rtol=1e-5)
+
+
+def test_same_padding_keeps_the_size_and_needs_no_context():
+    # The common Keras U-Net, built only for the ablation against the paper's valid one.
+    model = unet(ModelConfig(depth=3, base_filters=2, dropout=0.0, padding="same"))
+    assert model(np.zeros((1, 48, 48, 1), np.float32)).shape == (1, 48, 48, 2)
+    assert context(3, "same") == 0 and output_size(48, 3, "same") == 48
+    assert valid_input_sizes(3, 1, 20, "same") == [4, 8, 12, 16, 20]
+    assert model.count_params() == unet(ModelConfig(depth=3, base_filters=2, dropout=0.0)).count_params()
+    with pytest.raises(PipelineError, match="model.padding must be one of valid, same, got 'full'"):
+        unet(ModelConfig(depth=3, padding="full"))
