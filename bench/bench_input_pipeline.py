@@ -5,7 +5,8 @@ as fast as the model consumes them. Both are measured alone, on all cores of thi
 (the pipeline with its AUTOTUNE parallelism, the step with TensorFlow's default threads),
 on random images of the preset's data size with the preset's augmentation.
 
-    python bench/bench_input_pipeline.py [--presets cpu paper] [--paper-steps 3]
+    PYTHONPATH=. python bench/bench_input_pipeline.py [--presets cpu paper] [--tiles 200]
+        [--steps 10] [--paper-steps 3] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,18 +14,22 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from bench import common  # noqa: E402
 from pipeline import config as configuration  # noqa: E402
 from pipeline.input_pipeline import training_dataset  # noqa: E402
 from pipeline.train import compiled_model  # noqa: E402
 
+GOAL = 3.0  # the pipeline delivers at least this many times the tiles training consumes
 
-def _data(config: configuration.Config):
+
+def _data(config: configuration.Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     shape = (config.data.num_train, config.data.image_size, config.data.image_size)
     labels = rng.random(shape) > 0.3
@@ -37,10 +42,11 @@ def pipeline_rate(config: configuration.Config, tiles: int) -> float:
     dataset = training_dataset(*_data(config), config.model.depth, config.train, config.augment)
     batches = iter(dataset)
     next(batches)
+    count = max(1, tiles // config.train.batch_size)
     start = time.perf_counter()
-    for _ in range(max(1, tiles // config.train.batch_size)):
+    for _ in range(count):
         next(batches)
-    return max(1, tiles // config.train.batch_size) * config.train.batch_size / (time.perf_counter() - start)
+    return count * config.train.batch_size / (time.perf_counter() - start)
 
 
 def step_rate(config: configuration.Config, steps: int) -> float:
@@ -55,24 +61,70 @@ def step_rate(config: configuration.Config, steps: int) -> float:
     return steps * config.train.batch_size / (time.perf_counter() - start)
 
 
+def measure(presets: list[str], tiles: int = 200, steps: int = 10, paper_steps: int = 3) -> dict[str, Any]:
+    """Pipeline and training tiles/s per preset (`paper_steps` timed steps for `paper`).
+
+    Turns on op determinism for the whole process, as the train stage does.
+    """
+    tf.config.experimental.enable_op_determinism()
+    rows = []
+    for name in presets:
+        config = configuration.preset(name)
+        timed_steps = paper_steps if name == "paper" else steps
+        row = {"preset": name, "tile": config.train.tile_size, "batch": config.train.batch_size,
+               "steps": timed_steps, "pipeline": pipeline_rate(config, tiles),
+               "training": step_rate(config, timed_steps)}
+        print(f"  {name:6s} pipeline {row['pipeline']:8.1f} tiles/s, training {row['training']:8.2f} tiles/s",
+              flush=True)
+        rows.append(row)
+    return {"cores": len(os.sched_getaffinity(0)), "gpus": common.tensorflow_gpus(), "tiles": tiles, "steps": steps,
+            "paper_steps": paper_steps, "rows": rows}
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown section: what is measured, the table, the goal per preset."""
+    rows, cores = results["rows"], results["cores"]
+    steps = ", ".join(f"`{row['preset']}`: {common.count(row['steps'], 'step')}" for row in rows)
+    table = [[f"`{row['preset']}`", str(row["tile"]), f"{row['pipeline']:.1f}", f"{row['training']:.2f}",
+              f"{row['pipeline'] / row['training']:.1f}"] for row in rows]
+    goals = [f"`{row['preset']}` {row['pipeline'] / row['training']:.1f}x "
+             f"({common.verdict(row['pipeline'] / row['training'] >= GOAL)})" for row in rows]
+    sections = [
+        f"## Input pipeline against the training step (tiles per second, {cores} cores)",
+        "`PYTHONPATH=. python bench/bench_input_pipeline.py "
+        f"--presets {' '.join(row['preset'] for row in rows)} --tiles {results['tiles']} --steps {results['steps']} "
+        f"--paper-steps {results['paper_steps']}`",
+        common.paragraph(
+            "The pipeline with the preset's augmentation (flips, rotation, elastic deformation, gray values), "
+            "AUTOTUNE parallelism, on random images of the preset's data size, timed over "
+            f"{results['tiles']} tiles after the first batch; the training step is `train_on_batch` of the compiled "
+            f"U-Net on one pipeline batch after a warm-up step ({steps} timed). Both measured alone, with op "
+            "determinism on, as `train` runs."),
+        common.markdown_table(["preset", "tile", "pipeline tiles/s", "training tiles/s", "pipeline / training"],
+                              table, "lrrrr"),
+        common.paragraph(f"Goal: the pipeline delivers at least {GOAL:g}x the tiles the training step consumes: "
+                         + "; ".join(goals) + "."),
+    ]
+    paper = [row for row in rows if row["preset"] == "paper"]
+    if paper and not results["gpus"]:
+        row = paper[0]
+        sections.append(common.paragraph(
+            "The `paper` preset is meant for a GPU, which this machine does not have: a GPU training step would "
+            f"consume far more than {row['training']:.2f} tiles/s, and {row['pipeline']:.0f} tiles/s from {cores} "
+            f"cores (~{row['pipeline'] / cores:.0f} per core) is the budget to compare it with; the pipeline scales "
+            "with the cores `tf.data` gets."))
+    return "\n\n".join(sections)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"])
+    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=["cpu", "paper"])
     parser.add_argument("--tiles", type=int, default=200, help="tiles drawn from the pipeline")
     parser.add_argument("--steps", type=int, default=10, help="training steps timed (cpu)")
     parser.add_argument("--paper-steps", type=int, default=3, help="training steps timed (paper)")
+    common.add_json_argument(parser)
     args = parser.parse_args()
-    tf.config.experimental.enable_op_determinism()  # as the train stage runs
-    devices = ", ".join(d.device_type for d in tf.config.list_logical_devices())
-    rows = []
-    for name in args.presets:
-        config = configuration.preset(name)
-        steps = args.paper_steps if name == "paper" else args.steps
-        rows.append((name, config.train.tile_size, pipeline_rate(config, args.tiles), step_rate(config, steps)))
-    print(f"\ntiles per second, {os.cpu_count()} CPU cores, devices: {devices}")
-    print(f"{'preset':8s} {'tile':>5s} {'pipeline':>10s} {'training':>10s} {'pipeline / training':>20s}")
-    for name, size, pipeline, training in rows:
-        print(f"{name:8s} {size:5d} {pipeline:10.1f} {training:10.2f} {pipeline / training:20.1f}")
+    common.finish(args.json, measure(args.presets, args.tiles, args.steps, args.paper_steps), render)
 
 
 if __name__ == "__main__":

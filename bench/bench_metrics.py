@@ -1,45 +1,50 @@
-"""Times the ISBI metrics on 30 slices of 512x512 at all thresholds, on one core.
-
-    python bench/bench_metrics.py [--slices 30] [--oracle-slices 2]
+"""Times the ISBI metrics on 30 slices of 512x512 at all thresholds, on ONE CPU core.
 
 Ground truth: the real ISBI 2012 labels when present (repeated to 30 slices), else
 synthetic labels. Proposal: the labels blurred and noised into a probability map.
 The warping error is compared with the tests' one-pixel-at-a-time oracle (the
 reference's visiting order in plain Python) on a few slices, checked equal, and the
-ratio printed.
+ratio reported. One core: the process is pinned to CPU 0, one thread per library.
+
+    PYTHONPATH=. python bench/bench_metrics.py [--slices 30] [--oracle-slices 1] [--size N]
+        [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from bench import common
+
+if __name__ == "__main__":
+    common.use_one_core()  # before NumPy, OpenCV and TensorFlow start their thread pools
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-cv2.setNumThreads(1)
-
 from pipeline import metrics  # noqa: E402
-from test_metrics import oracle_warp  # noqa: E402
 
-ISBI_LABELS = ROOT.parent / "shared" / "data" / "isbi2012" / "train-labels.tif"
+ISBI_LABELS = common.ROOT.parent / "shared" / "data" / "isbi2012" / "train-labels.tif"
+SWEEPS = {
+    "pixel_error_sweep": "pixel error",
+    "rand_error_sweep": "Rand error",
+    "warping_error_sweep": "warping error",
+    "v_rand_sweep": "V_rand",
+    "v_info_sweep": "V_info",
+}
 
 
-def labels(slices: int) -> np.ndarray:
+def labels() -> tuple[np.ndarray, str]:
+    """The binary label stack of ISBI 2012 (else synthetic labels), and where it comes from."""
     if ISBI_LABELS.is_file():
         stack = tifffile.imread(ISBI_LABELS) > 0
-    else:
-        from pipeline.synthetic import synthetic_em_stack
-        stack = synthetic_em_stack(4, 512, 0)[1] > 0
-    return np.resize(stack, (slices,) + stack.shape[1:])
+        return stack, f"the {len(stack)} ISBI 2012 training labels"
+    from pipeline.synthetic import synthetic_em_stack
+    return synthetic_em_stack(4, 512, 0)[1] > 0, "4 synthetic label images (ISBI 2012 not found)"
 
 
 def proposal(truth: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -47,38 +52,99 @@ def proposal(truth: np.ndarray, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     out = []
     for cells in truth:
-        p = cv2.GaussianBlur(cells.astype(np.float32), (0, 0), 2.0) + rng.normal(0, 0.15, cells.shape).astype(np.float32)
+        p = cv2.GaussianBlur(cells.astype(np.float32), (0, 0), 2.0)
+        p += rng.normal(0, 0.15, cells.shape).astype(np.float32)
         out.append(np.clip(cv2.GaussianBlur(p, (0, 0), 1.0), 0, 1))
     return np.stack(out)
 
 
-def timed(function, *args):
+def timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """The function's result and the seconds it took."""
     start = time.perf_counter()
     result = function(*args)
     return result, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--slices", type=int, default=30)
-    parser.add_argument("--oracle-slices", type=int, default=1)
-    args = parser.parse_args()
-    truth = labels(args.slices)
+def _oracle_warp() -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
+    """The tests' plain-Python warping oracle (tests/ is not a package, hence the path)."""
+    sys.path.insert(0, str(common.ROOT / "tests"))
+    from test_metrics import oracle_warp
+
+    return oracle_warp
+
+
+def measure(slices: int = 30, oracle_slices: int = 1, size: int | None = None) -> dict[str, Any]:
+    """Seconds of every sweep over the stack, and of our warping against the oracle's.
+
+    `size` crops the slices to their top-left size x size corner (default: whole slices).
+    Raises RuntimeError if our warping differs from the oracle's.
+    """
+    stack, source = labels()
+    # np.resize repeats the stack when it has fewer slices than asked for.
+    truth = np.resize(stack, (slices,) + stack.shape[1:])[:, :size, :size]
     probability = proposal(truth).astype(np.float64)
-    print(f"{args.slices} slices of {truth.shape[1]}x{truth.shape[2]}, one core")
-    for name in ("pixel_error_sweep", "rand_error_sweep", "warping_error_sweep", "v_rand_sweep", "v_info_sweep"):
+    rows = []
+    for name in SWEEPS:
         sweep, seconds = timed(getattr(metrics, name), probability, truth)
-        print(f"{name:>20}: {seconds:7.2f} s   best {sweep.error:.6f} at t = {sweep.threshold!r}")
-    ours = oracle = 0.0
-    for cells, p in zip(truth[:args.oracle_slices], probability[:args.oracle_slices]):
+        rows.append({"metric": name, "seconds": seconds, "thresholds": len(sweep.thresholds),
+                     "error": sweep.error, "threshold": sweep.threshold})
+        print(f"  {name:>20}: {seconds:7.2f} s   best {sweep.error:.6f} at t = {sweep.threshold!r}", flush=True)
+    oracle_warp = _oracle_warp()
+    ours = reference = 0.0
+    for cells, p in zip(truth[:oracle_slices], probability[:oracle_slices]):
         for t in metrics.warping_thresholds():
             fast, seconds = timed(metrics.warp_truth, cells, p, t)
             ours += seconds
             slow, seconds = timed(oracle_warp, cells, p, t)
-            oracle += seconds
-            assert np.array_equal(fast, slow), f"warping differs from the oracle at t = {t}"
-    print(f"simple-point warping, {args.oracle_slices} slice(s) x 10 thresholds: ours {ours:.2f} s, "
-          f"plain-Python reference order {oracle:.1f} s, ratio {oracle / ours:.0f}x (results identical)")
+            reference += seconds
+            if not np.array_equal(fast, slow):
+                raise RuntimeError(f"warping differs from the oracle at t = {t}")
+    print(f"  simple-point warping: ours {ours:.2f} s, oracle {reference:.1f} s", flush=True)
+    return {"slices": slices, "height": int(truth.shape[1]), "width": int(truth.shape[2]), "size": size,
+            "source": source, "source_slices": len(stack), "rows": rows,
+            "oracle": {"slices": min(oracle_slices, slices), "thresholds": len(metrics.warping_thresholds()),
+                       "ours": ours, "reference": reference}}
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown section: what is timed, the table, the warping against the oracle."""
+    slices, height, width = results["slices"], results["height"], results["width"]
+    oracle = results["oracle"]
+    command = f"PYTHONPATH=. python bench/bench_metrics.py --slices {slices} --oracle-slices {oracle['slices']}"
+    if results["size"] is not None:
+        command += f" --size {results['size']}"
+    table = [[SWEEPS[row["metric"]], str(row["thresholds"]), f"{row['seconds']:.2f}",
+              f"{1000 * row['seconds'] / slices:.1f}", f"{row['error']:.6f}", repr(row["threshold"])]
+             for row in results["rows"]]
+    total = sum(row["seconds"] for row in results["rows"])
+    return "\n\n".join([
+        f"## Evaluation metrics: ISBI 2012 sweeps over {slices} slices of {height}x{width}, one CPU core",
+        f"`{command}`",
+        common.paragraph(
+            "One core as for the elastic warp (pinned to CPU 0, one thread per library). Ground truth: "
+            f"{results['source']}, {'repeated to' if slices > results['source_slices'] else 'the first'} {slices} "
+            "slices; proposal: the labels blurred and noised into a "
+            "probability map. Each sweep scores the whole stack at every threshold of the reference's grid, as "
+            "`evaluate` does."),
+        common.markdown_table(["metric", "thresholds", "seconds", "ms per slice", "best error", "at threshold"],
+                              table, "lrrrrr"),
+        common.paragraph(
+            f"All five sweeps: {total:.1f} s for {slices} slices ({1000 * total / slices:.0f} ms per slice). "
+            "The warping error's simple-point warping against the tests' oracle (the reference's visiting order, "
+            f"one pixel at a time in plain Python) on {common.count(oracle['slices'], 'slice')} x "
+            f"{oracle['thresholds']} thresholds: ours {oracle['ours']:.2f} s, oracle {oracle['reference']:.1f} s, "
+            f"{oracle['reference'] / oracle['ours']:.0f}x faster, results identical."),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--slices", type=int, default=30)
+    parser.add_argument("--oracle-slices", type=int, default=1, help="slices warped by the plain-Python oracle")
+    parser.add_argument("--size", type=int, help="crop the slices to size x size (default: whole slices)")
+    common.add_json_argument(parser)
+    args = parser.parse_args()
+    common.finish(args.json, measure(args.slices, args.oracle_slices, args.size), render)
 
 
 if __name__ == "__main__":

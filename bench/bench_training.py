@@ -2,40 +2,51 @@
 
 Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmul), then
 `model.fit` steps of the `cpu` and `paper` presets under MirroredStrategy with 1 and 2
-replicas (2 logical devices on the CPU; each configuration runs in a process of its own,
+replicas (logical devices on the CPU; each configuration runs in a process of its own,
 since logical devices are fixed when TensorFlow starts). Tiles come from memory, so the
 figures are the training step's, not the input pipeline's (see bench_input_pipeline.py).
 
 FLOPs per tile: the forward pass's float operations counted by TensorFlow's profiler on
 the traced graph, times 3 for forward + backward (the usual estimate for convolutions).
 
-Run: PYTHONPATH=. python bench/bench_training.py
+    PYTHONPATH=. python bench/bench_training.py [--presets cpu paper] [--replicas 1 2]
+        [--steps N] [--matmul-size 4096] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import os
 import time
+from pathlib import Path
+from typing import Any
 
-STEPS = {"cpu": 12, "paper": 2}
+from bench import common
+
+# TensorFlow is imported inside the functions: each configuration's process must set up
+# its logical devices before TensorFlow starts, and run_all imports this module for `render`.
+
+STEPS = {"cpu": 12, "paper": 2}  # timed steps per preset: about half a minute each on 2 cores
 
 
 def matmul_gflops(size: int = 4096, repeats: int = 10) -> float:
+    """GFLOP/s of a size x size float32 matmul on the CPU, the best the machine does."""
     import tensorflow as tf
 
-    a = tf.random.normal([size, size])
-    product = tf.function(lambda x: tf.matmul(x, x))
-    product(a).numpy()
-    start = time.perf_counter()
-    for _ in range(repeats):
+    # On the CPU even where a GPU is present: the replicas measured against it are CPU devices.
+    with tf.device("/cpu:0"):
+        a = tf.random.normal([size, size])
+        product = tf.function(lambda x: tf.matmul(x, x))
         product(a).numpy()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            product(a).numpy()
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def forward_flops(model, tile: int, channels: int) -> int:
+def forward_flops(model: Any, tile: int, channels: int) -> int:
+    """Float operations of one forward pass over one tile, counted by TensorFlow's profiler."""
     import tensorflow as tf
     from tensorflow.python.profiler import model_analyzer, option_builder
 
@@ -47,8 +58,8 @@ def forward_flops(model, tile: int, channels: int) -> int:
     return model_analyzer.profile(graph, options=options).total_float_ops
 
 
-def child(preset_name: str, replicas: int) -> dict:
-    """One configuration, in this process: returns tiles/s and FLOPs per tile."""
+def child(preset_name: str, replicas: int, steps: int) -> dict[str, Any]:
+    """One configuration, in this (fresh) process: tiles/s and FLOPs per tile."""
     import numpy as np
     import tensorflow as tf
 
@@ -72,33 +83,100 @@ def child(preset_name: str, replicas: int) -> dict:
         rng.uniform(1, 10, (batch, out, out)).astype("float32"),
     )).repeat()
     model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)  # trace and warm up
-    steps = STEPS[preset_name]
     start = time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - start
-    return {"tiles_per_second": steps * batch / seconds, "flops_per_tile": 3 * forward_flops(model, tile, 1),
-            "batch": batch, "tile": tile}
+    return {"preset": preset_name, "replicas": replicas, "steps": steps, "batch": batch, "tile": tile,
+            "tiles_per_second": steps * batch / seconds, "flops_per_tile": 3 * forward_flops(model, tile, 1)}
+
+
+def measure(presets: list[str], replica_counts: list[int], steps: int | None = None,
+            matmul_size: int = 4096, matmul_repeats: int = 10) -> dict[str, Any]:
+    """The matmul peak in this process, then every (preset, replicas) in a process of its own.
+
+    `steps` overrides the timed steps of every preset (default: STEPS).
+    """
+    peak = matmul_gflops(matmul_size, matmul_repeats)
+    print(f"  {matmul_size}x{matmul_size} float32 matmul: {peak:.0f} GFLOP/s", flush=True)
+    rows = []
+    for preset in presets:
+        for replicas in replica_counts:
+            arguments = ["--child", preset, str(replicas), str(steps or STEPS[preset])]
+            rows.append(common.run_json(Path(__file__), arguments))
+            print(f"  {preset:6s} {replicas} replica(s): {rows[-1]['tiles_per_second']:.2f} tiles/s", flush=True)
+    return {"cores": len(os.sched_getaffinity(0)), "steps": steps, "matmul_size": matmul_size,
+            "matmul_repeats": matmul_repeats, "matmul_gflops": peak, "rows": rows}
+
+
+def render(results: dict[str, Any]) -> str:
+    """The markdown section: how it is measured, the peak, the table, what replicas cost."""
+    peak, size, rows = results["matmul_gflops"], results["matmul_size"], results["rows"]
+    table = []
+    for row in rows:
+        achieved = row["tiles_per_second"] * row["flops_per_tile"] / 1e9
+        table.append([row["preset"], str(row["replicas"]), str(row["batch"]), str(row["tile"]),
+                      f"{row['tiles_per_second']:.2f}", f"{row['flops_per_tile'] / 1e9:.1f}", f"{achieved:.1f}",
+                      f"{achieved / peak:.0%}"])
+    presets = list(dict.fromkeys(row["preset"] for row in rows))
+    replica_counts = list(dict.fromkeys(row["replicas"] for row in rows))
+    timed = {row["preset"]: row["steps"] for row in rows}
+    command = (f"PYTHONPATH=. python bench/bench_training.py --presets {' '.join(presets)} "
+               f"--replicas {' '.join(map(str, replica_counts))} --matmul-size {size} "
+               f"--matmul-repeats {results['matmul_repeats']}")
+    if results["steps"] is not None:
+        command += f" --steps {results['steps']}"
+    sections = [
+        "## Training throughput against the machine's peak",
+        f"`{command}`",
+        common.paragraph(
+            f"The peak is a {size}x{size} float32 matmul measured in the same run; each configuration runs "
+            "`model.fit` under `MirroredStrategy` in a process of its own (n replicas = n logical CPU devices), "
+            "on tiles held in memory (the input pipeline has its own section), timing "
+            + ", ".join(f"{common.count(steps, 'step')} for `{preset}`" for preset, steps in timed.items())
+            + " after a warm-up step. FLOPs per tile: the forward graph's float operations counted by "
+            "TensorFlow's profiler, times 3 for forward + backward."),
+        f"{size}x{size} float32 matmul on the CPU: {peak:.0f} GFLOP/s.",
+        common.markdown_table(["preset", "replicas", "global batch", "tile", "tiles/s", "GFLOP/tile (train)",
+                               "achieved GFLOP/s", "of matmul peak"], table, "lrrrrrrr"),
+    ]
+    if len(replica_counts) > 1:
+        sections.append(_replicas(results))
+    return "\n\n".join(sections)
+
+
+def _replicas(results: dict[str, Any]) -> str:
+    """What more replicas change, in measured tiles/s, and why little can be expected on a CPU."""
+    rate = {(row["preset"], row["replicas"]): row["tiles_per_second"] for row in results["rows"]}
+    presets = list(dict.fromkeys(preset for preset, _ in rate))
+    fewest, most = min(replicas for _, replicas in rate), max(replicas for _, replicas in rate)
+    changes = ", ".join(f"`{preset}` {rate[preset, most] / rate[preset, fewest] - 1:+.0%}" for preset in presets)
+    sentences = [
+        f"Logical devices share the same {results['cores']} CPU cores, so {most} replicas cannot add throughput "
+        f"over {fewest} here; what the comparison shows is the cost of splitting the global batch: tiles/s with "
+        f"{most} replicas against {fewest}: {changes}.",
+        "These are CPU figures: the replicas are CPU devices even where a GPU is present.",
+    ]
+    if "paper" in presets:
+        sentences.append("The `paper` preset is meant for GPUs.")
+    return common.paragraph(*sentences)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--child", nargs=2, metavar=("PRESET", "REPLICAS"), help=argparse.SUPPRESS)
+    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(STEPS))
+    parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2], help="replica counts to compare")
+    parser.add_argument("--steps", type=int, help="timed steps for every preset (default: cpu 12, paper 2)")
+    parser.add_argument("--matmul-size", type=int, default=4096)
+    parser.add_argument("--matmul-repeats", type=int, default=10)
+    parser.add_argument("--child", nargs=3, metavar=("PRESET", "REPLICAS", "STEPS"), help=argparse.SUPPRESS)
+    common.add_json_argument(parser)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]))))
+        preset, replicas, steps = args.child
+        common.finish(args.json, child(preset, int(replicas), int(steps)), json.dumps)
         return
-    peak = matmul_gflops()
-    print(f"4096x4096 float32 matmul: {peak:.0f} GFLOP/s (the practical peak)")
-    print("\n| preset | replicas | batch | tile | tiles/s | GFLOP/tile (train) | achieved GFLOP/s | of matmul peak |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for preset in ("cpu", "paper"):
-        for replicas in (1, 2):
-            output = subprocess.run([sys.executable, __file__, "--child", preset, str(replicas)],
-                                    capture_output=True, text=True, check=True).stdout
-            row = json.loads(output.strip().splitlines()[-1])
-            achieved = row["tiles_per_second"] * row["flops_per_tile"] / 1e9
-            print(f"| {preset} | {replicas} | {row['batch']} | {row['tile']} | {row['tiles_per_second']:.2f} "
-                  f"| {row['flops_per_tile'] / 1e9:.1f} | {achieved:.1f} | {achieved / peak:.0%} |", flush=True)
+    results = measure(args.presets, args.replicas, args.steps, args.matmul_size, args.matmul_repeats)
+    common.finish(args.json, results, render)
 
 
 if __name__ == "__main__":
