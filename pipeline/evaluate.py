@@ -7,6 +7,7 @@ ground truth files, without a run directory or a model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -59,11 +60,13 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
 
 
 def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], threshold: float,
-               instances: list[np.ndarray] | None = None) -> dict:
+               instances: list[np.ndarray] | None = None, sequences: list[str] | None = None) -> dict:
     """Report of a set of images: headline values at the top, overall, mean and per image.
 
     "overall" sums the counts over the images, as the challenge does for a stack; for
     images of different sizes, which make no stack, the headline values are the means.
+    With the `sequences` the images belong to (and their `instances`), the report adds
+    CTC SEG per sequence and overall (see `seg_per_sequence`).
     """
     per_image = [
         score(p, t, threshold, None if instances is None else instances[i]) | {"image": i}
@@ -72,24 +75,62 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
     scalar_keys = [key for key, value in per_image[0].items()
                    if not isinstance(value, dict) and not key.endswith("_threshold") and key != "image"]
     mean = {key: float(np.mean([row[key] for row in per_image])) for key in scalar_keys}
-    headline = ("warping_error", "rand_error", "pixel_error")
-    if len({p.shape for p in probabilities}) > 1:
-        return {key: mean[key] for key in headline} | {"threshold": threshold, "overall": None,
-                                                       "mean_per_image": mean, "per_image": per_image}
-    overall = score(np.stack(probabilities), np.stack(truth), threshold,
-                    None if instances is None else np.stack(instances))
-    return ({key: overall[key] for key in headline} | {"threshold": threshold, "overall": overall,
-            "mean_per_image": mean, "per_image": per_image})
+    overall = None
+    if len({p.shape for p in probabilities}) == 1:
+        overall = score(np.stack(probabilities), np.stack(truth), threshold,
+                        None if instances is None else np.stack(instances))
+    headline = mean if overall is None else overall
+    report = ({key: headline[key] for key in ("warping_error", "rand_error", "pixel_error")}
+              | {"threshold": threshold, "overall": overall, "mean_per_image": mean, "per_image": per_image})
+    if sequences is not None:
+        report |= seg_per_sequence(probabilities, instances, sequences, threshold)
+    return report
+
+
+def seg_per_sequence(probabilities: list[np.ndarray], instances: list[np.ndarray], sequences: list[str],
+                     threshold: float) -> dict:
+    """CTC SEG per sequence and overall: {"seg": overall, "seg_per_sequence": {sequence: SEG}}.
+
+    `sequences[i]` names the sequence of image i. A sequence's SEG is the mean Jaccard
+    index over all reference objects of all its frames, as py-ctcmetrics computes it for
+    one sequence; the overall SEG pools the objects of all sequences the same way, so it
+    is not the mean of the per-sequence values. Frames may differ in size.
+    """
+    scores: dict[str, list[np.ndarray]] = {}
+    for probability, reference, sequence in zip(probabilities, instances, sequences):
+        scores.setdefault(sequence, []).append(
+            metrics.seg_scores(metrics.cell_instances(probability, threshold), reference))
+    per_sequence = {sequence: _seg_of(frames) for sequence, frames in sorted(scores.items())}
+    return {"seg": _seg_of([frame for frames in scores.values() for frame in frames]),
+            "seg_per_sequence": per_sequence}
+
+
+def _seg_of(frames: list[np.ndarray]) -> float:
+    """SEG of the reference objects' scores of some frames (`metrics.seg_scores` per frame)."""
+    scores = np.concatenate(frames)
+    return float(scores.mean()) if scores.size else 0.0  # as metrics.seg without reference objects
+
+
+def summary(report: dict) -> dict:
+    """The values of a report's summary row, with the thresholds that reached them.
+
+    The overall values (for images of different sizes, the means per image), and the
+    overall and per-sequence SEG where the report has them.
+    """
+    values = report["mean_per_image"] if report["overall"] is None else report["overall"]
+    row = {key: value for key, value in values.items() if key != "per_threshold"}
+    return row | {key: report[key] for key in ("seg", "seg_per_sequence") if key in report}
 
 
 def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, config: Config,
-                   instances: np.ndarray | None = None, sizes: np.ndarray | None = None) -> dict:
+                   instances: np.ndarray | None = None, sizes: np.ndarray | None = None,
+                   sequences: list[str] | None = None) -> dict:
     """Scores a model on whole images [N, H, W, C] against cell masks [N, H, W].
 
     `sizes` [N, 2] crops each image and its labels to its own size first (prepared
-    splits of different image sizes are padded to the largest). Returns `report_for`'s
-    report, plus the predicted probabilities under the key "probabilities" (not written
-    to JSON).
+    splits of different image sizes are padded to the largest); `sequences` (with
+    `instances`) adds SEG per sequence. Returns `report_for`'s report, plus the
+    predicted probabilities under the key "probabilities" (not written to JSON).
     """
     from pipeline.predict import Segmenter  # TensorFlow only for this path
 
@@ -103,11 +144,18 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
         progress.add(1)
     truth = [cells[crop] for cells, crop in zip(truth, crops)]
     instances = None if instances is None else [labels[crop] for labels, crop in zip(instances, crops)]
-    return report_for(probabilities, truth, config.predict.threshold, instances) | {"probabilities": probabilities}
+    report = report_for(probabilities, truth, config.predict.threshold, instances, sequences)
+    return report | {"probabilities": probabilities}
 
 
 def run(config: Config, run_dir: Path) -> dict:
-    """Evaluates the best model on the test split (or val, when test has no labels)."""
+    """Evaluates the best model on the test split (or val, when test has no labels).
+
+    With `predict.test_time_augmentation`, the split is scored with it (the report's
+    main values) and once more without it, under "without_test_time_augmentation"
+    (`summary`'s values), to show what the averaging buys. For Cell Tracking Challenge
+    data the report adds SEG per sequence ("seg_per_sequence") and overall ("seg").
+    """
     from pipeline.predict import load_model
 
     model = load_model(run_dir)
@@ -116,9 +164,20 @@ def run(config: Config, run_dir: Path) -> dict:
     if "instances" not in split:  # ISBI 2012's test labels are secret
         split_name = "val"
         split = rundir.load_split(run_dir, split_name, config)
-    report = evaluate_model(model, split["images"], split["instances"] > 0, config, split["instances"], split.get("sizes"))
+    sequences = None
+    if config.data.dataset.startswith("ctc2d/") and "ids" in split:  # runs prepared before ids were kept have none
+        sequences = [str(example).partition("_")[0] for example in split["ids"]]  # ids are <sequence>_tNNN
+
+    def evaluate(settings: Config) -> dict:
+        return evaluate_model(model, split["images"], split["instances"] > 0, settings, split["instances"],
+                              split.get("sizes"), sequences)
+
+    report = evaluate(config)
     probabilities = report.pop("probabilities")
     report = {"split": split_name, "dataset": config.data.dataset} | report
+    if config.predict.test_time_augmentation:
+        plain = dataclasses.replace(config, predict=dataclasses.replace(config.predict, test_time_augmentation=False))
+        report["without_test_time_augmentation"] = summary(evaluate(plain))
     if config.data.dataset == "isbi2012":
         report["paper"] = PAPER_ISBI2012 | {"note": "the paper's numbers are on the ISBI 2012 test set (30 slices, "
                                             f"hidden labels); ours are on the {split_name} slices, a different test set"}
@@ -164,7 +223,7 @@ def _write(report: dict, path: Path) -> None:
 
 
 def table(report: dict) -> str:
-    """The report as a text table: per image, mean, overall, and the paper's row."""
+    """The report as a text table: per image, mean, overall, SEG per sequence, no TTA, and the paper's row."""
     columns = [("warping_error", "warping", ".6f"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
                ("v_rand_error", "1-Vrand", ".4f"), ("v_info_error", "1-Vinfo", ".4f"),
                ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f")]
@@ -179,13 +238,19 @@ def table(report: dict) -> str:
     rows.append(row("mean", report["mean_per_image"]))
     if report["overall"] is not None:  # None for images of different sizes
         rows.append(row("overall", report["overall"]))
+    rows += [row(f"seq {sequence}", {"seg": value}) for sequence, value in report.get("seg_per_sequence", {}).items()]
+    notes = []
+    if "without_test_time_augmentation" in report:
+        rows.append(row("no TTA", report["without_test_time_augmentation"]))
+        notes.append("no TTA: the same model without test-time augmentation; the rows above average the "
+                     "8 rotations and flips")
     if "paper" in report:
         rows.append(row("paper*", report["paper"]))
-        rows.append(f"* {report['paper']['note']}")
+        notes.append(f"* {report['paper']['note']}")
     source = f"{report['dataset']} {report['split']} split" if "dataset" in report else report.get("prediction", "")
     title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy and SEG at "
              f"threshold {report['threshold']}")
-    return "\n".join([title, header, *rows])
+    return "\n".join([title, header, *rows, *notes])
 
 
 def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: np.ndarray | None = None) -> np.ndarray:

@@ -5,7 +5,8 @@ are pulled apart by background separation borders (`weight_map.separate_instance
 `weight_map.separation` px), and the weight map is computed from the separated
 instances. The test split keeps its ground truth as given, for scoring. Each image's own
 size is stored as `sizes` (see `pipeline.data`): padding beyond it gets weight 0, so it
-never counts in the loss.
+never counts in the loss. Where the data set names its examples, the names are stored
+as `ids` (text).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def run(config: Config, run_dir: Path) -> None:
     for name, split in splits.items():
         sizes = split.sizes if split.sizes is not None else _full_sizes(split.images)
         arrays = {"images": split.images, "sizes": sizes}
+        if split.ids is not None:  # e.g. CTC's <sequence>_tNNN, which evaluate groups by sequence
+            arrays["ids"] = np.array(split.ids)
         if split.instances is not None and name == "test":
             arrays["instances"] = split.instances
         elif split.instances is not None:

@@ -1,12 +1,19 @@
-"""Scoring prediction files from the command line, without a run directory or model."""
+"""Stage `evaluate`: scoring prediction files without a run, and a run's model on its test split."""
 
 import json
 
 import cv2
+import keras
 import numpy as np
+import pytest
 import tifffile
 
+from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc
+from pipeline import data, metrics, rundir
 from pipeline.cli import main
+from pipeline.config import load
+from pipeline.evaluate import report_for, summary
+from pipeline.model import unet
 
 
 def _pair(tmp_path):
@@ -46,8 +53,6 @@ def test_bad_prediction_file_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_images_of_different_sizes_are_scored_on_their_own_pixels():
-    from pipeline.evaluate import report_for
-
     rng = np.random.default_rng(4)
     truth = [rng.integers(0, 2, (20, 30)).astype(bool), rng.integers(0, 2, (12, 16)).astype(bool)]
     perfect = [t.astype(np.float32) for t in truth]
@@ -55,3 +60,64 @@ def test_images_of_different_sizes_are_scored_on_their_own_pixels():
     assert report["overall"] is None
     assert report["pixel_error"] == report["rand_error"] == report["warping_error"] == 0.0
     assert [row["foreground_iou"] for row in report["per_image"]] == [1.0, 1.0]
+
+
+def _ctc_run(tmp_path):
+    """A prepared fake CTC run (smoke preset) whose best model is the untrained network."""
+    write_ctc(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "prepare", "--preset", "smoke", "--run-dir", str(run_dir), "--dataset", f"ctc2d/{CTC_NAME}",
+                 "--data-dir", str(tmp_path / "data")]) == 0
+    config = load(run_dir / "config.yaml")
+    keras.utils.set_random_seed(0)
+    rundir.best_model(run_dir).parent.mkdir()
+    unet(config.model).save(rundir.best_model(run_dir))
+    return run_dir
+
+
+def test_test_time_augmentation_is_scored_with_and_without(tmp_path, capsys):
+    run_dir = _ctc_run(tmp_path)
+    evaluate_args = ["--stage", "evaluate", "--run-dir", str(run_dir)]
+    assert main(evaluate_args) == 0
+    plain = json.loads((run_dir / "evaluation" / "report.json").read_text())
+    assert "without_test_time_augmentation" not in plain and "no TTA" not in capsys.readouterr().out
+    # The CTC test split is sequence 02, whose ids the prepared split keeps.
+    assert plain["seg_per_sequence"] == {"02": plain["seg"]} and plain["seg"] == plain["overall"]["seg"]
+
+    assert main([*evaluate_args, "--set", "predict.test_time_augmentation=true"]) == 0
+    report = json.loads((run_dir / "evaluation" / "report.json").read_text())
+    assert report.keys() == plain.keys() | {"without_test_time_augmentation"}
+    without = report["without_test_time_augmentation"]
+    assert without == summary(plain)
+    assert without["warping_error"] == plain["warping_error"] and without["seg_per_sequence"] == {"02": plain["seg"]}
+    assert summary(report) != without  # the averaging changes the prediction
+    out = capsys.readouterr().out
+    assert "\n   overall " in out and "\n    no TTA " in out
+
+
+def test_seg_per_sequence_pools_the_objects_of_each_sequence(tmp_path):
+    root = write_ctc(tmp_path)
+    examples = [example for sequence in ("01", "02") for example in data.read_ctc2d_sequence(root, sequence)]
+    instances = [example.instances for example in examples]
+    sequences = ["01"] * len(CTC_ANNOTATED["01"]) + ["02"] * len(CTC_ANNOTATED["02"])
+    probabilities = []
+    for labels, sequence in zip(instances, sequences):
+        # Touching cells 1 and 2 merge into one predicted cell (J = 0.5 each); in
+        # sequence 02, cell 3 also loses a quarter of its columns (J = 0.75).
+        probability = (labels > 0).astype(np.float32)
+        if sequence == "02":
+            probability[:, 65:][labels[:, 65:] == 3] = 0.0
+        probabilities.append(probability)
+    report = report_for(probabilities, [labels > 0 for labels in instances], 0.5, instances, sequences)
+
+    def direct(*chosen: str) -> float:
+        frames = [i for i, sequence in enumerate(sequences) if sequence in chosen]
+        return metrics.seg(metrics.cell_instances(np.stack([probabilities[i] for i in frames])),
+                           np.stack([instances[i] for i in frames]))
+
+    assert report["seg_per_sequence"] == {"01": direct("01"), "02": direct("02")}
+    assert report["seg_per_sequence"]["01"] == pytest.approx(2 / 3)
+    assert report["seg_per_sequence"]["02"] == pytest.approx((0.5 + 0.5 + 0.75) / 3)
+    # Overall: every object of every frame counts once, not the mean of the two sequences.
+    assert report["seg"] == direct("01", "02") == report["overall"]["seg"]
+    assert report["seg"] != pytest.approx(np.mean(list(report["seg_per_sequence"].values())))
