@@ -18,6 +18,8 @@ but again always the same, field.
 - Sampling: 'bicubic' (Keys a = -0.5, 4x4 taps, as OpenCV's INTER_CUBIC), 'bilinear' or
   'nearest'. Taps outside the image are mirrored without repeating the edge pixel (numpy's
   'reflect', OpenCV's BORDER_REFLECT_101), like the tiles' mirror padding; never a constant.
+  Positions are mirrored once per pixel, not per tap, and each sample is one fused
+  elementwise expression (16 loads for bicubic), which XLA compiles to a vectorised loop.
 - Fields add: `rotation_field(...) + displacement_field(...)` rotates and deforms with a
   single resampling, hence a single interpolation blur.
 """
@@ -32,7 +34,7 @@ INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 _KEYS_A = -0.5  # OpenCV's and Keys' choice: reproduces quadratics exactly
 
 
-def _keys_weights(t: tf.Tensor) -> tf.Tensor:
+def _keys_weights(t: tf.Tensor) -> list[tf.Tensor]:
     """Cubic convolution weights of the taps at -1, 0, 1, 2 from floor(position); t in [0, 1)."""
     a = _KEYS_A
 
@@ -42,7 +44,7 @@ def _keys_weights(t: tf.Tensor) -> tf.Tensor:
     def far(d):  # 1 < |d| < 2
         return ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
 
-    return tf.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], axis=-1)
+    return [far(1 + t), near(t), near(1 - t), far(2 - t)]
 
 
 def _grid_weights(size: tf.Tensor, grid_size: int) -> tf.Tensor:
@@ -50,7 +52,8 @@ def _grid_weights(size: tf.Tensor, grid_size: int) -> tf.Tensor:
     position = tf.range(size, dtype=tf.float32) * (grid_size - 1) / tf.cast(tf.maximum(size - 1, 1), tf.float32)
     base = tf.floor(position)
     nodes = tf.clip_by_value(tf.cast(base, tf.int32)[:, None] + tf.range(-1, 3), 0, grid_size - 1)
-    return tf.reduce_sum(tf.one_hot(nodes, grid_size) * _keys_weights(position - base)[..., None], axis=1)
+    weights = tf.stack(_keys_weights(position - base), axis=-1)
+    return tf.reduce_sum(tf.one_hot(nodes, grid_size) * weights[..., None], axis=1)
 
 
 def displacement_field(shape, seed: tf.Tensor, grid_size: int = 3, sigma: float = 10.0) -> tf.Tensor:
@@ -84,27 +87,98 @@ def rotation_field(shape, angle: tf.Tensor) -> tf.Tensor:
     return tf.stack([cos * y + sin * x - y, cos * x - sin * y - x], axis=-1)
 
 
-def _mirror(index: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-    """Reflects integer positions into [0, size), the edge pixel not repeated."""
-    # A table reaching two sides beyond each edge covers any rotation plus elastic
-    # displacement of a tile; anything farther is clamped onto the table's ends.
-    reach = 2 * size
-    table = reflect_indices(size, reach, reach)
-    return tf.gather(table, tf.clip_by_value(index + reach, 0, size + 2 * reach - 1))
+def _reflect(position: tf.Tensor, size) -> tf.Tensor:
+    """Mirrors float positions into [0, size - 1], the edge pixel not repeated.
+
+    Interpolation of the mirror-extended image is itself mirror-symmetric about both
+    edges (the kernels are symmetric), so sampling at the mirrored position gives the
+    same value as mirroring every tap, and all taps then lie within 2 px of the image.
+    """
+    last = tf.cast(size - 1, tf.float32)
+    # Each pass mirrors once about 0 and once about `last`; two passes cover
+    # |p| <= 4 * last, about 3 image sizes beyond either edge. No rounding either: |p| is
+    # exact, and so is 2 * last - p wherever the minimum takes it (Sterbenz's lemma:
+    # last <= p <= 4 * last), so fractions, hence weights, are those of the unmirrored taps.
+    for _ in range(2):
+        position = tf.abs(position)
+        position = tf.minimum(position, 2 * last - position)
+    # Farther out: the nearest edge. A NaN displacement also lands there (`<=` is
+    # false for NaN), so no index ever leaves the image.
+    return tf.where(position <= last, tf.maximum(position, 0.0), last)
 
 
-def _taps(position: tf.Tensor, size: tf.Tensor, interpolation: str) -> tuple[tf.Tensor, tf.Tensor]:
-    """Source indices [..., n] along one axis and their weights [..., n] for sample positions."""
-    if interpolation == "nearest":
-        index = tf.cast(tf.floor(position + 0.5), tf.int32)[..., None]
-        return _mirror(index, size), tf.ones_like(position)[..., None]
-    base = tf.floor(position)
-    t = position - base
-    if interpolation == "bilinear":
-        offsets, weights = tf.range(0, 2), tf.stack([1 - t, t], axis=-1)
-    else:
-        offsets, weights = tf.range(-1, 3), _keys_weights(t)
-    return _mirror(tf.cast(base, tf.int32)[..., None] + offsets, size), weights
+def _mirror_pad(images: tf.Tensor, pad: int) -> tf.Tensor:
+    """Pads [B, H, W, C] by `pad` px on every side, mirrored; images of any size, even 1 px."""
+    if all(size is not None and size > pad for size in images.shape[1:3]):
+        # Slices and reversals, which XLA vectorises (measured ~0.3 ms faster per 572 px
+        # tile than the gathers below, which tf.pad cannot replace for tiny images).
+        return tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    shape = tf.shape(images)
+    rows = tf.gather(images, reflect_indices(shape[1], pad, pad), axis=1)
+    return tf.gather(rows, reflect_indices(shape[2], pad, pad), axis=2)
+
+
+def _pixels(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Images [B, H, W, C] as rows of C values, and the row of each image's first pixel [B, 1, 1]."""
+    shape = tf.shape(images)
+    first_pixel = tf.reshape(tf.range(shape[0]) * shape[1] * shape[2], [-1, 1, 1])
+    return tf.reshape(images, [-1, shape[3]]), first_pixel
+
+
+def _tap(pixels: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """Rows `index` [B, H, W] of `pixels` as float32 [B, H, W, C]."""
+    # A flat gather of whole pixels: under XLA a plain load inside the fused sampling loop.
+    return tf.cast(tf.gather(pixels, index), tf.float32)
+
+
+def _nearest(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """The pixel nearest to each (y, x), mirrored at the borders; values copied exactly."""
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    # Round, then mirror the whole-pixel position (exact in float): mirroring first
+    # could tip a tie (y = -k - 0.5) the other way.
+    rows = tf.cast(_reflect(tf.floor(y + 0.5), height), tf.int32)
+    cols = tf.cast(_reflect(tf.floor(x + 0.5), width), tf.int32)
+    pixels, first_pixel = _pixels(images)
+    return tf.gather(pixels, first_pixel + rows * width + cols)
+
+
+def _bilinear(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """Bilinear samples [B, H, W, C] (float32) at (y, x), mirrored at the borders."""
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    y, x = _reflect(y, height), _reflect(x, width)
+    top, left = tf.floor(y), tf.floor(x)
+    ty, tx = (y - top)[..., None], (x - left)[..., None]
+    top, left = tf.cast(top, tf.int32), tf.cast(left, tf.int32)
+    # The second tap passes the edge only at y = height - 1 exactly, where its weight is 0.
+    bottom, right = tf.minimum(top + 1, height - 1), tf.minimum(left + 1, width - 1)
+    pixels, first_pixel = _pixels(images)
+    upper, lower = first_pixel + top * width, first_pixel + bottom * width
+    upper = (1 - tx) * _tap(pixels, upper + left) + tx * _tap(pixels, upper + right)
+    lower = (1 - tx) * _tap(pixels, lower + left) + tx * _tap(pixels, lower + right)
+    return (1 - ty) * upper + ty * lower
+
+
+def _bicubic(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """Bicubic (Keys) samples [B, H, W, C] (float32) at (y, x), mirrored at the borders."""
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    y, x = _reflect(y, height), _reflect(x, width)
+    top, left = tf.floor(y), tf.floor(x)
+    # 1-D weights, 4 per axis: the 4 x 4 kernel is their outer product, never formed.
+    row_weights, col_weights = _keys_weights((y - top)[..., None]), _keys_weights((x - left)[..., None])
+    # Taps reach 1 px before and 2 px after a mirrored position: a 2 px mirror pad holds
+    # them all, so the 16 taps are fixed offsets from one index, with no per-tap mirroring.
+    pixels, first_pixel = _pixels(_mirror_pad(images, 2))
+    padded_width = width + 4
+    first_tap = first_pixel + (tf.cast(top, tf.int32) + 1) * padded_width + tf.cast(left, tf.int32) + 1
+    # Separable: the 4 taps of each row weighted by the column weights, then the 4 rows.
+    total = None
+    for i, row_weight in enumerate(row_weights):
+        row = None
+        for j, col_weight in enumerate(col_weights):
+            term = col_weight * _tap(pixels, first_tap + (i * padded_width + j))
+            row = term if row is None else row + term
+        total = row_weight * row if total is None else total + row_weight * row
+    return total
 
 
 def warp(image: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic") -> tf.Tensor:
@@ -125,20 +199,17 @@ def warp(image: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic") -> 
     single = image.shape.rank == 3
     images = image[None] if single else image
     shape = tf.shape(images)
-    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    batch, height, width = shape[0], shape[1], shape[2]
     field = tf.broadcast_to(tf.cast(field, tf.float32), [batch, height, width, 2])
-    rows, row_weights = _taps(tf.range(height, dtype=tf.float32)[:, None] + field[..., 0], height, interpolation)
-    cols, col_weights = _taps(tf.range(width, dtype=tf.float32) + field[..., 1], width, interpolation)
-    # One gather of all taps from the flattened batch: [B, H, W, n, n, C].
-    first_pixel = tf.reshape(tf.range(batch) * height * width, [-1, 1, 1, 1, 1])
-    index = first_pixel + rows[..., :, None] * width + cols[..., None, :]
-    values = tf.gather(tf.reshape(images, [-1, channels]), index)
+    y = tf.range(height, dtype=tf.float32)[:, None] + field[..., 0]
+    x = tf.range(width, dtype=tf.float32) + field[..., 1]
+    # Each sampler is one elementwise expression per output pixel (no [..., taps] axes to
+    # stack and reduce), which XLA compiles into a single vectorised loop.
     if interpolation == "nearest":
-        warped = values[..., 0, 0, :]
+        warped = _nearest(images, y, x)
     else:
-        # Columns first, then rows: separable weights, never the n x n weight products.
-        along_rows = tf.reduce_sum(tf.cast(values, tf.float32) * col_weights[..., None, :, None], axis=-2)
-        warped = _cast_back(tf.reduce_sum(along_rows * row_weights[..., None], axis=-2), image.dtype)
+        sample = _bilinear if interpolation == "bilinear" else _bicubic
+        warped = _cast_back(sample(images, y, x), image.dtype)
     return warped[0] if single else warped
 
 

@@ -197,3 +197,53 @@ def test_rotation_corners_are_mirrored_not_constant():
 def test_unknown_interpolation_raises():
     with pytest.raises(ValueError, match="interpolation"):
         ew.warp(np.zeros((4, 4, 1), np.float32), tf.zeros((4, 4, 2)), "lanczos")
+
+
+@pytest.mark.parametrize("interpolation", ew.INTERPOLATIONS)
+def test_mirrors_exactly_far_beyond_the_border(interpolation):
+    # Mirroring is periodic (period 2 * (size - 1)): whole shifts reproduce numpy's
+    # repeated reflection two image sizes out, and a fractional shift equals the same
+    # shift plus whole periods.
+    image, _, _ = _example(10, 12)
+    dy, dx = 23, -17
+    shifted = ew.warp(image, tf.broadcast_to([float(dy), float(dx)], (10, 12, 2)), interpolation).numpy()
+    padded = np.pad(image, ((30, 30), (30, 30), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(shifted, padded[30 + dy:40 + dy, 30 + dx:42 + dx])
+    near = ew.warp(image, tf.broadcast_to([0.3, -0.6], (10, 12, 2)), interpolation).numpy()
+    far = ew.warp(image, tf.broadcast_to([0.3 + 18, -0.6 - 22], (10, 12, 2)), interpolation).numpy()
+    np.testing.assert_allclose(far, near, atol=1e-5)
+
+
+@pytest.mark.parametrize("interpolation", ew.INTERPOLATIONS)
+def test_xla_and_unknown_shapes_agree_with_eager_for_batches_channels_and_uint8(interpolation):
+    images = np.stack([_example(16, 20, channels=3, seed=s)[0] for s in range(2)])
+    fields = ew.displacement_field((2, 16, 20), SEED, sigma=6.0)
+    compiled = tf.function(lambda i, f: ew.warp(i, f, interpolation), jit_compile=True)
+    unknown = tf.function(lambda i, f: ew.warp(i, f, interpolation),
+                          input_signature=[tf.TensorSpec([None] * 4, tf.float32), tf.TensorSpec([None] * 4)])
+    expected = ew.warp(images, fields, interpolation).numpy()
+    np.testing.assert_allclose(compiled(images, fields), expected, atol=1e-5)
+    np.testing.assert_allclose(unknown(images, fields), expected, atol=1e-5)
+    as_uint8 = (images * 255).astype(np.uint8)
+    difference = compiled(as_uint8, fields).numpy().astype(int) - ew.warp(as_uint8, fields, interpolation).numpy()
+    assert np.abs(difference).max() <= 1  # rounding of values within float error of .5
+
+
+@pytest.mark.parametrize("interpolation", ew.INTERPOLATIONS)
+def test_images_of_one_and_two_pixels(interpolation):
+    for height, width in ((1, 1), (1, 5), (2, 2)):
+        image = np.arange(height * width, dtype=np.float32).reshape(height, width, 1)
+        field = ew.displacement_field((height, width), SEED, sigma=3.0)
+        warped = ew.warp(image, field, interpolation).numpy()
+        assert warped.shape == image.shape and np.isfinite(warped).all()
+        if height == 1 and width == 1:
+            np.testing.assert_allclose(warped, image, atol=1e-6)
+
+
+def test_nan_displacements_sample_the_edge_instead_of_failing():
+    image, _, _ = _example()
+    field = np.zeros((40, 48, 2), np.float32)
+    field[5, 7] = np.nan
+    for interpolation in ew.INTERPOLATIONS:
+        warped = ew.warp(image, field, interpolation).numpy()
+        assert np.isfinite(warped).all()
