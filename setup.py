@@ -1,5 +1,7 @@
 from setuptools import find_packages, setup
 
+TFDS_CLI = ["apache-beam>=2.72", "mlcroissant>=1.0.9"]
+
 setup(
     name="unet-pipeline",
     version="0.1.0",
@@ -24,6 +26,13 @@ setup(
         "tifffile>=2024.1.30",
         "pyyaml>=6.0",
     ],
-    extras_require={"test": ["pytest>=8.0", "py-ctcmetrics>=1.3"]},
+    extras_require={
+        # What tensorflow-datasets' own `tfds` command (`tfds build datasets/<name>`) imports
+        # at start-up but tensorflow-datasets does not install (see datasets/README.md).
+        # apache-beam 2.72 is the first release whose protobuf, grpcio and numpy ranges admit
+        # TensorFlow 2.21 and TensorBoard 2.21.
+        "tfds-cli": TFDS_CLI,
+        "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI],
+    },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
 )

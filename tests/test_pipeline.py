@@ -121,9 +121,11 @@ def test_run_repeats_exactly_from_its_saved_config(tmp_path):
             assert main(args + (quick if name == "a" else ["--config", str(tmp_path / "a" / "config.yaml")])) == 0
     assert configuration.load(tmp_path / "a" / "config.yaml") == configuration.load(tmp_path / "b" / "config.yaml")
     first, second = (keras.models.load_model(tmp_path / n / "train" / "best.keras") for n in "ab")
-    # Same seeds, same tiles; oneDNN's threaded float sums may differ in the last bits.
+    # Same seeds, same tiles; oneDNN's threaded float sums may differ in the last bits,
+    # and three Adam steps at lr 1e-2 amplify that to ~3e-5 under load. Another seed or
+    # tile stream moves weights by ~1e-2 (one step's size), far beyond this tolerance.
     for a, b in zip(first.get_weights(), second.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
 
 
 def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):

@@ -1,0 +1,147 @@
+"""The builders in datasets/ built by TFDS's own command line, `tfds build datasets/<name>`.
+
+Each test runs the real `tfds` command (the console script of tensorflow-datasets, from
+this environment) in a subprocess, from the repository root, exactly as datasets/README.md
+shows it, on small fake files, then reads the prepared data back with
+`tfds.builder_from_directory`, i.e. without the builder code.
+
+In tensorflow-datasets 4.9.10 the `tfds` command imports `apache_beam` and `mlcroissant`
+at start-up, which tensorflow-datasets does not install: they come with this project's
+`tfds-cli` extra (also part of `test`). Without them these tests are skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+import tifffile
+
+from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc, write_image_folder
+from pipeline import data as pipeline_data
+
+ROOT = Path(__file__).resolve().parents[1]
+ISBI_DIR = ROOT.parent / "shared" / "data" / "isbi2012"  # as in conftest.py
+
+_missing = [m for m in ("apache_beam", "mlcroissant") if importlib.util.find_spec(m) is None]
+if _missing:
+    pytest.skip(
+        f"the `tfds` command needs {' and '.join(_missing)}, not installed: "
+        "pip install -e '.[tfds-cli]'",
+        allow_module_level=True,
+    )
+
+
+def tfds_command() -> str:
+    """The `tfds` console script of the running interpreter's environment."""
+    script = Path(sysconfig.get_path("scripts")) / "tfds"
+    if script.is_file():
+        return str(script)
+    found = shutil.which("tfds")
+    if found is None:
+        pytest.fail(f"no `tfds` console script in {script.parent} or on PATH")
+    return found
+
+
+def tfds_build(*args: str | Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(
+        [tfds_command(), "build", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def check_built(result: subprocess.CompletedProcess, prepared: Path, counts: dict[str, int]) -> tfds.core.DatasetBuilder:
+    """The command succeeded and `prepared` holds `counts` examples per split, readable as written."""
+    assert result.returncode == 0, f"tfds build failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    assert (prepared / "dataset_info.json").is_file(), result.stderr[-4000:]
+    builder = tfds.builder_from_directory(str(prepared))
+    assert {name: split.num_examples for name, split in builder.info.splits.items()} == counts
+    for split, count in counts.items():
+        examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+        assert len(examples) == count
+        for example in examples:
+            assert example["image"].dtype == example["label"].dtype == np.uint8
+            assert example["image"].shape == example["label"].shape
+            assert example["instances"].shape == example["image"].shape[:2]
+    # tfds.load by name on the same data_dir finds the prepared data too.
+    data_dir, name = prepared.parents[1], builder.info.name
+    if prepared.parent.name != name:  # <data_dir>/<name>/<config>/<version>
+        data_dir, name = prepared.parents[2], f"{name}/{prepared.parent.name}"
+    first = next(iter(tfds.load(name, data_dir=str(data_dir), split=next(iter(counts)))))
+    assert set(first) >= {"image", "label", "instances", "id"}
+    return builder
+
+
+def write_fake_isbi(folder: Path, slices: int = 7, test: int = 3, size: int = 32) -> Path:
+    """The three ISBI 2012 TIFF stacks, small."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train": rng.integers(0, 256, (slices, size, size), np.uint8),
+        "labels": np.where(rng.random((slices, size, size)) < 0.7, 255, 0).astype(np.uint8),
+        "test": rng.integers(0, 256, (test, size, size), np.uint8),
+    }
+    for key, array in arrays.items():
+        tifffile.imwrite(folder / pipeline_data.ISBI_FILES[key], array, photometric="minisblack")
+    return folder
+
+
+def test_synthetic_em(tmp_path):
+    result = tfds_build("datasets/synthetic_em", "--config", "small", "--data_dir", tmp_path)
+    builder = check_built(result, tmp_path / "synthetic_em" / "small" / "1.0.0", {"train": 2, "validation": 1, "test": 1})
+    assert builder.info.features["image"].shape == (64, 64, 1)
+
+
+def test_isbi2012(tmp_path):
+    manual = write_fake_isbi(tmp_path / "manual")
+    result = tfds_build("datasets/isbi2012", "--manual_dir", manual, "--data_dir", tmp_path / "out")
+    check_built(result, tmp_path / "out" / "isbi2012" / "1.0.0", {"train": 3, "validation": 4, "test": 3})
+
+
+def test_isbi2012_missing_files_show_the_instructions(tmp_path):
+    (tmp_path / "manual").mkdir()
+    result = tfds_build("datasets/isbi2012", "--manual_dir", tmp_path / "manual", "--data_dir", tmp_path / "out")
+    assert result.returncode != 0
+    assert "train-labels.tif" in result.stderr and "isbi-2012-segmentation-challenge" in result.stderr
+    assert not (tmp_path / "out" / "isbi2012" / "1.0.0").exists()
+
+
+@pytest.mark.skipif(
+    not all((ISBI_DIR / name).is_file() for name in pipeline_data.ISBI_FILES.values()),
+    reason=f"real ISBI 2012 files not found in {ISBI_DIR}",
+)
+def test_isbi2012_real_data(tmp_path):
+    # The command of the issue, on the real challenge files.
+    result = tfds_build("datasets/isbi2012", "--manual_dir", ISBI_DIR, "--data_dir", tmp_path)
+    builder = check_built(result, tmp_path / "isbi2012" / "1.0.0", {"train": 16, "validation": 4, "test": 30})
+    image, label = next(iter(tfds.as_numpy(builder.as_dataset(split="validation", as_supervised=True))))
+    assert image.shape == label.shape == (512, 512, 1)
+
+
+def test_ctc2d(tmp_path):
+    write_ctc(tmp_path / "manual", as_zip=True)  # <manual>/PhC-C2DH-U373.zip, as downloaded
+    result = tfds_build(
+        "datasets/ctc2d", "--config", CTC_NAME, "--manual_dir", tmp_path / "manual", "--data_dir", tmp_path / "out"
+    )
+    counts = {"train": len(CTC_ANNOTATED["01"]), "validation": len(CTC_ANNOTATED["02"])}
+    check_built(result, tmp_path / "out" / "ctc2d" / CTC_NAME / "1.0.0", counts)
+
+
+def test_image_folder(tmp_path):
+    write_image_folder(tmp_path / "manual")
+    result = tfds_build("datasets/image_folder", "--manual_dir", tmp_path / "manual", "--data_dir", tmp_path / "out")
+    builder = check_built(result, tmp_path / "out" / "image_folder" / "1.0.0", {"train": 3})
+    ids = [e["id"].decode() for e in tfds.as_numpy(builder.as_dataset(split="train", shuffle_files=False))]
+    assert ids == ["a", "b", "c"]
