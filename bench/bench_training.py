@@ -146,14 +146,20 @@ def render(results: dict[str, Any]) -> str:
 
 def _replicas(results: dict[str, Any]) -> str:
     """What more replicas change, in measured tiles/s, and why little can be expected on a CPU."""
-    rate = {(row["preset"], row["replicas"]): row["tiles_per_second"] for row in results["rows"]}
-    presets = list(dict.fromkeys(preset for preset, _ in rate))
-    fewest, most = min(replicas for _, replicas in rate), max(replicas for _, replicas in rate)
-    changes = ", ".join(f"`{preset}` {rate[preset, most] / rate[preset, fewest] - 1:+.0%}" for preset in presets)
+    rows = {(row["preset"], row["replicas"]): row for row in results["rows"]}
+    presets = list(dict.fromkeys(preset for preset, _ in rows))
+    fewest, most = min(replicas for _, replicas in rows), max(replicas for _, replicas in rows)
+
+    def change(preset: str) -> str:
+        gain = rows[preset, most]["tiles_per_second"] / rows[preset, fewest]["tiles_per_second"] - 1
+        same_batch = rows[preset, most]["batch"] == rows[preset, fewest]["batch"]
+        return f"`{preset}` {gain:+.0%} ({'same global batch' if same_batch else 'one tile per replica'})"
+
     sentences = [
-        f"Logical devices share the same {results['cores']} CPU cores, so {most} replicas cannot add throughput "
-        f"over {fewest} here; what the comparison shows is the cost of splitting the global batch: tiles/s with "
-        f"{most} replicas against {fewest}: {changes}.",
+        f"Logical devices share the same {results['cores']} CPU cores, so more replicas add no compute. "
+        f"Tiles/s with {most} replicas against {fewest}: {', '.join(map(change, presets))}.",
+        "With the same global batch the change is the cost of splitting it; with one tile per replica, "
+        "the replicas run their tiles at once, and a gain means that one tile's step alone left cores idle.",
         "These are CPU figures: the replicas are CPU devices even where a GPU is present.",
     ]
     if "paper" in presets:
