@@ -17,6 +17,22 @@ CTC_FRAMES = 4
 CTC_ANNOTATED = {"01": (0, 2, 3), "02": (1, 3)}
 
 
+def write_isbi(folder: Path, slices: int = 7, test: int = 3, size: int = 32) -> dict[str, np.ndarray]:
+    """The three ISBI 2012 TIFF stacks, small, in `folder`; returns the arrays by file key."""
+    from pipeline.data import ISBI_FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train": rng.integers(0, 256, (slices, size, size), np.uint8),
+        "labels": np.where(rng.random((slices, size, size)) < 0.7, 255, 0).astype(np.uint8),
+        "test": rng.integers(0, 256, (test, size, size), np.uint8),
+    }
+    for key, array in arrays.items():
+        imwrite(folder / ISBI_FILES[key], array)
+    return arrays
+
+
 def imwrite(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tifffile.imwrite(path, array, photometric="minisblack")

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import tifffile
 
-from fakes import CTC_ANNOTATED, CTC_NAME, touching_cells, write_ctc, write_image_folder
+from fakes import CTC_ANNOTATED, CTC_NAME, touching_cells, write_ctc, write_image_folder, write_isbi
 from pipeline import data as pipeline_data
 from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
@@ -138,15 +137,7 @@ NUM_SLICES, NUM_TEST, SIZE = 7, 3, 32
 def fake_isbi(tmp_path_factory) -> dict:
     """Manual files shaped like ISBI 2012: 7 labelled and 3 test slices of 32x32."""
     folder = tmp_path_factory.mktemp("isbi_manual")
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train": rng.integers(0, 256, (NUM_SLICES, SIZE, SIZE), np.uint8),
-        "labels": np.where(rng.random((NUM_SLICES, SIZE, SIZE)) < 0.7, 255, 0).astype(np.uint8),
-        "test": rng.integers(0, 256, (NUM_TEST, SIZE, SIZE), np.uint8),
-    }
-    for key, array in arrays.items():
-        tifffile.imwrite(folder / pipeline_data.ISBI_FILES[key], array, photometric="minisblack")
-    return {"folder": folder, **arrays}
+    return {"folder": folder, **write_isbi(folder, NUM_SLICES, NUM_TEST, SIZE)}
 
 
 @pytest.fixture(scope="module")

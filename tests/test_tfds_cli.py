@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-import tifffile
 
-from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc, write_image_folder
+from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc, write_image_folder, write_isbi
 from pipeline import data as pipeline_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,20 +83,6 @@ def check_built(result: subprocess.CompletedProcess, prepared: Path, counts: dic
     return builder
 
 
-def write_fake_isbi(folder: Path, slices: int = 7, test: int = 3, size: int = 32) -> Path:
-    """The three ISBI 2012 TIFF stacks, small."""
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    arrays = {
-        "train": rng.integers(0, 256, (slices, size, size), np.uint8),
-        "labels": np.where(rng.random((slices, size, size)) < 0.7, 255, 0).astype(np.uint8),
-        "test": rng.integers(0, 256, (test, size, size), np.uint8),
-    }
-    for key, array in arrays.items():
-        tifffile.imwrite(folder / pipeline_data.ISBI_FILES[key], array, photometric="minisblack")
-    return folder
-
-
 def test_synthetic_em(tmp_path):
     result = tfds_build("datasets/synthetic_em", "--config", "small", "--data_dir", tmp_path)
     builder = check_built(result, tmp_path / "synthetic_em" / "small" / "1.0.0", {"train": 2, "validation": 1, "test": 1})
@@ -105,7 +90,8 @@ def test_synthetic_em(tmp_path):
 
 
 def test_isbi2012(tmp_path):
-    manual = write_fake_isbi(tmp_path / "manual")
+    manual = tmp_path / "manual"
+    write_isbi(manual)
     result = tfds_build("datasets/isbi2012", "--manual_dir", manual, "--data_dir", tmp_path / "out")
     check_built(result, tmp_path / "out" / "isbi2012" / "1.0.0", {"train": 3, "validation": 4, "test": 3})
 
