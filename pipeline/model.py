@@ -22,9 +22,14 @@ from pipeline.errors import PipelineError
 PADDINGS = ("valid", "same")
 
 
+def _pair_loss(padding: str) -> int:
+    """How much a pair of 3x3 convolutions shrinks a side: 4 px if valid (1 px per edge each), else 0."""
+    return 4 if padding == "valid" else 0
+
+
 def _shrink_through(size: int, depth: int, padding: str = "valid") -> int | None:
     """Output side for an input side, or None if some pooling sees an odd size."""
-    loss = 4 if padding == "valid" else 0  # pixels two 3x3 convolutions take off a side
+    loss = _pair_loss(padding)
     for _ in range(depth - 1):
         size -= loss
         if size <= 0 or size % 2:
@@ -139,7 +144,7 @@ def skip_crops(depth: int, padding: str = "valid") -> list[int]:
     depend on the input size, so fixed crops work with spatial dimensions of None.
     """
     size = valid_input_sizes(depth, 1, 4 * 2**depth * 4, padding)[0]
-    loss = 4 if padding == "valid" else 0
+    loss = _pair_loss(padding)
     skips = []
     for _ in range(depth - 1):
         skips.append(size - loss)
