@@ -12,6 +12,8 @@ setup(
     # Only `pipeline` is installed: the top-level `datasets/` folder must never shadow the
     # popular `datasets` package of the same name.
     packages=find_packages(include=["pipeline", "pipeline.*"]),
+    # The warp kernel's source: compiled on first use against the installed TensorFlow.
+    package_data={"pipeline": ["warp_kernel.cc"]},
     install_requires=[
         "tensorflow>=2.21",
         "keras>=3.10",

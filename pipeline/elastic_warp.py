@@ -22,15 +22,25 @@ but again always the same, field.
   elementwise expression (16 loads for bicubic), which XLA compiles to a vectorised loop.
 - Fields add: `rotation_field(...) + displacement_field(...)` rotates and deforms with a
   single resampling, hence a single interpolation blur.
+- Two implementations of the sampling, chosen by `implementation=`: 'graph' (the default),
+  the TensorFlow ops above, which also run under XLA and on a GPU; and 'kernel', the
+  compiled CPU op of `warp_kernel.cc` (built on first use by `pipeline.custom_op`), which
+  computes the same samples about twice as fast as XLA can on a CPU, where XLA turns
+  every tap into scalar loads. 'auto' takes the kernel where it is built and supports the
+  dtype, else the graph. The kernel cannot run inside `jit_compile=True`.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from pipeline import custom_op
 from pipeline.tiling import reflect_indices
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+IMPLEMENTATIONS = ("graph", "kernel", "auto")
+# The dtypes `UnetWarp` is registered for (warp_kernel.cc).
+KERNEL_DTYPES = (tf.float32, tf.float64, tf.uint8, tf.uint16, tf.int8, tf.int16, tf.int32, tf.int64)
 _KEYS_A = -0.5  # OpenCV's and Keys' choice: reproduces quadratics exactly
 
 
@@ -70,7 +80,11 @@ def displacement_field(shape, seed: tf.Tensor, grid_size: int = 3, sigma: float 
         tf.concat([shape[:-2], [2, grid_size, grid_size]], 0), seed, stddev=sigma, alg="philox"
     )
     rows, cols = _grid_weights(height, grid_size), _grid_weights(width, grid_size)
-    return tf.einsum("yi,...cij,xj->...yxc", rows, nodes, cols)
+    # Interpolated along x first (a small [..., grid, W, 2]), then one matmul along y
+    # writes the field straight into its [..., H, W, 2] layout: no transpose of a big tensor.
+    along_x = tf.einsum("...cij,xj->...ixc", nodes, cols)
+    along_x = tf.reshape(along_x, tf.concat([shape[:-2], [grid_size, width * 2]], 0))
+    return tf.reshape(tf.matmul(rows, along_x), tf.concat([shape, [2]], 0))
 
 
 def rotation_field(shape, angle: tf.Tensor) -> tf.Tensor:
@@ -181,13 +195,16 @@ def _bicubic(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     return total
 
 
-def warp(image: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic") -> tf.Tensor:
+def warp(image: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic", implementation: str = "graph") -> tf.Tensor:
     """Samples `image` at (y + dy, x + dx) with mirror extrapolation at the borders.
 
     Args:
         image: [H, W, C] or a batch [B, H, W, C]; float or integer.
         field: displacements [H, W, 2] (shared by the batch) or [B, H, W, 2], (dy, dx) px.
         interpolation: 'bicubic', 'bilinear' or 'nearest'.
+        implementation: 'graph' (TensorFlow ops: XLA, GPU), 'kernel' (the compiled CPU
+            op; RuntimeError where it cannot be built) or 'auto' (the kernel where it
+            can run, else the graph).
 
     Returns:
         The warped image, same shape and dtype; integer results are rounded and clipped
@@ -195,7 +212,13 @@ def warp(image: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic") -> 
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     image = tf.convert_to_tensor(image)
+    kernel = _kernel(image.dtype, required=implementation == "kernel") if implementation != "graph" else None
+    if kernel is not None:
+        # The op takes either rank and a shared field as they are: no copies.
+        return kernel.unet_warp(image, tf.cast(field, tf.float32), interpolation=interpolation)
     single = image.shape.rank == 3
     images = image[None] if single else image
     shape = tf.shape(images)
@@ -213,6 +236,18 @@ def warp(image: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic") -> 
     return warped[0] if single else warped
 
 
+def _kernel(dtype: tf.DType, required: bool):
+    """The compiled op module for `dtype`, or None (or, if `required`, an error) where it cannot run."""
+    if dtype not in KERNEL_DTYPES:
+        if required:
+            raise ValueError(f"the compiled warp kernel takes {[d.name for d in KERNEL_DTYPES]}, not {dtype.name}")
+        return None
+    module = custom_op.load()
+    if module is None and required:
+        raise RuntimeError("the compiled warp kernel could not be built (see the warning above)")
+    return module
+
+
 def _cast_back(values: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
     if dtype.is_integer:
         values = tf.clip_by_value(tf.round(values), dtype.min, dtype.max)
@@ -220,17 +255,23 @@ def _cast_back(values: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
 
 
 def warp_example(
-    image: tf.Tensor, label: tf.Tensor, weight: tf.Tensor, field: tf.Tensor, interpolation: str = "bicubic"
+    image: tf.Tensor,
+    label: tf.Tensor,
+    weight: tf.Tensor,
+    field: tf.Tensor,
+    interpolation: str = "bicubic",
+    implementation: str = "graph",
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Warps an image [..., H, W, C], its label [..., H, W] and weight map [..., H, W] by one field.
 
     The image is sampled with `interpolation` ('bicubic' or 'bilinear'), the label with
-    'nearest' (exact label values) and the weights with 'bilinear'.
+    'nearest' (exact label values) and the weights with 'bilinear', all by `implementation`.
     """
+    # expand_dims and squeeze, unlike slicing, never copy the (large) tensors.
     return (
-        warp(image, field, interpolation),
-        warp(label[..., None], field, "nearest")[..., 0],
-        warp(weight[..., None], field, "bilinear")[..., 0],
+        warp(image, field, interpolation, implementation),
+        tf.squeeze(warp(tf.expand_dims(label, -1), field, "nearest", implementation), -1),
+        tf.squeeze(warp(tf.expand_dims(weight, -1), field, "bilinear", implementation), -1),
     )
 
 
@@ -242,6 +283,7 @@ def elastic_warp(
     grid_size: int = 3,
     sigma: float = 10.0,
     interpolation: str = "bicubic",
+    implementation: str = "graph",
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """The paper's elastic deformation of an (image, label, weight) example or batch.
 
@@ -249,4 +291,4 @@ def elastic_warp(
     as `warp_example` does. Same seed, same result.
     """
     field = displacement_field(tf.shape(label), seed, grid_size, sigma)
-    return warp_example(image, label, weight, field, interpolation)
+    return warp_example(image, label, weight, field, interpolation, implementation)
