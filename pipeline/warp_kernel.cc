@@ -116,17 +116,29 @@ void NearestRow(const Row<T>& row, int64_t begin) {
   }
 }
 
+// Pixel c's mirrored position as fractions (ty, tx) and its tap at (top, left) + offset
+// in the padded copy.
+struct FirstTap {
+  float ty, tx;
+  const float* tap;
+};
+
+template <typename T>
+inline FirstTap FirstTapAt(const Row<T>& row, int64_t c, int64_t offset) {
+  const float y = Reflect(row.r + row.field[2 * c], row.height - 1);
+  const float x = Reflect(c + row.field[2 * c + 1], row.width - 1);
+  const float top = std::floor(y), left = std::floor(x);
+  const int64_t index = (static_cast<int64_t>(top) + offset) * (row.width + 2 * kPad) + static_cast<int64_t>(left) + offset;
+  return {y - top, x - left, row.padded + index * row.channels};
+}
+
 // Bilinear samples of pixels [begin, width): 2 x 2 taps from the padded copy.
 template <typename T>
 void BilinearRow(const Row<T>& row, int64_t begin) {
   const int64_t channels = row.channels, padded_width = row.width + 2 * kPad;
-  const float last_y = row.height - 1, last_x = row.width - 1;
   for (int64_t c = begin; c < row.width; ++c) {
-    const float y = Reflect(row.r + row.field[2 * c], last_y), x = Reflect(c + row.field[2 * c + 1], last_x);
-    const float top = std::floor(y), left = std::floor(x), ty = y - top, tx = x - left;
     // At y == height - 1 exactly the lower taps read the padding, with weight 0.
-    const float* upper = row.padded + ((static_cast<int64_t>(top) + kPad) * padded_width +
-                                       static_cast<int64_t>(left) + kPad) * channels;
+    const auto [ty, tx, upper] = FirstTapAt(row, c, kPad);
     const float* lower = upper + padded_width * channels;
     for (int64_t k = 0; k < channels; ++k) {
       const float up = (1 - tx) * upper[k] + tx * upper[channels + k];
@@ -140,14 +152,10 @@ void BilinearRow(const Row<T>& row, int64_t begin) {
 template <typename T>
 void BicubicRow(const Row<T>& row, int64_t begin) {
   const int64_t channels = row.channels, padded_width = row.width + 2 * kPad;
-  const float last_y = row.height - 1, last_x = row.width - 1;
   for (int64_t c = begin; c < row.width; ++c) {
-    const float y = Reflect(row.r + row.field[2 * c], last_y), x = Reflect(c + row.field[2 * c + 1], last_x);
-    const float top = std::floor(y), left = std::floor(x), ty = y - top, tx = x - left;
+    const auto [ty, tx, first] = FirstTapAt(row, c, kPad - 1);
     const float wy[4] = {KeysFar(1 + ty), KeysNear(ty), KeysNear(1 - ty), KeysFar(2 - ty)};
     const float wx[4] = {KeysFar(1 + tx), KeysNear(tx), KeysNear(1 - tx), KeysFar(2 - tx)};
-    const float* first = row.padded + ((static_cast<int64_t>(top) + kPad - 1) * padded_width +
-                                       static_cast<int64_t>(left) + kPad - 1) * channels;
     for (int64_t k = 0; k < channels; ++k) {
       float total = 0;
       for (int i = 0; i < 4; ++i) {
