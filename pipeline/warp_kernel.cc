@@ -170,8 +170,9 @@ void BicubicRow(const Row<T>& row, int64_t begin) {
 }
 
 #ifdef UNET_WARP_AVX2
-// Eight pixels at a time for single-channel images: the same arithmetic, with hardware
-// gathers for the taps. Returns the first pixel left for the scalar loop.
+// Eight pixels at a time for single-channel images: positions and weights as 8-lane
+// vectors, taps as 64- or 128-bit loads per pixel (hardware gathers were no faster than
+// XLA on AMD cores). Each returns the first pixel it left for the scalar loop.
 
 inline __m256 ReflectV(__m256 p, __m256 last) {
   const __m256 sign = _mm256_set1_ps(-0.0f), twice = _mm256_add_ps(last, last);
@@ -400,11 +401,12 @@ class WarpOp : public OpKernel {
     T* out = output->flat<T>().data();
     const int64_t padded_size = (height + 2 * kPad) * (width + 2 * kPad) * channels;
     Tensor padded;
+    const float* padded_data = nullptr;  // nearest reads the input itself
     if (interpolation_ != Interpolation::kNearest) {
       OP_REQUIRES_OK(context, context->allocate_temp(tensorflow::DT_FLOAT, {batch * padded_size}, &padded));
       MirrorPad(in, batch, height, width, channels, padded.flat<float>().data());
+      padded_data = padded.flat<float>().data();
     }
-    const float* padded_data = interpolation_ == Interpolation::kNearest ? nullptr : padded.flat<float>().data();
     const Interpolation interpolation = interpolation_;
     auto rows = [&](int64_t begin, int64_t end) {
       for (int64_t index = begin; index < end; ++index) {

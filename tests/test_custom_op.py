@@ -25,3 +25,8 @@ def test_a_failing_compiler_leaves_nothing_and_says_so(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="compiling warp_kernel.cc failed"):
         custom_op.build(compiler=shutil.which("false"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unet_kernel_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("UNET_KERNEL", "0")
+    assert custom_op.load.__wrapped__() is None  # the uncached function: load() itself is memoised
