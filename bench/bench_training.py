@@ -66,7 +66,7 @@ def child(preset_name: str, replicas: int, steps: int) -> dict[str, Any]:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     from pipeline import config as configuration
-    from pipeline.model import output_size
+    from pipeline.sizes import output_size
     from pipeline.train import compiled_model
 
     config = configuration.preset(preset_name)

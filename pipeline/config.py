@@ -3,12 +3,18 @@
 A run is fully described by one `Config`. It starts from a named preset (`paper`, `cpu`,
 `smoke`), optionally updated from a YAML/JSON file and from `section.field=value` strings,
 and is saved into the run directory so that the run can be repeated exactly.
+
+`validate` checks a resolved configuration once, when a command is resolved and before
+TensorFlow loads; the stages then trust it. The choices of every text field are tuples of
+this module (or of `pipeline.sizes`, `pipeline.data`), which the code that branches on
+them uses too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from pathlib import Path
 from typing import Any
@@ -16,6 +22,13 @@ from typing import Any
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.sizes import PADDINGS, input_size_problem, output_size, prediction_tile_problem
+
+# Image sampling of rotations and elastic deformations (labels are always sampled nearest).
+IMAGE_INTERPOLATIONS = ("bicubic", "bilinear")
+OPTIMIZERS = ("sgd", "adam")
+STRATEGIES = ("mirrored", "multi_worker")  # this machine's devices, or the TF_CONFIG cluster
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
 @dataclasses.dataclass
@@ -44,7 +57,7 @@ class ModelConfig:
     num_classes: int = 2  # 0 = membrane/background, 1 = cell
     input_channels: int = 1
     dropout: float = 0.5  # rate of the drop-out at the end of the contracting path
-    padding: str = "valid"  # the paper's unpadded convolutions; "same" only for ablations
+    padding: str = "valid"  # PADDINGS: the paper's unpadded convolutions; "same" only for ablations
 
 
 @dataclasses.dataclass
@@ -71,7 +84,7 @@ class AugmentConfig:
     elastic: bool = True  # random displacements on a coarse grid, bicubically interpolated
     elastic_grid: int = 3  # nodes per side of the grid
     elastic_sigma: float = 10.0  # std of the nodes' displacements, px
-    interpolation: str = "bicubic"  # image sampling of rotation/elastic: bicubic or bilinear
+    interpolation: str = "bicubic"  # IMAGE_INTERPOLATIONS
     brightness: float = 0.1  # added offset uniform in [-b, b] std; 0 = off
     contrast: float = 0.1  # gain uniform in [1 - c, 1 + c]; 0 = off
     gamma: float = 0.2  # gamma curve exp(uniform [-g, g]) on the logistic scale; 0 = off
@@ -86,14 +99,14 @@ class TrainConfig:
     batch_size: int = 1
     epochs: int = 100
     steps_per_epoch: int = 200
-    optimizer: str = "sgd"  # "sgd" or "adam"
+    optimizer: str = "sgd"  # OPTIMIZERS
     learning_rate: float = 0.001
     momentum: float = 0.99  # sgd only
     val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
     early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
     jit_compile: bool = False  # XLA; slower for this network on CPU
-    strategy: str = "mirrored"  # this machine's devices, or "multi_worker" (TF_CONFIG)
-    precision: str = "float32"  # or "mixed_float16" / "mixed_bfloat16"
+    strategy: str = "mirrored"  # STRATEGIES
+    precision: str = "float32"  # PRECISIONS
 
 
 @dataclasses.dataclass
@@ -289,3 +302,136 @@ def save(config: Config, path: str | Path) -> None:
 def load(path: str | Path) -> Config:
     """Reads a configuration written by `save` (or written by hand)."""
     return from_dict(read_file(path), str(path))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Range:
+    """The finite numbers a numeric field allows: from `low` up to `high`, ends included unless open."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """What `value` breaks, or None if it lies in the range."""
+        finite = not isinstance(value, float) or math.isfinite(value)  # YAML reads .nan and .inf
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        if finite and above and below:
+            return None
+        if self.high < math.inf:
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            return f"must lie in {left}{self.low:g}, {self.high:g}{right}"
+        number = "a finite number " if isinstance(value, float) else ""
+        return f"must be {number}{'greater than' if self.open_low else 'at least'} {self.low:g}"
+
+
+# Where numpy's seeds, Keras' layers and optimizers, the weight map or the loops of the
+# stages would fail, diverge or do nothing.
+_RANGES: dict[str, _Range] = {
+    "data.seed": _Range(0),
+    "data.image_size": _Range(1),
+    "data.num_train": _Range(1),
+    "data.num_val": _Range(1),
+    "data.num_test": _Range(1),
+    "data.val_slices": _Range(1),
+    "data.val_images": _Range(1),
+    "model.depth": _Range(2),
+    "model.base_filters": _Range(1),
+    "model.num_classes": _Range(2),
+    "model.input_channels": _Range(1),
+    "model.dropout": _Range(0, 1, open_high=True),
+    "weight_map.w0": _Range(0),
+    "weight_map.sigma": _Range(0, open_low=True),
+    "weight_map.separation": _Range(1),
+    "augment.elastic_grid": _Range(2),
+    "augment.elastic_sigma": _Range(0),
+    "augment.brightness": _Range(0),
+    "augment.contrast": _Range(0, 1, open_high=True),  # a gain of 1 - c must stay positive
+    "augment.gamma": _Range(0),
+    "train.seed": _Range(0),
+    "train.batch_size": _Range(1),
+    "train.epochs": _Range(1),
+    "train.steps_per_epoch": _Range(1),
+    "train.learning_rate": _Range(0, open_low=True),
+    "train.momentum": _Range(0, 1, open_high=True),
+    "train.val_tiles_per_image": _Range(1),
+    "train.early_stopping_patience": _Range(0),
+    "predict.tiles_per_batch": _Range(1),
+    "predict.threshold": _Range(0, 1),
+    "export.version": _Range(0),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "model.padding": PADDINGS,
+    "augment.interpolation": IMAGE_INTERPOLATIONS,
+    "train.optimizer": OPTIMIZERS,
+    "train.strategy": STRATEGIES,
+    "train.precision": PRECISIONS,
+}
+
+
+def _field(config: Config, dotted: str) -> Any:
+    """The value of a field named `section.field`."""
+    section, field = dotted.split(".")
+    return getattr(getattr(config, section), field)
+
+
+def _shown(value: Any) -> str:
+    """A field's value as the user would write it: 0.001, nan, 'adam'."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _refuse(field: str, value: Any, problem: str | None) -> None:
+    """Raises `field=value: problem`, unless there is no problem."""
+    if problem:
+        raise PipelineError(f"{field}={_shown(value)}: {problem}")
+
+
+def _choice_problem(value: str, choices: tuple[str, ...]) -> str | None:
+    """What a text field's value breaks, or None if it is one of `choices`."""
+    return None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _folder_name_problem(name: str) -> str | None:
+    """What the export name breaks, or None if it names one visible folder."""
+    # The model goes to export.root/name/version: a path or '..' would leave the root.
+    if name and "/" not in name and not name.startswith("."):
+        return None
+    return "must be a plain folder name (not empty, no '/', not starting with '.')"
+
+
+def _check_tile_sizes(config: Config) -> None:
+    """Tile sizes that the network, overlap-tile prediction and the synthetic images accept."""
+    depth, padding, tile = config.model.depth, config.model.padding, config.train.tile_size
+    _refuse("train.tile_size", tile, input_size_problem(tile, depth, padding))
+    _refuse("predict.tile_size", config.predict.tile_size,
+            prediction_tile_problem(config.predict.tile_size, depth, padding))
+    out = output_size(tile, depth, padding)
+    # Other data sets' image sizes are known only once they are read (pipeline.input_pipeline).
+    if config.data.dataset == "synthetic" and config.data.image_size < out:
+        _refuse("data.image_size", config.data.image_size,
+                f"must be at least {out}, the output window of train.tile_size={tile}")
+
+
+def validate(config: Config) -> None:
+    """Raises a one-line error naming the first field, its value and what is allowed, if any is wrong.
+
+    Checks everything the stages would otherwise trip on later, without TensorFlow.
+    """
+    # pipeline.data imports this module (for DataConfig), so it is imported when needed.
+    from pipeline.data import DATASETS
+
+    _refuse("preset", config.preset, _choice_problem(config.preset, tuple(PRESETS)))
+    _refuse("data.dataset", config.data.dataset, _choice_problem(config.data.dataset, DATASETS))
+    for field, allowed in _RANGES.items():
+        value = _field(config, field)
+        _refuse(field, value, allowed.problem(value))
+    for field, choices in _CHOICES.items():
+        value = _field(config, field)
+        _refuse(field, value, _choice_problem(value, choices))
+    _check_tile_sizes(config)
+    _refuse("export.name", config.export.name, _folder_name_problem(config.export.name))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from pipeline import model as unet_model
+from pipeline import sizes
 from pipeline.augmentation import augment
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import PipelineError
@@ -40,7 +40,7 @@ def _padded_images(images: np.ndarray, margin: int) -> tf.Tensor:
 
 
 def _tile_sizes(images: np.ndarray, tile_size: int, depth: int, padding: str) -> tuple[int, int]:
-    out = unet_model.output_size(tile_size, depth, padding)
+    out = sizes.output_size(tile_size, depth, padding)
     height, width = images.shape[1:3]
     if min(height, width) < out:
         raise PipelineError(
@@ -67,7 +67,7 @@ def training_dataset(
     """
     size, out = _tile_sizes(images, train.tile_size, depth, padding)
     count, height, width = labels.shape
-    margin = unet_model.context(depth, padding)
+    margin = sizes.context(depth, padding)
     padded = _padded_images(images, margin)
     labels = _mirror_padded(np.asarray(labels, np.int32), margin)
     weights = _mirror_padded(np.asarray(weights, np.float32), margin)
@@ -103,7 +103,7 @@ def validation_tiles(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed tiles spread evenly over each validation image, the same in every epoch."""
     size, out = _tile_sizes(images, train.tile_size, depth, padding)
-    padded = _padded_images(images, unet_model.context(depth, padding)).numpy()
+    padded = _padded_images(images, sizes.context(depth, padding)).numpy()
     height, width = labels.shape[1:]
     per_axis = int(np.ceil(np.sqrt(train.val_tiles_per_image)))
     ys = np.linspace(0, height - out, per_axis).astype(int)

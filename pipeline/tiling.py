@@ -17,7 +17,7 @@ import keras
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
-from pipeline.model import alignment, check_input_size, context, output_size, valid_input_sizes
+from pipeline.sizes import alignment, context, output_size, prediction_tile_problem
 
 
 def reflect_indices(size: tf.Tensor, before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
@@ -47,16 +47,11 @@ def mirror_pad(image: tf.Tensor, top, bottom, left, right) -> tf.Tensor:
 
 def tile_geometry(tile_size: int, depth: int, padding: str = "valid") -> tuple[int, int, int]:
     """(output side, margin, step between tiles) for a tile side; raises if unusable."""
-    check_input_size(tile_size, depth, padding)
-    out, margin, align = output_size(tile_size, depth, padding), context(depth, padding), alignment(depth)
-    # Offsets must be multiples of `align`, so a tile must yield at least `align` pixels.
-    if out < align:
-        smallest = valid_input_sizes(depth, 2 * margin + align, 2 * margin + 3 * align, padding)[0]
-        raise PipelineError(
-            f"tile size {tile_size} gives a {out}-pixel output at depth {depth}, less than "
-            f"the tile alignment {align}; the smallest usable tile size is {smallest}"
-        )
-    return out, margin, out // align * align
+    problem = prediction_tile_problem(tile_size, depth, padding)
+    if problem:
+        raise PipelineError(f"tile size {tile_size}: {problem}")
+    out, align = output_size(tile_size, depth, padding), alignment(depth)
+    return out, context(depth, padding), out // align * align
 
 
 def overlap_tile_predict(
@@ -74,8 +69,8 @@ def overlap_tile_predict(
         model: a U-Net of `depth` levels accepting [N, tile_size, tile_size, C].
         image: [H, W, C] float32, already normalised; H and W may be dynamic.
         depth: the network's number of resolution levels.
-        tile_size: input tile side; must be a valid input size for `depth`.
-        tiles_per_batch: tiles run through the network at once; bounds the memory.
+        tile_size: input tile side; valid for `depth` and usable by `tile_geometry`.
+        tiles_per_batch: tiles run through the network at once (at least 1); bounds the memory.
         test_time_augmentation: average the outputs for the 8 rotations and flips of the
             image (the paper averaged rotated versions for ISBI 2012); 8 times the work.
         padding: the network's convolutions; "same" nets get no context, so their
@@ -85,8 +80,6 @@ def overlap_tile_predict(
         [H, W, K] network output (class probabilities), exactly the input's size.
     """
     out, margin, step = tile_geometry(tile_size, depth, padding)
-    if tiles_per_batch < 1:
-        raise PipelineError(f"tiles_per_batch must be at least 1, got {tiles_per_batch}")
     image = tf.convert_to_tensor(image, tf.float32)
     if not test_time_augmentation:
         return _stitched_tiles(model, image, tile_size, out, margin, step, tiles_per_batch)

@@ -1,8 +1,14 @@
+import dataclasses
 import json
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pipeline import config as configuration
+from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
 
 
@@ -66,3 +72,120 @@ def test_a_data_set_recipe_applies_under_explicit_overrides(tmp_path):
     assert resolved("--dataset", "isbi2012", "--set", "model.depth=4").model.depth == 4
     assert resolved("--dataset", "synthetic") == configuration.preset("cpu", "synthetic") == configuration.preset("cpu")
     assert resolved("--dataset", "isbi2012", "--preset", "paper").predict.test_time_augmentation
+
+
+@pytest.mark.parametrize("name", sorted(configuration.PRESETS))
+@pytest.mark.parametrize("dataset", [None, *DATASETS])
+def test_every_preset_and_recipe_validates(name, dataset):
+    configuration.validate(configuration.preset(name, dataset))
+
+
+def test_every_recipe_is_among_the_validated_combinations():
+    assert {preset for preset, _ in configuration.RECIPES} <= set(configuration.PRESETS)
+    assert {dataset for _, dataset in configuration.RECIPES} <= set(DATASETS)
+
+
+def smoke_with(*assignments: str) -> configuration.Config:
+    """The smoke preset with `section.field=value` assignments, as --set applies them."""
+    overrides = configuration.parse_set(list(assignments))
+    return configuration.apply_overrides(configuration.preset("smoke"), overrides, "--set")
+
+
+# One bad value per checked field, set on the smoke preset (depth 3, 92 px tiles).
+BAD_VALUES = [
+    (["data.dataset=mnist"], "data.dataset"),
+    (["data.seed=-1"], "data.seed"),
+    (["data.image_size=0"], "data.image_size"),
+    (["data.image_size=40"], "data.image_size"),  # smaller than the 52 px output window
+    (["data.num_train=0"], "data.num_train"),
+    (["data.num_val=0"], "data.num_val"),
+    (["data.num_test=0"], "data.num_test"),
+    (["data.val_slices=0"], "data.val_slices"),
+    (["data.val_images=0"], "data.val_images"),
+    (["model.depth=1"], "model.depth"),
+    (["model.base_filters=0"], "model.base_filters"),
+    (["model.num_classes=1"], "model.num_classes"),
+    (["model.input_channels=0"], "model.input_channels"),
+    (["model.dropout=1"], "model.dropout"),
+    (["model.dropout=-0.1"], "model.dropout"),
+    (["model.padding=full"], "model.padding"),
+    (["weight_map.w0=-1"], "weight_map.w0"),
+    (["weight_map.w0=.inf"], "weight_map.w0"),
+    (["weight_map.sigma=0"], "weight_map.sigma"),
+    (["weight_map.sigma=.nan"], "weight_map.sigma"),
+    (["weight_map.separation=0"], "weight_map.separation"),
+    (["augment.elastic_grid=1"], "augment.elastic_grid"),
+    (["augment.elastic_sigma=-1"], "augment.elastic_sigma"),
+    (["augment.interpolation=nearest"], "augment.interpolation"),
+    (["augment.brightness=-0.1"], "augment.brightness"),
+    (["augment.contrast=1"], "augment.contrast"),
+    (["augment.contrast=-0.1"], "augment.contrast"),
+    (["augment.gamma=-0.2"], "augment.gamma"),
+    (["train.seed=-1"], "train.seed"),
+    (["train.tile_size=93"], "train.tile_size"),
+    (["train.batch_size=0"], "train.batch_size"),
+    (["train.epochs=0"], "train.epochs"),
+    (["train.steps_per_epoch=0"], "train.steps_per_epoch"),
+    (["train.optimizer=rmsprop"], "train.optimizer"),
+    (["train.learning_rate=0"], "train.learning_rate"),
+    (["train.learning_rate=.nan"], "train.learning_rate"),
+    (["train.momentum=1"], "train.momentum"),
+    (["train.val_tiles_per_image=0"], "train.val_tiles_per_image"),
+    (["train.early_stopping_patience=-1"], "train.early_stopping_patience"),
+    (["train.strategy=tpu"], "train.strategy"),
+    (["train.precision=float16"], "train.precision"),
+    (["predict.tile_size=101"], "predict.tile_size"),
+    (["model.depth=4", "predict.tile_size=92"], "predict.tile_size"),  # valid, but a 4 px output < alignment 8
+    (["predict.tiles_per_batch=0"], "predict.tiles_per_batch"),
+    (["predict.threshold=2"], "predict.threshold"),
+    (["predict.threshold=.nan"], "predict.threshold"),
+    (["export.name="], "export.name"),
+    (["export.name=a/b"], "export.name"),
+    (["export.name=.."], "export.name"),
+    (["export.name=.hidden"], "export.name"),
+    (["export.version=-1"], "export.version"),
+]
+
+
+@pytest.mark.parametrize("assignments,field", BAD_VALUES)
+def test_a_bad_value_is_refused_with_one_line_naming_its_field(assignments, field):
+    with pytest.raises(PipelineError, match=rf"^{re.escape(field)}=") as refused:
+        configuration.validate(smoke_with(*assignments))
+    assert "\n" not in str(refused.value)
+
+
+def test_an_unknown_preset_is_refused():
+    with pytest.raises(PipelineError, match="^preset='gpu': must be one of paper, cpu, smoke$"):
+        configuration.validate(dataclasses.replace(configuration.preset("smoke"), preset="gpu"))
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("predict.tile_size=101", "predict.tile_size=101: not a valid tile size for a U-Net of depth 3 "
+                              "(every pooling needs an even size; nearest valid sizes: 100 and 104)"),
+    ("train.tile_size=20", "train.tile_size=20: not a valid tile size for a U-Net of depth 3 "
+                           "(the smallest valid size is 44)"),
+    ("data.image_size=40", "data.image_size=40: must be at least 52, the output window of train.tile_size=92"),
+    ("train.steps_per_epoch=0", "train.steps_per_epoch=0: must be at least 1"),
+    ("predict.threshold=2", "predict.threshold=2: must lie in [0, 1]"),
+    ("train.learning_rate=.inf", "train.learning_rate=inf: must be a finite number greater than 0"),
+    ("train.precision=float16", "train.precision='float16': must be one of float32, mixed_float16, mixed_bfloat16"),
+])
+def test_the_message_says_what_is_allowed(assignment, message):
+    with pytest.raises(PipelineError) as refused:
+        configuration.validate(smoke_with(assignment))
+    assert str(refused.value) == message
+
+
+def test_the_synthetic_image_size_is_not_checked_against_other_data_sets():
+    # Their images are read later; pipeline.input_pipeline checks them against the tile.
+    config = configuration.apply_overrides(configuration.preset("smoke", "isbi2012"),
+                                           {"data": {"image_size": 40}}, "test")
+    configuration.validate(config)
+
+
+def test_validating_loads_neither_tensorflow_nor_keras():
+    probe = ("import sys; from pipeline import config; config.validate(config.preset('cpu')); "
+             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"

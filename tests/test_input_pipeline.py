@@ -5,7 +5,7 @@ import pytest
 
 from pipeline import input_pipeline
 from pipeline.config import AugmentConfig, TrainConfig
-from pipeline.model import output_size
+from pipeline.sizes import output_size
 
 DEPTH, TILE = 3, 92
 OUT = output_size(TILE, DEPTH)

@@ -6,13 +6,15 @@ import pytest
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.model import (
+from pipeline.model import unet
+from pipeline.sizes import (
     alignment,
     check_input_size,
     context,
+    input_size_problem,
     is_valid_input_size,
     output_size,
-    unet,
+    smallest_input_size,
     valid_input_sizes,
 )
 
@@ -62,8 +64,27 @@ def test_valid_sizes_step_by_the_pooling_alignment():
     assert not is_valid_input_size(571, 5)
 
 
+@pytest.mark.parametrize("padding", ["valid", "same"])
+@pytest.mark.parametrize("depth", [2, 3, 4, 5, 6])
+def test_valid_sizes_are_exactly_those_that_pass_every_pooling(depth, padding):
+    # The progression from the smallest size against the layer-by-layer test of each size.
+    passing = [s for s in range(-5, 1200) if is_valid_input_size(s, depth, padding)]
+    assert valid_input_sizes(depth, -5, 1199, padding) == passing
+    assert smallest_input_size(depth, padding) == passing[0]
+    assert valid_input_sizes(depth, passing[2] + 1, passing[4], padding) == passing[3:5]
+
+
+def test_size_arithmetic_answers_at_once_for_a_deep_network():
+    # Sizes grow as 2^depth: searching for valid sizes one by one would never end. From
+    # depth 3 on, the smallest tile gives a 4 px output from a bottom side of 8 px.
+    assert smallest_input_size(40) == (8 + 4) * 2**39 - 4
+    assert output_size(smallest_input_size(40), 40) == 4
+    assert context(40) == 3 * 2**40 - 4 and context(5) == 3 * 2**5 - 4 == 92
+    assert "smallest valid size is 6597069766652" in input_size_problem(572, 40)
+
+
 def test_invalid_size_names_the_nearest_valid_sizes():
-    with pytest.raises(PipelineError, match=r"input size 570 .* nearest valid sizes: 556 and 572"):
+    with pytest.raises(PipelineError, match=r"input size 570: not a valid .* nearest valid sizes: 556 and 572"):
         check_input_size(570, 5)
     with pytest.raises(PipelineError, match=r"smallest valid size is 188"):
         check_input_size(20, 5)
@@ -87,5 +108,3 @@ def test_same_padding_keeps_the_size_and_needs_no_context():
     assert context(3, "same") == 0 and output_size(48, 3, "same") == 48
     assert valid_input_sizes(3, 1, 20, "same") == [4, 8, 12, 16, 20]
     assert model.count_params() == unet(ModelConfig(depth=3, base_filters=2, dropout=0.0)).count_params()
-    with pytest.raises(PipelineError, match="model.padding must be one of valid, same, got 'full'"):
-        unet(ModelConfig(depth=3, padding="full"))

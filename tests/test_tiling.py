@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.model import alignment, context, output_size, unet
+from pipeline.model import unet
+from pipeline.sizes import alignment, context, output_size
 from pipeline.tiling import mirror_pad, overlap_tile_predict
 
 
@@ -136,20 +137,15 @@ def test_inside_tf_function_with_dynamic_size():
 
 @pytest.mark.parametrize("tile", [61, 62, 10])
 def test_invalid_tile_size_raises(tile):
-    with pytest.raises(PipelineError, match=f"input size {tile} is not valid"):
+    with pytest.raises(PipelineError, match=f"tile size {tile}: not a valid tile size for a U-Net of depth 3"):
         overlap_tile_predict(tiny_unet(3), random_image(8, 8), 3, tile)
 
 
 @pytest.mark.parametrize("depth, tile, smallest", [(4, 92, 100), (5, 188, 204)])
 def test_tile_with_output_smaller_than_the_alignment_raises(depth, tile, smallest):
     # Valid for the network, but a 4-pixel output cannot advance by a multiple of 8 or 16.
-    with pytest.raises(PipelineError, match=f"smallest usable tile size is {smallest}"):
+    with pytest.raises(PipelineError, match=f"tile size {tile}: gives a 4-pixel output .* tile size is {smallest}"):
         overlap_tile_predict(tiny_unet(depth), random_image(8, 8), depth, tile)
-
-
-def test_tiles_per_batch_must_be_positive():
-    with pytest.raises(PipelineError, match="tiles_per_batch"):
-        overlap_tile_predict(tiny_unet(3), random_image(8, 8), 3, 60, tiles_per_batch=0)
 
 
 def test_test_time_augmentation_is_equivariant_and_averages_the_eight_views():
