@@ -134,9 +134,7 @@ def _isbi2012(config: DataConfig) -> dict[str, Split]:
 
 
 def _read_isbi_stack(path: Path) -> np.ndarray:
-    stack = io.read_image(path)
-    if stack.ndim == 2:
-        stack = stack[None]
+    stack = io.read_stack(path)[..., 0]
     if stack.dtype != np.uint8:
         raise PipelineError(f"{path}: expected 8-bit grey images, got {stack.dtype}")
     return stack
@@ -200,17 +198,20 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def read_grey_image(path: Path) -> np.ndarray:
     """One grey image file as [H, W, 1] uint8 (see `to_uint8`); a stack or colour image is refused."""
-    image = io.read_image(path)
-    if image.ndim != 2:
-        raise PipelineError(f"{path}: expected one grey image, got an array of shape {image.shape}")
-    return to_uint8(image)[..., None]
+    return to_uint8(_one_image(path))[..., None]
+
+
+def _one_image(path: Path) -> np.ndarray:
+    """The one grey [H, W] image of a file (colour by `io.COLOUR_AS_GREY`); a stack is refused."""
+    stack = io.read_stack(path)
+    if len(stack) != 1:
+        raise PipelineError(f"{path}: expected one image, got a stack of {len(stack)}")
+    return stack[0, ..., 0]
 
 
 def read_label_image(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A label image (0 = background, k > 0 = object k) as int32, checked against its image's shape."""
-    labels = io.read_image(path)
-    if labels.ndim != 2:
-        raise PipelineError(f"{path}: expected one grey label image, got an array of shape {labels.shape}")
+    labels = _one_image(path)
     if labels.dtype.kind not in "iu":
         raise PipelineError(f"{path}: unexpected label values: labels must be integers, got {labels.dtype} pixels")
     if labels.min() < 0:

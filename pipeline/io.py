@@ -1,17 +1,28 @@
 """Reading images and writing outputs so that nothing is ever half-written or lost.
 
-Every writer goes through `atomic_path`: the data goes to a temporary file next to the
-target, which is renamed into place only when complete, and an existing target is
-refused unless the caller asks to overwrite it.
+Every writer goes through `atomic_paths`: the data goes to hidden temporary files next to
+the targets, which are renamed into place only when all of them are complete; an existing
+target is refused unless the caller asks to overwrite it, and a file-system error becomes
+one line naming the target. `check_output_folder`, `check_output_file` and
+`check_free_space` let a command refuse an unusable output before any work starts.
+
+Images are read with the axes their file declares, never guessed from the shape (see
+`read_stack`); a colour image meets a 1-channel model through one rule, `COLOUR_AS_GREY`,
+which the serving signature applies too.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import shutil
+import stat
+import sys
+from io import BytesIO
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -20,24 +31,157 @@ import tifffile
 from pipeline.errors import PipelineError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+COLOUR_AS_GREY = (
+    "a 1-channel model reads a colour image (3 channels, or 4 with alpha) as grey only when its R, G and B "
+    "channels are identical in every pixel and its alpha channel, if any, is constant in each image"
+)
+
+
+@contextlib.contextmanager
+def atomic_paths(targets: Sequence[Path], overwrite: bool = False) -> Iterator[list[Path]]:
+    """Yields one temporary path per target; renames them all into place when the block succeeds.
+
+    Each temporary is a hidden file beside its target, created as `open(target, "w")`
+    would create the target: mode 0o666 less the umask, or the mode of the file it
+    replaces. If creating, writing or renaming fails, every temporary, every folder the
+    group created and every target it added are removed, so that none of the group
+    appears; an OSError becomes a one-line PipelineError naming the target and the
+    system's reason. Existing targets are refused unless `overwrite`.
+    """
+    targets = [Path(target) for target in targets]
+    refuse_existing(targets, overwrite)
+    folders: list[Path] = []  # created by this group
+    temporaries: dict[Path, Path] = {}  # temporary -> its target
+    added: list[Path] = []  # targets in place that did not exist before
+    current: Path | None = None  # the target being created or renamed; None while the block runs
+    try:
+        try:
+            for current in targets:
+                if current.is_dir():  # found now, not after other targets were renamed
+                    raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+                for folder in _missing_folders(current.parent):
+                    os.mkdir(folder)
+                    folders.append(folder)
+                temporary = _create_temporary(current)
+                temporaries[temporary] = current
+                if current.exists():
+                    os.chmod(temporary, stat.S_IMODE(current.stat().st_mode))
+            current = None
+            yield list(temporaries)
+            for temporary, current in temporaries.items():
+                existed = current.exists()
+                os.replace(temporary, current)
+                if not existed:
+                    added.append(current)
+        except OSError as error:
+            named = current or _written_target(error, temporaries, targets)
+            raise PipelineError(f"{named}: cannot write ({error.strerror or error})") from None
+    except BaseException:
+        _remove([*added, *temporaries], folders)
+        raise
+
+
+def _written_target(error: OSError, temporaries: dict[Path, Path], targets: list[Path]) -> str:
+    """The target whose temporary a writer's error names; the whole group if it names none."""
+    if isinstance(error.filename, str) and Path(error.filename) in temporaries:
+        return str(temporaries[Path(error.filename)])
+    if len(targets) == 1:
+        return str(targets[0])
+    return f"{targets[0]} or one of the {len(targets) - 1} files written with it"
+
+
+def _remove(files: list[Path], folders: list[Path]) -> None:
+    """Removes what a failed group made, innermost folder first, as far as it can."""
+    for path in files:
+        with contextlib.suppress(OSError):  # the error that got us here matters more
+            path.unlink(missing_ok=True)
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):  # e.g. another process wrote into it meanwhile
+            folder.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_path(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary path in the target's folder; renames it to `target` on success."""
-    target = Path(target)
-    refuse_existing([target], overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}"
-    )
-    os.close(handle)
+    """Yields a temporary path in the target's folder; renames it to `target` on success (see `atomic_paths`)."""
+    with atomic_paths([target], overwrite) as (temporary,):
+        yield temporary
+
+
+def _create_temporary(target: Path) -> Path:
+    """Creates an empty hidden file beside `target` with the mode `open` would give it.
+
+    The name keeps the target's suffix, which some writers (Keras, OpenCV) go by.
+    """
+    temporary = target.parent / f".{target.stem}.{secrets.token_hex(6)}.tmp{target.suffix}"
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return temporary
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its nearest existing ancestor."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """The folders to create, outermost first, so that `folder` exists; raises if a file is in the way."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a folder")
+    missing = []
+    while folder != existing:
+        missing.append(folder)
+        folder = folder.parent
+    return missing[::-1]
+
+
+def check_output_folder(path: Path) -> None:
+    """Refuses, with one line, a folder where output files cannot be created; creates nothing.
+
+    A folder that does not exist yet is judged by its nearest existing ancestor. Tried by
+    creating and removing a hidden file, since `os.access` says yes to root and on
+    read-only mounts.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PipelineError(f"{path}: is a file, not a folder")
+    _check_writable(path, path)
+
+
+def check_output_file(path: Path) -> None:
+    """Refuses, with one line, an output file path that is a folder or whose folder takes no files."""
+    path = Path(path)
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a folder, not a file")
+    _check_writable(path, path.parent)
+
+
+def _check_writable(named: Path, folder: Path) -> None:
+    """Creates and removes a hidden file in `folder` or its nearest existing ancestor."""
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise PipelineError(f"{named}: {existing} is not a folder")
     try:
-        yield Path(temporary)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        os.remove(_create_temporary(existing / "write-check"))
+    except OSError as error:
+        raise PipelineError(f"{named}: cannot create files in {existing} ({error.strerror or error})") from None
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Refuses, with one line, a folder (or its nearest existing ancestor) with less free space than needed."""
+    free = shutil.disk_usage(_nearest_existing(Path(folder))).free
+    if free < needed_bytes:
+        raise PipelineError(f"{folder}: needs {_size(needed_bytes)} but only {_size(free)} are free")
+
+
+def _size(count: float) -> str:
+    """A byte count for people, in powers of 1000 as `df -H` shows them."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
 
 
 def refuse_existing(targets: list[Path], overwrite: bool = False) -> None:
@@ -54,29 +198,54 @@ def atomic_write_text(target: Path, text: str, overwrite: bool = True) -> None:
 
 
 def write_tiff(target: Path, array: np.ndarray, overwrite: bool = False) -> None:
-    """Writes an image or a stack (leading axis = slices) as a TIFF file."""
+    """Writes an image or a stack (leading axis = slices) as a TIFF file, atomically."""
     with atomic_path(target, overwrite) as temporary:
-        tifffile.imwrite(temporary, array, photometric="minisblack")
+        encode_tiff(temporary, array)
 
 
 def write_png(target: Path, array: np.ndarray, overwrite: bool = False) -> None:
-    """Writes an 8-bit grey or BGR image as PNG."""
+    """Writes an 8-bit grey or BGR image as PNG, atomically."""
     with atomic_path(target, overwrite) as temporary:
-        if not cv2.imwrite(str(temporary), array):
-            raise PipelineError(f"{target}: OpenCV could not encode the image as PNG")
+        encode_png(temporary, array)
 
 
-def save_arrays(target: Path, overwrite: bool = True, **arrays: np.ndarray) -> None:
-    """Writes named arrays to one .npz file atomically."""
-    with atomic_path(target, overwrite) as temporary:
-        with open(temporary, "wb") as handle:
-            np.savez(handle, **arrays)
+def encode_tiff(path: Path, array: np.ndarray) -> None:
+    """Writes an image or stack as a grey TIFF straight into `path` (a temporary of `atomic_paths`)."""
+    # Encoded in memory: tifffile's own file writes report a full disk without errno.
+    buffer = BytesIO()
+    tifffile.imwrite(buffer, array, photometric="minisblack")
+    _write_bytes(path, buffer.getbuffer())
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Reads a TIFF (single image or stack) or PNG file.
+def encode_png(path: Path, array: np.ndarray) -> None:
+    """Writes an 8-bit grey or BGR image as PNG straight into `path` (a temporary of `atomic_paths`)."""
+    # Encoded in memory: cv2.imwrite reports a full disk as a missing file, or not at all.
+    encoded, data = cv2.imencode(".png", array)
+    if not encoded:  # only the pipeline's own pictures are written: a bug, not a user's input
+        raise ValueError(f"OpenCV could not encode a {array.dtype} array of shape {array.shape} as PNG")
+    _write_bytes(path, data.data)
 
-    Returns [H, W], [H, W, C] for a multi-channel image, or [N, H, W] for a TIFF stack.
+
+def _write_bytes(path: Path, data: memoryview) -> None:
+    """Writes `data` into `path`; an OSError names `path`."""
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as error:
+        # A failed write does not name its file; `atomic_paths` needs it to name the target.
+        error.filename = error.filename or str(path)
+        raise
+
+
+def encode_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes named arrays into `path`, e.g. a temporary of `atomic_paths`, as one .npz file."""
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _read_file(path: Path) -> tuple[np.ndarray, str]:
+    """The pixels of a TIFF or PNG file with their axes as tifffile names them (see `_as_nhwc`).
+
     Raises a one-line PipelineError for a missing, corrupt, empty or unsupported file.
     """
     path = Path(path)
@@ -85,7 +254,9 @@ def read_image(path: Path) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix in (".tif", ".tiff"):
         try:
-            array = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tiff:
+                series = tiff.series[0] if tiff.series else None
+                array, axes = (series.asarray(), series.axes) if series else (np.empty(0), "")
         except Exception as error:  # tifffile raises many types for damaged files
             raise PipelineError(f"{path}: corrupt or unreadable TIFF ({error})") from None
         if array.size == 0:  # a damaged header can leave no pages at all
@@ -94,8 +265,9 @@ def read_image(path: Path) -> np.ndarray:
         array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         if array is None:
             raise PipelineError(f"{path}: corrupt or unreadable PNG")
-        if array.ndim == 3:
+        if array.ndim == 3:  # OpenCV gives BGR or BGRA, grey-with-alpha PNGs included
             array = cv2.cvtColor(array, cv2.COLOR_BGRA2RGBA if array.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        axes = "YX" if array.ndim == 2 else "YXS"
     else:
         raise PipelineError(
             f"{path}: unsupported file type {suffix or '(none)'}; use {', '.join(IMAGE_SUFFIXES)}"
@@ -104,31 +276,87 @@ def read_image(path: Path) -> np.ndarray:
         raise PipelineError(f"{path}: the image or stack is empty")
     if array.dtype.kind not in "uif" or array.dtype == np.float16:
         raise PipelineError(f"{path}: unsupported pixel type {array.dtype}")
-    if array.ndim not in (2, 3):
-        raise PipelineError(f"{path}: expected a 2-D image or a stack of them, got shape {array.shape}")
-    return array
+    return array, axes
+
+
+def _as_nhwc(array: np.ndarray, axes: str, path: Path) -> np.ndarray:
+    """[N, H, W, C] from the file's axes.
+
+    Y and X are the image's rows and columns; S (the samples of a colour pixel) or C
+    (ImageJ/OME channels) the channels; any other letter (Q, I, Z, T, ...) the slices.
+    Axes of length 1 are dropped; more than one slice or channel axis is refused.
+    """
+    kept = [(letter, size) for letter, size in zip(axes, array.shape) if letter in "YX" or size > 1]
+    letters = "".join(letter for letter, _ in kept)
+    slices = [i for i, letter in enumerate(letters) if letter not in "YXSC"]
+    channels = [i for i, letter in enumerate(letters) if letter in "SC"]
+    if letters.count("Y") != 1 or letters.count("X") != 1 or len(slices) > 1 or len(channels) > 1:
+        raise PipelineError(
+            f"{path}: axes {axes} of shape {array.shape} are not one image or stack: expected Y and X, "
+            "at most one slice axis (Z, T, ...) and one channel axis (C or S)"
+        )
+    order = slices + [letters.index("Y"), letters.index("X")] + channels
+    stack = np.transpose(array.reshape([size for _, size in kept]), order)
+    stack = stack if slices else stack[None]
+    return stack if channels else stack[..., None]
+
+
+def as_model_channels(stack: np.ndarray, channels: int, path: Path) -> np.ndarray:
+    """`stack` [N, H, W, C] with the model's `channels`, by `COLOUR_AS_GREY`, else a one-line error.
+
+    Used as is when C equals `channels`. A grey image stored as colour is read as grey
+    (its first channel) with a one-line notice on stderr.
+    """
+    have = stack.shape[-1]
+    if have == channels:
+        return stack
+    if channels == 1 and have in (3, 4):
+        # The same test as the serving signature's (predict._as_batch).
+        grey = (stack[..., 1:3] == stack[..., :1]).all() and (stack[..., 3:] == stack[:, :1, :1, 3:]).all()
+        if not grey:
+            raise PipelineError(
+                f"{path}: colour image ({have} channels) but the model takes 1 channel; "
+                f"convert it to grey or train with model.input_channels={have}"
+            )
+        print(f"notice: {path}: colour image with identical R, G and B channels read as grey", file=sys.stderr)
+        return stack[..., :1]
+    described = "grey image (1 channel)" if have == 1 else f"image of {have} channels"
+    raise PipelineError(f"{path}: {described} but the model takes {channels} channel{'s' if channels > 1 else ''}")
 
 
 def read_stack(path: Path, channels: int = 1) -> np.ndarray:
-    """Reads an image or stack as [N, H, W, C] with C = `channels`."""
-    array = read_image(path)
-    if channels == 1:
-        if array.ndim == 3 and array.shape[-1] in (3, 4) and Path(path).suffix.lower() == ".png":
-            raise PipelineError(f"{path}: colour image, but the model takes 1 channel")
-        stack = array[None] if array.ndim == 2 else array
-        return stack[..., None]
-    if array.ndim == 2 or array.shape[-1] != channels:
-        raise PipelineError(f"{path}: expected {channels} channels as the last axis, got shape {array.shape}")
-    return array[None]
+    """Reads an image or stack as [N, H, W, C] with C = `channels`, by the axes its file declares.
+
+    TIFF axes come from tifffile (see `_as_nhwc`); a PNG is one image, grey or colour.
+    The channels follow `as_model_channels`. NaN or infinite pixels are refused.
+    """
+    array, axes = _read_file(path)
+    stack = _as_nhwc(array, axes, path)
+    if stack.dtype.kind == "f" and not np.isfinite(stack).all():
+        raise PipelineError(f"{path}: {np.count_nonzero(~np.isfinite(stack))} NaN/infinite pixel values")
+    return as_model_channels(stack, channels, path)
 
 
 def image_files(path: Path) -> list[Path]:
-    """The image files a path names: the file itself, or a folder's images (sorted)."""
+    """The image files a path names: the file itself, or a folder's images (sorted).
+
+    Two images of a folder with one name (x.tif and x.png, x.tif and X.TIFF) are refused:
+    their outputs, named after the image, would overwrite each other.
+    """
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise PipelineError(f"{path}: folder contains no {'/'.join(IMAGE_SUFFIXES)} images")
+        by_name: dict[str, Path] = {}
+        for file in files:
+            # Case-blind, as the output folder may be on a case-insensitive file system.
+            first = by_name.setdefault(file.stem.casefold(), file)
+            if first != file:
+                raise PipelineError(
+                    f"{file}: two images named {file.stem} ({first.name} and {file.name}); "
+                    "their outputs would overwrite each other, so rename one"
+                )
         return files
     if not path.exists():
         raise PipelineError(f"{path}: no such file or folder")
