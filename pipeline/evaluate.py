@@ -18,6 +18,7 @@ import numpy as np
 from pipeline import io, metrics, rundir
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 
 # The paper's ISBI 2012 results, on the challenge's 30-slice test set (hidden labels).
 PAPER_ISBI2012 = {"warping_error": 0.000353, "rand_error": 0.0382, "pixel_error": 0.0611}
@@ -43,7 +44,8 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     that reached them, the errors per threshold, foreground IoU and pixel accuracy at
     `threshold`, and CTC SEG when ground-truth `instances` are given (the prediction's
     instances: 4-connected cells at `threshold`). V_rand and V_info are reported as
-    errors, 1 - V, so that lower is better everywhere.
+    errors, 1 - V, so that lower is better everywhere. A ground truth without membrane
+    or without cell pixels adds "warning": which values it makes meaningless.
     """
     probability, cells = metrics.check_pair(probability, truth)
     result, curves = {}, {}
@@ -56,24 +58,30 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     if instances is not None:
         reference = np.asarray(instances).reshape(probability.shape)
         result["seg"] = metrics.seg(metrics.cell_instances(probability, threshold), reference)
-    return result | {"per_threshold": curves}
+    warning = metrics.truth_warning(cells)
+    return result | ({} if warning is None else {"warning": warning}) | {"per_threshold": curves}
 
 
 def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], threshold: float,
-               instances: list[np.ndarray] | None = None, sequences: list[str] | None = None) -> dict:
+               instances: list[np.ndarray] | None = None, sequences: list[str] | None = None,
+               names: list[str] | None = None) -> dict:
     """Report of a set of images: headline values at the top, overall, mean and per image.
 
     "overall" sums the counts over the images, as the challenge does for a stack; for
     images of different sizes, which make no stack, the headline values are the means.
     With the `sequences` the images belong to (and their `instances`), the report adds
-    CTC SEG per sequence and overall (see `seg_per_sequence`).
+    CTC SEG per sequence and overall (see `seg_per_sequence`). "warnings" lists, one line
+    each, the images whose ground truth leaves some values meaningless (see `score`),
+    called by their `names` (default "image <index>").
     """
     per_image = [
         score(p, t, threshold, None if instances is None else instances[i]) | {"image": i}
         for i, (p, t) in enumerate(zip(probabilities, truth))
     ]
-    scalar_keys = [key for key, value in per_image[0].items()
-                   if not isinstance(value, dict) and not key.endswith("_threshold") and key != "image"]
+    names = [f"image {i}" for i in range(len(per_image))] if names is None else names
+    warnings = [f"{name}: {row['warning']}" for name, row in zip(names, per_image, strict=True) if "warning" in row]
+    scalar_keys = [key for key, value in per_image[0].items() if not isinstance(value, dict)
+                   and not key.endswith("_threshold") and key not in ("image", "warning")]
     mean = {key: float(np.mean([row[key] for row in per_image])) for key in scalar_keys}
     overall = None
     if len({p.shape for p in probabilities}) == 1:
@@ -81,7 +89,8 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
                         None if instances is None else np.stack(instances))
     headline = mean if overall is None else overall
     report = ({key: headline[key] for key in ("warping_error", "rand_error", "pixel_error")}
-              | {"threshold": threshold, "overall": overall, "mean_per_image": mean, "per_image": per_image})
+              | {"warnings": warnings, "threshold": threshold, "overall": overall, "mean_per_image": mean,
+                 "per_image": per_image})
     if sequences is not None:
         report |= seg_per_sequence(probabilities, instances, sequences, threshold)
     return report
@@ -148,7 +157,7 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     return report | {"probabilities": probabilities}
 
 
-def run(config: Config, run_dir: Path) -> dict:
+def run(config: Config, run: RunDir) -> dict:
     """Evaluates the best model on the test split (or val, when test has no labels).
 
     With `predict.test_time_augmentation`, the split is scored with it (the report's
@@ -158,12 +167,12 @@ def run(config: Config, run_dir: Path) -> dict:
     """
     from pipeline.predict import load_model
 
-    model = load_model(run_dir)
+    model = load_model(run)
     split_name = "test"
-    split = rundir.load_split(run_dir, split_name, config)
+    split = rundir.load_split(run, split_name, config)
     if "instances" not in split:  # ISBI 2012's test labels are secret
         split_name = "val"
-        split = rundir.load_split(run_dir, split_name, config)
+        split = rundir.load_split(run, split_name, config)
     sequences = None
     if config.data.dataset.startswith("ctc2d/") and "ids" in split:  # runs prepared before ids were kept have none
         sequences = [str(example).partition("_")[0] for example in split["ids"]]  # ids are <sequence>_tNNN
@@ -181,12 +190,12 @@ def run(config: Config, run_dir: Path) -> dict:
     if config.data.dataset == "isbi2012":
         report["paper"] = PAPER_ISBI2012 | {"note": "the paper's numbers are on the ISBI 2012 test set (30 slices, "
                                             f"hidden labels); ours are on the {split_name} slices, a different test set"}
-    folder = Path(run_dir) / "evaluation"
-    _write(report, folder / "report.json")
+    run.save_config(config)
+    _write(report, run.report)
     for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
         height, width = probability.shape
         picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width, 0])
-        io.write_png(folder / f"panel_{index:03d}.png", picture, overwrite=True)
+        io.write_png(run.panel(index), picture, overwrite=True)
     return report
 
 
@@ -194,9 +203,12 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
     """Scores a probability-of-cell TIFF (image or stack) against ISBI-style labels.
 
     Prints the table; writes the JSON report to `output` when given, and the error
-    pictures into the folder `<output without suffix>_panels/` beside it.
+    pictures into the folder `<output without suffix>_panels/` beside it. Warnings name
+    the ground truth file, and in a stack the slice.
     """
-    probability, truth = io.read_image(prediction), io.read_image(ground_truth)
+    if output is not None:
+        io.check_output_file(Path(output))
+    probability, truth = _read_grey(prediction), _read_grey(ground_truth)
     if probability.shape != truth.shape:
         raise PipelineError(f"{prediction}: shape {probability.shape} differs from {ground_truth}'s {truth.shape}")
     if probability.dtype.kind != "f":
@@ -205,7 +217,10 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
         probability, cells = metrics.check_pair(probability, truth)
     except PipelineError as error:
         raise PipelineError(f"{prediction} vs {ground_truth}: {error}") from None
-    report = {"prediction": str(prediction), "ground_truth": str(ground_truth)} | report_for(probability, cells, threshold)
+    # A stack's warnings name its slices, which `report_for` scores as its images.
+    names = [str(ground_truth)] if truth.ndim == 2 else [f"{ground_truth} slice {i}" for i in range(len(cells))]
+    report = ({"prediction": str(prediction), "ground_truth": str(ground_truth)}
+              | report_for(probability, cells, threshold, names=names))
     if output is not None:
         _write(report, Path(output))
         folder = Path(output).with_suffix("").with_name(Path(output).stem + "_panels")
@@ -216,6 +231,12 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
     return report
 
 
+def _read_grey(path: Path) -> np.ndarray:
+    """A grey image [H, W] or stack [D, H, W] as its file's axes say."""
+    stack = io.read_stack(path)[..., 0]
+    return stack[0] if len(stack) == 1 else stack
+
+
 def _write(report: dict, path: Path) -> None:
     io.atomic_write_text(path, json.dumps(report, indent=2))
     print(table(report))
@@ -223,7 +244,11 @@ def _write(report: dict, path: Path) -> None:
 
 
 def table(report: dict) -> str:
-    """The report as a text table: per image, mean, overall, SEG per sequence, no TTA, and the paper's row."""
+    """The report as a text table: per image, mean, overall, SEG per sequence, no TTA, and the paper's row.
+
+    Rows whose ground truth leaves values meaningless end their label in "!", and the
+    report's warnings follow the table, one per line.
+    """
     columns = [("warping_error", "warping", ".6f"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
                ("v_rand_error", "1-Vrand", ".4f"), ("v_info_error", "1-Vinfo", ".4f"),
                ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f")]
@@ -231,6 +256,7 @@ def table(report: dict) -> str:
     header = f"{'image':>10}" + "".join(f"{title:>11}" for _, title, _ in columns)
 
     def row(label: str, values: dict) -> str:
+        label += "!" if "warning" in values else ""
         return f"{label:>10}" + "".join(
             f"{values[key]:>11{fmt}}" if key in values else f"{'-':>11}" for key, _, fmt in columns)
 
@@ -250,6 +276,7 @@ def table(report: dict) -> str:
     source = f"{report['dataset']} {report['split']} split" if "dataset" in report else report.get("prediction", "")
     title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy and SEG at "
              f"threshold {report['threshold']}")
+    notes += [f"! {warning}" for warning in report["warnings"]]
     return "\n".join([title, header, *rows, *notes])
 
 

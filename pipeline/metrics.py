@@ -109,6 +109,32 @@ def binary_truth(truth: np.ndarray) -> np.ndarray:
     return truth > 0
 
 
+def truth_warning(truth: np.ndarray) -> str | None:
+    """What a ground truth without membrane or without cell pixels makes meaningless, or None.
+
+    `truth` is a cell mask, one image or a stack taken as a whole (a stack's counts are
+    summed, so one degenerate slice leaves the stack's values meaningful). Why:
+    - No membrane: threshold 0.0, the first of every sweep, calls each probability
+      above 0 cell, which (without a probability of exactly 0) reproduces the truth,
+      so the swept errors' lowest value is 0 whatever membranes are predicted.
+    - No cell: the Rand sums and V_rand, V_info run over the truth's cell pixels (none),
+      and warping can neither create a cell nor find two cells to split or merge, so
+      these are 0 at every threshold; the cell F-score is 1 or 0, so the pixel error is
+      0 unless a pixel is cell at the grid's top, 0.9999999999999999: only 1.0 is;
+      IoU is 1 or 0; SEG has no reference object.
+    Pixel accuracy (and, without membrane, IoU) still measure the prediction.
+    """
+    truth = np.asarray(truth, bool)
+    if truth.all():
+        return ("ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and 1-Vinfo are 0 "
+                "(at threshold 0.0) whatever membranes are predicted, unless a probability is exactly 0")
+    if not truth.any():
+        return ("ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by definition, "
+                "pixel error is 1 if a probability is exactly 1 and 0 otherwise, IoU is 0 if any pixel is "
+                "predicted cell and 1 otherwise, and SEG (where scored) is 0")
+    return None
+
+
 def _stack(array: np.ndarray) -> np.ndarray:
     return array[None] if array.ndim == 2 else array
 

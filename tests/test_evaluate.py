@@ -9,11 +9,12 @@ import pytest
 import tifffile
 
 from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc
-from pipeline import data, metrics, rundir
+from pipeline import data, metrics
 from pipeline.cli import main
 from pipeline.config import load
-from pipeline.evaluate import report_for, summary
+from pipeline.evaluate import report_for, summary, table
 from pipeline.model import unet
+from pipeline.rundir import RunDir
 
 
 def _pair(tmp_path):
@@ -36,7 +37,10 @@ def test_scores_any_prediction_and_writes_headline_keys(tmp_path, capsys):
     assert report["pixel_error"] > 0 and report["rand_error"] > 0
     assert [row["warping_error"] for row in report["per_image"]] == [0.0, 1 / (24 * 24), 0.0]
     assert len(report["overall"]["per_threshold"]["warping_error"]) == 10
-    assert "overall" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "overall" in out
+    assert report["warnings"] == [] and "!" not in out  # cells and membrane in every slice
+    assert not any("warning" in row for row in [*report["per_image"], report["overall"]])
     panel = cv2.imread(str(tmp_path / "out" / "report_panels" / "panel_001.png"))
     assert panel.shape == (24, 3 * 24 + 2 * 4, 3)
     assert tuple(panel[5, 2 * 28 + 11]) == (255, 0, 255)  # the merger pixel in its colour
@@ -50,6 +54,67 @@ def test_bad_prediction_file_is_a_one_line_error(tmp_path, capsys):
     assert error.count("\n") == 1 and "outside [0, 1]" in error
     assert main(["--stage", "evaluate", "--prediction", str(prediction)]) == 2
     assert "--ground-truth" in capsys.readouterr().err
+
+
+NO_MEMBRANE = "ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and 1-Vinfo are 0"
+NO_CELL = "ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by definition"
+
+
+def _two_cells() -> tuple[np.ndarray, np.ndarray]:
+    """A ground truth of two cells and a prediction with an extra membrane across one of them."""
+    truth = np.ones((16, 16), bool)
+    truth[:, 7] = False
+    probability = np.where(truth, 0.9, 0.1).astype(np.float32)
+    probability[8, :7] = 0.1
+    return probability, truth
+
+
+@pytest.mark.parametrize("label, truth, message", [
+    ("all cell", np.ones((16, 16), bool), NO_MEMBRANE),
+    ("all membrane", np.zeros((16, 16), bool), NO_CELL),
+])
+def test_ground_truth_without_membrane_or_cells_is_warned_about(label, truth, message):
+    probability, normal = _two_cells()
+    report = report_for([probability, probability], [normal, truth], 0.5)
+    # The same prediction, with its wrong membrane, scores perfectly against the degenerate truth.
+    assert report["per_image"][0]["rand_error"] > 0
+    assert report["per_image"][1]["rand_error"] == report["per_image"][1]["warping_error"] == 0.0
+    assert [line.split(";")[0] for line in report["warnings"]] == [f"image 1: {message.split(';')[0]}"]
+    assert report["warnings"][0].startswith(f"image 1: {message}")
+    assert report["per_image"][1]["warning"] == report["warnings"][0].removeprefix("image 1: ")
+    assert "warning" not in report["per_image"][0] and "warning" not in report["overall"]
+    assert "warning" not in report["mean_per_image"]
+    printed = table(report)
+    assert "\n        1! " in printed and "\n         0 " in printed
+    assert printed.endswith(f"\n! {report['warnings'][0]}")
+
+
+def test_score_files_warns_about_each_degenerate_slice(tmp_path, capsys):
+    truth = np.full((3, 16, 16), 255, np.uint8)
+    truth[0, :, 7] = 0
+    truth[1] = 0  # slice 1: all membrane; slice 2: all cell
+    probability = np.where(truth[0] > 0, 0.9, 0.1).astype(np.float32)[None].repeat(3, axis=0)
+    tifffile.imwrite(tmp_path / "gt.tif", truth, photometric="minisblack")  # 3 slices, not RGB
+    tifffile.imwrite(tmp_path / "pred.tif", probability, photometric="minisblack")
+    gt, output = tmp_path / "gt.tif", tmp_path / "report.json"
+    assert main(["--stage", "evaluate", "--prediction", str(tmp_path / "pred.tif"), "--ground-truth", str(gt),
+                 "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert [line.split(";")[0] for line in report["warnings"]] == [
+        f"{gt} slice 1: ground truth has no cell pixels", f"{gt} slice 2: ground truth has no membrane pixels"]
+    assert report["warnings"][0].startswith(f"{gt} slice 1: {NO_CELL}")
+    assert report["warnings"][1].startswith(f"{gt} slice 2: {NO_MEMBRANE}")
+    assert ["warning" in row for row in report["per_image"]] == [False, True, True]
+    assert "warning" not in report["overall"]  # the stack as a whole has cells and membrane
+    out = capsys.readouterr().out
+    assert all(f"\n! {line}\n" in out for line in report["warnings"])
+
+    # A single image is named by its file alone, and with it the whole report is degenerate.
+    tifffile.imwrite(gt, truth[2])
+    tifffile.imwrite(tmp_path / "pred.tif", probability[2])
+    assert main(["--stage", "evaluate", "--prediction", str(tmp_path / "pred.tif"), "--ground-truth", str(gt)]) == 0
+    out = capsys.readouterr().out
+    assert f"\n! {gt}: {NO_MEMBRANE}" in out and "\n  overall! " in out
 
 
 def test_images_of_different_sizes_are_scored_on_their_own_pixels():
@@ -70,8 +135,9 @@ def _ctc_run(tmp_path):
                  "--data-dir", str(tmp_path / "data")]) == 0
     config = load(run_dir / "config.yaml")
     keras.utils.set_random_seed(0)
-    rundir.best_model(run_dir).parent.mkdir()
-    unet(config.model).save(rundir.best_model(run_dir))
+    best = RunDir(run_dir).best_model
+    best.parent.mkdir()
+    unet(config.model).save(best)
     return run_dir
 
 

@@ -198,6 +198,53 @@ def test_identical_labels_give_zero_errors():
         assert sweep(probability, truth).error == 0.0, sweep.__name__
 
 
+# --- ground truth without membrane or without cells --------------------------------------
+
+_SWEEPS = (metrics.pixel_error_sweep, rand_error_sweep, warping_error_sweep, metrics.v_rand_sweep, metrics.v_info_sweep)
+
+
+def test_truth_without_membrane_scores_zero_at_threshold_zero_whatever_is_predicted():
+    truth = np.ones((12, 12), bool)
+    membranes = np.full((12, 12), 0.9, np.float32)
+    membranes[:, 5] = membranes[6, :] = 0.05  # four predicted cells: at t >= 0.05 a split cell
+    warning = metrics.truth_warning(truth)
+    assert warning.startswith("ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and "
+                              "1-Vinfo are 0 (at threshold 0.0)")
+    for sweep in _SWEEPS:
+        assert (sweep(membranes, truth).error, sweep(membranes, truth).threshold) == (0.0, 0.0), sweep.__name__
+        assert max(sweep(membranes, truth).errors) > 0, sweep.__name__  # the membranes count at higher thresholds
+    # "unless a probability is exactly 0": then threshold 0.0 sees the membranes too.
+    membranes[:, 5] = 0.0
+    assert rand_error_sweep(membranes, truth).error > 0 and metrics.pixel_error_sweep(membranes, truth).error > 0
+
+
+def test_truth_without_cells_leaves_only_pixel_accuracy_meaningful():
+    truth = np.zeros((12, 12), np.uint8)
+    rng = np.random.default_rng(5)
+    probability = rng.uniform(0.0, 1.0, (12, 12)).astype(np.float32)
+    probability[2:9, 3:8] = 0.99  # a confident false cell
+    warning = metrics.truth_warning(truth)
+    assert warning == ("ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by "
+                       "definition, pixel error is 1 if a probability is exactly 1 and 0 otherwise, IoU is 0 if any "
+                       "pixel is predicted cell and 1 otherwise, and SEG (where scored) is 0")
+    for sweep in (rand_error_sweep, warping_error_sweep, metrics.v_rand_sweep, metrics.v_info_sweep):
+        assert set(sweep(probability, truth).errors) == {0.0}, sweep.__name__
+    assert pixel_error(probability, truth)[0] == 0.0
+    assert foreground_iou(probability, truth) == 0.0 and foreground_iou(probability / 2, truth) == 1.0
+    assert seg(metrics.cell_instances(probability), truth) == 0.0
+    assert pixel_accuracy(probability, truth) == np.mean(probability <= 0.5)
+    probability[0, 0] = 1.0
+    assert pixel_error(probability, truth)[0] == 1.0
+
+
+def test_truth_with_cells_and_membrane_has_no_warning():
+    truth = np.ones((3, 8, 8), bool)
+    assert metrics.truth_warning(truth[0]) is not None
+    truth[1:, :, 4] = False
+    # A stack counts as a whole: its summed counts mean something though slice 0 has no membrane.
+    assert metrics.truth_warning(truth) is None and metrics.truth_warning(truth[1]) is None
+
+
 # --- SEG ------------------------------------------------------------------------------
 
 def test_seg_by_hand():
