@@ -42,10 +42,9 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     the best value so far is kept beside it, so a resumed run keeps comparing against it.
     """
 
-    def __init__(self, path: Path, monitor: str = "val_loss"):
+    def __init__(self, path: Path, record: Path, monitor: str = "val_loss"):
         super().__init__()
-        self.path, self.monitor = Path(path), monitor
-        self.record = self.path.with_suffix(".json")
+        self.path, self.record, self.monitor = Path(path), Path(record), monitor
         self.best = json.loads(self.record.read_text())[monitor] if self.record.exists() else math.inf
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:

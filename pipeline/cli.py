@@ -1,4 +1,4 @@
-"""Command line: parse arguments, resolve the configuration, call the stages."""
+"""Command line: parse arguments, resolve and check the configuration, call the stages."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pipeline import config as configuration
 from pipeline import rundir
 from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
-RUNS = Path("runs")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--stage", choices=STAGES + ("all",), default="all", help="stage to run (default: all, in order)")
     p.add_argument("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
-                   "else the newest run under runs/)")
+                   "else the run that prepare last started here, recorded in runs/.latest)")
     p.add_argument("--preset", choices=sorted(configuration.PRESETS), help="named configuration (default: cpu)")
     p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, help="data set (default: embedded synthetic)")
     p.add_argument("--data-dir", help="folder of the data set's files: isbi2012's TIFF stacks, image_folder's "
                    "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
-    p.add_argument("--strategy", choices=("mirrored", "multi_worker"),
+    p.add_argument("--strategy", choices=configuration.STRATEGIES,
                    help="train on this machine's devices (default) or on the TF_CONFIG cluster")
     p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")
     p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions); "
@@ -40,20 +40,24 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", type=Path, help="evaluate: score this probability-of-cell TIFF (image or stack) "
                    "instead of a run's model; needs --ground-truth")
     p.add_argument("--ground-truth", type=Path, help="evaluate: binary labels for --prediction (255 or 1 = cell)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing trained model, predictions or export version")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing trained model, prepared data, predictions or export version")
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
-    """The run directory and its configuration: saved one or preset, then overrides."""
-    run_dir = args.run_dir or _default_run_dir(args)
-    saved_path = run_dir / "config.yaml"
+def resolve(args: argparse.Namespace) -> tuple[configuration.Config, RunDir]:
+    """The run directory and its checked configuration: saved one or preset, then overrides.
+
+    Nothing is written here: each stage saves the configuration once its own checks have
+    passed, so that a refused command leaves the run directory as it was.
+    """
+    run = RunDir(args.run_dir) if args.run_dir else _default_run(args)
     overrides = configuration.read_file(args.config) if args.config else {}
     assignments = configuration.parse_set(args.assignments)
-    if saved_path.exists():
-        config = configuration.load(saved_path)
+    config = run.saved_config()
+    if config is not None:
         if args.preset and args.preset != config.preset:
-            raise PipelineError(f"{saved_path}: run uses preset {config.preset!r}, not {args.preset!r}; "
+            raise PipelineError(f"{run.config}: run uses preset {config.preset!r}, not {args.preset!r}; "
                                 "use a new --run-dir")
     else:
         dataset = args.dataset or _dataset_of(assignments) or _dataset_of(overrides)
@@ -63,9 +67,8 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, Path]:
     train = {"strategy": args.strategy} if args.strategy else {}
     config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
     config = configuration.apply_overrides(config, assignments, "--set")
-    if rundir.is_writer():  # in a cluster, only the chief writes the shared files
-        _save(config, saved_path)
-    return config, run_dir
+    configuration.validate(config)
+    return config, run
 
 
 def _dataset_of(overrides: dict) -> str | None:
@@ -73,42 +76,30 @@ def _dataset_of(overrides: dict) -> str | None:
     return data.get("dataset") if isinstance(data, dict) else None
 
 
-def _default_run_dir(args: argparse.Namespace) -> Path:
+def _default_run(args: argparse.Namespace) -> RunDir:
     if args.stage in ("all", "prepare"):
-        return RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset or 'cpu'}"
-    runs = sorted(p for p in RUNS.glob("*") if (p / "config.yaml").exists()) if RUNS.is_dir() else []
-    if not runs:
-        raise PipelineError(f"{RUNS}: no run found; run --stage prepare first or give --run-dir")
-    print(f"using the newest run directory: {runs[-1]}")
-    return runs[-1]
+        return RunDir(rundir.RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset or 'cpu'}")
+    return rundir.latest()
 
 
-def _save(config: configuration.Config, path: Path) -> None:
-    """Writes config.yaml; a different earlier one is kept as config.N.yaml."""
-    if path.exists():
-        if configuration.load(path) == config:
-            return
-        n = 1
-        while path.with_name(f"config.{n}.yaml").exists():
-            n += 1
-        os.replace(path, path.with_name(f"config.{n}.yaml"))
-    configuration.save(config, path)
-
-
-def run_stage(stage: str, config: configuration.Config, run_dir: Path, args: argparse.Namespace) -> None:
-    # Imported here so that --help and argument errors answer without loading TensorFlow.
+def run_stage(stage: str, config: configuration.Config, run: RunDir, args: argparse.Namespace) -> None:
+    # Imported here so that --help and refused commands answer without loading TensorFlow.
     from pipeline import evaluate, export, predict, prepare, train
 
     if stage == "prepare":
-        prepare.run(config, run_dir)
+        prepare.run(config, run, overwrite=args.overwrite)
+        rundir.mark_latest(run)
     elif stage == "train":
-        train.run(config, run_dir, overwrite=args.overwrite)
+        train.run(config, run, overwrite=args.overwrite)
     elif stage == "evaluate":
-        evaluate.run(config, run_dir)
+        evaluate.run(config, run)
     elif stage == "export":
-        export.run(config, run_dir, overwrite=args.overwrite)
+        # `--stage all` keeps its export inside the run: only an explicit `--stage export`
+        # publishes a version where a model server may be watching.
+        root = run.export_root if args.stage == "all" else Path(config.export.root)
+        export.run(config, run, root, overwrite=args.overwrite)
     elif stage == "predict":
-        predict.run(config, run_dir, args.input, args.output, overwrite=args.overwrite)
+        predict.run(config, run, args.input, args.output, overwrite=args.overwrite)
 
 
 def _score_files(args: argparse.Namespace) -> int:
@@ -128,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.prediction or args.ground_truth:
             return _score_files(args)
-        config, run_dir = resolve(args)
+        config, run = resolve(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
+        run.check_changes(config, stages, args.overwrite)
         for stage in stages:
-            print(f"== {stage} ({run_dir})", flush=True)
-            run_stage(stage, config, run_dir, args)
+            print(f"== {stage} ({run})", flush=True)
+            run_stage(stage, config, run, args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # what no check could foresee (a disk filling up during training)
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 2
     return 0

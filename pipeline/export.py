@@ -4,6 +4,10 @@
     saved_models/<name>/<version>/          integer versions, the layout the server watches
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests
+        assets.extra/provenance.json        where the version came from (plain JSON)
+
+`--stage export` publishes into `export.root` (saved_models/); `--stage all` exports into
+the run directory instead, so that a throwaway run never becomes a served version.
 
 Signatures (input `image`, outputs `mask` and `probabilities`):
 - `serving_default` (float32), `segment_uint8`, `segment_uint16`: a whole image of any
@@ -15,13 +19,19 @@ Signatures (input `image`, outputs `mask` and `probabilities`):
 - `tile`: a batch of fixed-size, already normalised input tiles -> the raw network output.
 
 A version is written to a hidden temporary folder and renamed into place, so a server never
-sees it half-written, and an existing version is never replaced unless asked.
+sees it half-written, and an existing version is never replaced unless asked. Temporary
+folders that a killed export left behind are removed by the next export on that machine.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import importlib.metadata
+import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import keras
@@ -35,8 +45,12 @@ from pipeline import io
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.predict import load_model, segmentation_function
+from pipeline.rundir import RunDir
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
+PROVENANCE_FILE = Path("assets.extra") / "provenance.json"
+# The evaluation values a version records (those the report has).
+HEADLINE = ("warping_error", "rand_error", "pixel_error", "foreground_iou", "seg")
 
 
 def versions(model_root: Path) -> list[int]:
@@ -83,9 +97,13 @@ def write_models_config(root: Path) -> Path:
     return path
 
 
-def export_model(model: keras.Model, config: Config, overwrite: bool = False) -> Path:
-    """Writes the SavedModel (with its warm-up requests) and returns its version folder."""
-    model_root = Path(config.export.root) / config.export.name
+def export_model(
+    model: keras.Model, config: Config, root: Path | None = None, provenance: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Writes the SavedModel (with its warm-up requests and provenance) under `root`
+    (default `export.root`) and returns its version folder."""
+    model_root = Path(root or config.export.root) / config.export.name
     version = config.export.version or next_version(model_root)
     target = model_root / str(version)
     if target.exists() and not overwrite:
@@ -103,12 +121,14 @@ def export_model(model: keras.Model, config: Config, overwrite: bool = False) ->
         input_signature=[tf.TensorSpec([None, tile, tile, channels], tf.float32, "tiles")],
     )
     model_root.mkdir(parents=True, exist_ok=True)
-    temporary = model_root / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(temporary, ignore_errors=True)
+    _remove_abandoned(model_root)
+    temporary = model_root / _scratch_name("tmp", version)
     archive.write_out(str(temporary), verbose=False)
     write_warmup_requests(temporary / WARMUP_FILE, config.export.name, config)
+    if provenance is not None:
+        (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance | {"version": version}, indent=2))
     if target.exists():  # overwrite asked: swap, then drop the old version
-        retired = model_root / f".old-{version}-{os.getpid()}"
+        retired = model_root / _scratch_name("old", version)
         os.rename(target, retired)
         os.rename(temporary, target)
         shutil.rmtree(retired)
@@ -118,9 +138,70 @@ def export_model(model: keras.Model, config: Config, overwrite: bool = False) ->
     return target
 
 
-def run(config: Config, run_dir: Path, overwrite: bool = False) -> Path:
-    """Exports the run's best model."""
-    target = export_model(load_model(run_dir), config, overwrite)
+def _scratch_name(kind: str, version: int) -> str:
+    # Host and process name the writer, so that a later export can tell an abandoned
+    # folder from one that another export is writing right now (also on a shared disk).
+    return f".{kind}-{version}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_abandoned(model_root: Path) -> None:
+    """Removes scratch folders of exports on this machine whose process no longer runs."""
+    host = socket.gethostname()
+    for folder in model_root.glob(".*-*"):
+        kind, _, rest = folder.name[1:].partition("-")
+        writer_host, _, pid = rest.partition("-")[2].rpartition("-")
+        if kind in ("tmp", "old") and writer_host == host and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def provenance(config: Config, run: RunDir) -> dict:
+    """What a version records about where it came from: run, model, configuration, scores, time.
+
+    The evaluation's values are included only when the report is newer than the model
+    (else it scored another model), and the note says why they are missing.
+    """
+    model = run.best_model
+    record = {
+        "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "run_dir": str(run.root.resolve()),
+        "model": str(model.resolve()),
+        "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        "configuration": config.to_dict(),
+        "software": {"unet-pipeline": _version("unet-pipeline"), "tensorflow": tf.__version__,
+                     "keras": keras.__version__},
+    }
+    if not run.report.exists():
+        return record | {"evaluation": None, "evaluation_note": f"{run.report} did not exist at export time"}
+    if run.report.stat().st_mtime < model.stat().st_mtime:
+        return record | {"evaluation": None, "evaluation_note": f"{run.report} is older than the model"}
+    report = json.loads(run.report.read_text())
+    values = report["mean_per_image"] if report.get("overall") is None else report["overall"]
+    evaluation = {"split": report.get("split"), "dataset": report.get("dataset"), "threshold": report.get("threshold")}
+    return record | {"evaluation": evaluation | {key: values[key] for key in HEADLINE if key in values}}
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def run(config: Config, run: RunDir, root: Path, overwrite: bool = False) -> Path:
+    """Exports the run's best model as the next version (or `export.version`) under `root`."""
+    target = export_model(load_model(run), config, root, provenance(config, run), overwrite)
+    run.save_config(config)
     print(
         f"exported SavedModel -> {target} (signatures: serving_default, segment_uint8, "
         f"segment_uint16 = whole image; tile); model server config -> {target.parent.parent / 'models.config'}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -12,42 +13,58 @@ import tensorflow as tf
 from pipeline import io, rundir
 from pipeline.config import Config
 from pipeline.input_pipeline import normalize
+from pipeline.rundir import RunDir
 from pipeline.tiling import overlap_tile_predict
 
 
 def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
     """[H, W], [H, W, C], [B, H, W] (C = 1) or [B, H, W, C] -> ([B, H, W, C], leading dims).
 
-    The leading dims are [] or [B], so that outputs can take the input's layout again.
+    For a 1-channel model, [H, W, 3|4] and [B, H, W, 3|4] are colour images, read as grey
+    (their first channel) by `io.COLOUR_AS_GREY`, else refused; so a [B, H, W] batch of
+    images 3 or 4 pixels wide must come as [B, H, W, 1]. Any other layout, and an empty
+    dimension, fail with a message listing the layouts. The leading dims are [] or [B], so
+    that outputs can take the input's layout again.
     """
     shape = tf.shape(image, out_type=tf.int32)
     rank = tf.size(shape)
-    last = shape[-1]
-    channel_axis = (rank == 4) | ((rank == 3) & (last == channels))
+    last = tf.concat([[0], shape], 0)[-1]  # 0 for a scalar, whose shape has no last entry
+    colour = tf.constant(channels == 1) & ((last == 3) | (last == 4))
+    channel_axis = (rank == 4) | ((rank == 3) & ((last == channels) | colour))
     batch_axis = (rank == 4) | ((rank == 3) & ~channel_axis)
-    valid = tf.reduce_any([
-        (rank == 2) & (channels == 1),
-        (rank == 3) & (channel_axis | (channels == 1)),
-        (rank == 4) & (last == channels),
+    valid = tf.reduce_all([
+        (rank >= 2) & (rank <= 4),
+        ~channel_axis | (last == channels) | colour,
+        channel_axis | (channels == 1),
+        tf.reduce_all(shape > 0),
     ])
-    check = tf.debugging.Assert(valid, [
-        f"image must be [H, W]{', [B, H, W]' if channels == 1 else ''}, [H, W, {channels}] or "
-        f"[B, H, W, {channels}]; got shape", shape,
-    ])
+    layouts = (f"[H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour: [H, W, 3|4] "
+               f"or [B, H, W, 3|4])" if channels == 1 else f"[H, W, {channels}] or [B, H, W, {channels}]")
+    check = tf.debugging.Assert(valid, [f"image must be {layouts}, with no empty dimension; got shape", shape])
     with tf.control_dependencies([check]):
         leading = tf.cast(batch_axis, tf.int32)
+        depth = tf.where(channel_axis, last, 1) if channels == 1 else channels
         height, width = shape[leading], shape[leading + 1]
-        batch = tf.reshape(image, tf.stack([tf.reduce_prod(shape[:leading]), height, width, channels]))
-    return batch, shape[:leading]
+        batch = tf.reshape(image, tf.stack([tf.reduce_prod(shape[:leading]), height, width, depth]))
+    if channels > 1:
+        return batch, shape[:leading]
+    # The same test as io.as_model_channels: true for [B, H, W, 1], whose slices are empty.
+    grey = tf.reduce_all(tf.equal(batch[..., 1:3], batch[..., :1])) & tf.reduce_all(
+        tf.equal(batch[..., 3:], batch[:, :1, :1, 3:]))
+    colour_check = tf.debugging.Assert(grey, [f"{io.COLOUR_AS_GREY}; got shape", shape])
+    with tf.control_dependencies([colour_check]):
+        return batch[..., 0, tf.newaxis], shape[:leading]
 
 
 def segmentation_function(model: keras.Model, config: Config):
     """Whole images -> {"mask", "probabilities"}: what `predict`, `evaluate` and the export run.
 
     Takes [H, W], [H, W, C], [B, H, W] (1-channel models) or [B, H, W, C] of any numeric
-    dtype; normalises each image, predicts it tile by tile (with test-time augmentation
-    if configured) and returns the mask (uint8, 255 = cell) and class probabilities in the
-    input's layout. Written with TensorFlow ops only, so it traces into a SavedModel.
+    dtype, and for a 1-channel model a grey image stored as colour ([H, W, 3|4] or
+    [B, H, W, 3|4], by `io.COLOUR_AS_GREY`); normalises each image, predicts it tile by
+    tile (with test-time augmentation if configured) and returns the mask (uint8, 255 =
+    cell) and class probabilities in the input's layout. Written with TensorFlow ops
+    only, so it traces into a SavedModel.
     """
     channels, depth, tiles = config.model.input_channels, config.model.depth, config.predict
     classes = config.model.num_classes
@@ -87,9 +104,14 @@ class Segmenter:
         return self._segment(tf.cast(image, tf.float32))["probabilities"][..., 1].numpy()
 
 
-def load_model(run_dir: Path) -> keras.Model:
-    """The best model of a run, or an error saying to train first."""
-    return keras.models.load_model(rundir.require(rundir.best_model(run_dir), "train"))
+def load_model(run: RunDir) -> keras.Model:
+    """The best model of a run for inference, or an error saying to train first.
+
+    Without its training configuration (loss, metrics, optimizer): inference needs none
+    of it, and a plain `keras.saving.load_model(path, compile=False)` reads the same file
+    without this project.
+    """
+    return keras.saving.load_model(rundir.require(run.best_model, "train"), compile=False)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -105,35 +127,49 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def run(
     config: Config,
-    run_dir: Path,
+    run: RunDir,
     input_path: Path | None = None,
     output_dir: Path | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Writes NAME_prob.tif, NAME_mask.tif and NAME_overlay*.png per input image or stack.
 
-    Without an input, predicts the prepared test split of the run. All inputs are read
-    and checked, and existing outputs refused (unless `overwrite`), before anything is
-    written; each file appears only once it is complete.
+    Without an input, predicts the prepared test split of the run. The output folder,
+    every input, existing outputs (refused unless `overwrite`) and the free space are
+    checked before anything is written; an input's files appear together or not at all.
     """
-    output_dir = Path(output_dir or Path(run_dir) / "predictions")
-    stacks = _inputs(config, run_dir, input_path)
+    output_dir = Path(output_dir or run.predictions)
+    io.check_output_folder(output_dir)
+    stacks = _inputs(config, run, input_path)
     outputs = {name: _outputs(output_dir, name, len(stack)) for name, stack in stacks.items()}
     io.refuse_existing([path for paths in outputs.values() for path in paths], overwrite)
-    segment = Segmenter(load_model(run_dir), config)
+    # float32 probabilities, uint8 mask, at most 3 bytes per pixel of overlay PNG.
+    io.check_free_space(output_dir, sum(8 * stack[..., 0].size for stack in stacks.values()))
+    segment = Segmenter(load_model(run), config)
+    run.save_config(config)
     progress = keras.utils.Progbar(sum(len(stack) for stack in stacks.values()), unit_name="image")
     for name, stack in stacks.items():
         probability = np.stack([_progress(segment(image), progress) for image in stack])
         mask = ((probability > config.predict.threshold) * 255).astype(np.uint8)
-        prob_path, mask_path, *overlay_paths = outputs[name]
-        # A single image keeps its 2-D shape; a stack stays a stack.
-        io.write_tiff(prob_path, probability if len(stack) > 1 else probability[0], overwrite)
-        io.write_tiff(mask_path, mask if len(stack) > 1 else mask[0], overwrite)
-        for image, image_mask, path in zip(stack, mask, overlay_paths):
-            io.write_png(path, overlay(image, image_mask), overwrite)
+        with io.atomic_paths(outputs[name], overwrite) as (prob_path, mask_path, *overlay_paths):
+            # A single image keeps its 2-D shape; a stack stays a stack.
+            io.encode_tiff(prob_path, probability if len(stack) > 1 else probability[0])
+            io.encode_tiff(mask_path, mask if len(stack) > 1 else mask[0])
+            for image, image_mask, path in zip(stack, mask, overlay_paths):
+                io.encode_png(path, overlay(image, image_mask))
+        _remove_stale_overlays(output_dir, name, outputs[name])
     written = [path for paths in outputs.values() for path in paths]
     print(f"predicted {len(stacks)} input(s) -> {output_dir} ({len(written)} files)")
     return written
+
+
+def _remove_stale_overlays(output_dir: Path, name: str, current: list[Path]) -> None:
+    """Removes the overlays of an earlier input of this name (a longer stack, or a single
+    image where there is now a stack) that `--overwrite` replaced."""
+    pattern = re.compile(re.escape(name) + r"_overlay(_\d{3})?\.png")
+    for path in output_dir.iterdir():
+        if pattern.fullmatch(path.name) and path not in current:
+            path.unlink()
 
 
 def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
@@ -141,10 +177,10 @@ def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
     return result
 
 
-def _inputs(config: Config, run_dir: Path, input_path: Path | None) -> dict[str, np.ndarray]:
+def _inputs(config: Config, run: RunDir, input_path: Path | None) -> dict[str, np.ndarray]:
     """Named [N, H, W, C] stacks: the given file or folder, else the run's test split."""
     if input_path is None:
-        test = rundir.load_split(run_dir, "test", config)
+        test = rundir.load_split(run, "test", config)
         # Prepared images of different sizes are padded to the largest: crop them back.
         return {f"test_{i:03d}": image[None, :height, :width]
                 for i, (image, (height, width)) in enumerate(zip(test["images"], test["sizes"]))}

@@ -19,15 +19,24 @@ import numpy as np
 
 from pipeline import data, io, rundir
 from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
 from pipeline.weight_map import separate_instances, weight_map
 
 
-def run(config: Config, run_dir: Path) -> None:
-    """Writes prepared/{train,val,test}.npz and a manifest into the run directory."""
+def run(config: Config, run: RunDir, overwrite: bool = False) -> None:
+    """Writes prepared/{train,val,test}.npz and a manifest into the run directory.
+
+    Data a trained model was trained on is replaced only with `overwrite`. The splits and
+    the manifest appear together or not at all.
+    """
+    if run.has_trained_model() and not overwrite:
+        raise PipelineError(f"{run.best_model}: the run has a trained model; preparing again would replace "
+                            "the data it was trained on (pass --overwrite, or use a new --run-dir)")
     splits = data.load(config.data)
     targets = [s for name, s in splits.items() if name != "test" and s.instances is not None]
     progress = keras.utils.Progbar(sum(len(s.images) for s in targets), unit_name="weight map")
-    counts = {}
+    counts, prepared = {}, {}
     for name, split in splits.items():
         sizes = split.sizes if split.sizes is not None else _full_sizes(split.images)
         arrays = {"images": split.images, "sizes": sizes}
@@ -41,15 +50,20 @@ def run(config: Config, run_dir: Path) -> None:
             arrays["weights"] = np.stack(
                 [_weight_map(i, size, config, progress) for i, size in zip(instances, sizes)]
             )
-        io.save_arrays(rundir.prepared_file(run_dir, name), **arrays)
+        prepared[name] = arrays
         counts[name] = len(split.images)
     manifest = {"settings": rundir.data_settings(config), "counts": counts}
-    io.atomic_write_text(rundir.prepared_manifest(run_dir), json.dumps(manifest, indent=2))
+    run.save_config(config)
+    targets = [run.prepared(name) for name in prepared] + [run.manifest]
+    with io.atomic_paths(targets, overwrite=True) as temporaries:
+        for temporary, arrays in zip(temporaries, prepared.values()):
+            io.encode_npz(temporary, arrays)
+        temporaries[-1].write_text(json.dumps(manifest, indent=2))
     shape = "x".join(str(n) for n in splits["train"].images.shape[1:3])
     print(
         f"prepared {config.data.dataset}: "
         + ", ".join(f"{n} {k}" for k, n in counts.items())
-        + f" images of {shape} px -> {rundir.prepared_file(run_dir, 'train').parent}"
+        + f" images of {shape} px -> {run.manifest.parent}"
     )
 
 

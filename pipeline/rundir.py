@@ -1,11 +1,18 @@
-"""The layout of a run directory, shared by all stages.
+"""The run directory: the one owner of its layout, of which run a command picks, and of
+what a command may change in it.
 
-    runs/<name>/config.yaml        resolved configuration (previous ones kept as config.N.yaml)
-    runs/<name>/prepared/*.npz     images, instance labels and weight maps per split
-    runs/<name>/train/best.keras   best model by validation loss (plus last.keras, history.csv)
-    runs/<name>/logs/              TensorBoard event files
-    runs/<name>/evaluation/        report.json
-    runs/<name>/predictions/       probability maps, masks and overlays
+    runs/.latest                   path of the run directory that `prepare` last started
+    <run>/config.yaml              resolved configuration (different earlier ones kept as config.N.yaml)
+    <run>/prepared/*.npz           images, instance labels and weight maps per split, and manifest.json
+    <run>/train/best.keras         best model by validation loss, best.json (its epoch and value)
+    <run>/train/last.keras         model after the last epoch, history.csv, backup/ while training
+    <run>/train/worker-N/          last model and backup of worker N > 0 (multi-worker training)
+    <run>/logs/                    TensorBoard event files
+    <run>/evaluation/              report.json, panel_NNN.png
+    <run>/predictions/             probability maps, masks and overlays of the test split
+    <run>/export/<name>/<version>/ the SavedModel that `--stage all` writes (never saved_models/)
+
+Every stage asks a `RunDir` for its paths; no other module joins path names.
 """
 
 from __future__ import annotations
@@ -17,11 +24,22 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import config as configuration
+from pipeline import io
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
+RUNS = Path("runs")
+LATEST = RUNS / ".latest"
 
-def is_writer() -> bool:
+# What a trained model depends on: once a run has one (or a training in progress), these
+# sections may only change by training again from scratch (`--stage train --overwrite`).
+TRAINED_SECTIONS = ("data", "weight_map", "model", "augment", "train")
+# What prepared data depends on.
+PREPARED_SECTIONS = ("data", "weight_map")
+
+
+def is_chief() -> bool:
     """Whether this process writes the run's shared files (configuration, checkpoints, logs).
 
     True unless `TF_CONFIG` makes it a worker other than the chief: the task `chief`, or
@@ -34,16 +52,153 @@ def is_writer() -> bool:
     return task.get("type") == "worker" and task.get("index", 0) == 0 and "chief" not in cluster
 
 
-def prepared_file(run_dir: Path, split: str) -> Path:
-    return Path(run_dir) / "prepared" / f"{split}.npz"
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if self.root.exists() and not self.root.is_dir():
+            raise PipelineError(f"{self.root}: run directory is a file, not a folder")
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    def prepared(self, split: str) -> Path:
+        return self.root / "prepared" / f"{split}.npz"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "prepared" / "manifest.json"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def best_model(self) -> Path:
+        return self.train / "best.keras"
+
+    @property
+    def best_record(self) -> Path:
+        return self.train / "best.json"
+
+    @property
+    def history(self) -> Path:
+        return self.train / "history.csv"
+
+    def worker(self, task_id: int | None = None) -> Path:
+        """train/ for the chief; train/worker-N/ for the last model and backup of worker N.
+
+        Every worker keeps its own backup (they all hold the same weights at each epoch
+        end) so that workers sharing a file system never write the same file.
+        """
+        return self.train if task_id is None else self.train / f"worker-{task_id}"
+
+    def last_model(self, task_id: int | None = None) -> Path:
+        return self.worker(task_id) / "last.keras"
+
+    def backup(self, task_id: int | None = None) -> Path:
+        return self.worker(task_id) / "backup"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+    @property
+    def report(self) -> Path:
+        return self.evaluation / "report.json"
+
+    def panel(self, index: int) -> Path:
+        return self.evaluation / f"panel_{index:03d}.png"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def export_root(self) -> Path:
+        return self.root / "export"
+
+    def has_trained_model(self) -> bool:
+        """A finished training (best model) or one in progress (backup)."""
+        return self.best_model.exists() or self.backup().exists()
+
+    def saved_config(self) -> Config | None:
+        return configuration.load(self.config) if self.config.exists() else None
+
+    def save_config(self, config: Config) -> None:
+        """Writes config.yaml; a different earlier one is kept as config.N.yaml.
+
+        Stages call it once their checks have passed, so a refused command leaves the
+        configuration as it was. In a cluster only the chief writes it.
+        """
+        if not is_chief():
+            return
+        if self.config.exists():
+            if configuration.load(self.config) == config:
+                return
+            n = 1
+            while self.config.with_name(f"config.{n}.yaml").exists():
+                n += 1
+            os.replace(self.config, self.config.with_name(f"config.{n}.yaml"))
+        configuration.save(config, self.config)
+
+    def check_changes(self, config: Config, stages: tuple[str, ...], overwrite: bool) -> None:
+        """Refuses a configuration that contradicts what the run already holds.
+
+        A trained model fixes the sections it was trained with, prepared data those it was
+        prepared with, unless the command starts that part over (`train`/`prepare` with
+        `--overwrite`).
+        """
+        saved = self.saved_config()
+        starts_over = overwrite and stages[0] in ("prepare", "train")
+        if saved is None or starts_over:
+            return
+        if self.has_trained_model():
+            _refuse_changes(saved, config, TRAINED_SECTIONS, f"{self.config}: the run's model was trained with",
+                            "train again with --stage train --overwrite, or use a new --run-dir")
+        elif self.manifest.exists() and "prepare" not in stages:
+            _refuse_changes(saved, config, PREPARED_SECTIONS, f"{self.config}: the run's data was prepared with",
+                            "run --stage prepare again")
 
 
-def prepared_manifest(run_dir: Path) -> Path:
-    return Path(run_dir) / "prepared" / "manifest.json"
+def _refuse_changes(saved: Config, config: Config, sections: tuple[str, ...], what: str, remedy: str) -> None:
+    for section in sections:
+        before, after = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(getattr(config, section))
+        for field, value in before.items():
+            if after[field] != value:
+                raise PipelineError(f"{what} {section}.{field}={value!r}, not {after[field]!r}; {remedy}")
 
 
-def best_model(run_dir: Path) -> Path:
-    return Path(run_dir) / "train" / "best.keras"
+def latest() -> RunDir:
+    """The run directory that `prepare` last started (runs/.latest), said aloud."""
+    if not LATEST.is_file():
+        names = sorted(p.name for p in RUNS.glob("*") if (p / "config.yaml").exists()) if RUNS.is_dir() else []
+        listed = f" (runs: {', '.join(names)})" if names else ""
+        raise PipelineError(f"{LATEST}: no run prepared from this folder yet; run --stage prepare first "
+                            f"or give --run-dir{listed}")
+    run = RunDir(Path(LATEST.read_text().strip()))
+    if not run.config.exists():
+        raise PipelineError(f"{LATEST}: names {run}, which holds no run any more; give --run-dir")
+    print(f"using run directory {run} (the last one prepared here; --run-dir picks another)")
+    return run
+
+
+def mark_latest(run: RunDir) -> None:
+    """Records `run` as the one later commands without --run-dir use."""
+    if is_chief():
+        io.atomic_write_text(LATEST, f"{run.root}\n")
 
 
 def require(path: Path, stage: str) -> Path:
@@ -55,16 +210,16 @@ def require(path: Path, stage: str) -> Path:
 
 def data_settings(config: Config) -> dict:
     """The configuration fields that the prepared data depends on."""
-    return {"data": dataclasses.asdict(config.data), "weight_map": dataclasses.asdict(config.weight_map)}
+    return {section: dataclasses.asdict(getattr(config, section)) for section in PREPARED_SECTIONS}
 
 
-def load_split(run_dir: Path, split: str, config: Config) -> dict[str, np.ndarray]:
+def load_split(run: RunDir, split: str, config: Config) -> dict[str, np.ndarray]:
     """Loads a prepared split, refusing data prepared with other data settings."""
-    manifest = json.loads(require(prepared_manifest(run_dir), "prepare").read_text())
+    manifest = json.loads(require(run.manifest, "prepare").read_text())
     if manifest["settings"] != data_settings(config):
         raise PipelineError(
-            f"{prepared_manifest(run_dir)}: data was prepared with other data/weight-map "
+            f"{run.manifest}: data was prepared with other data/weight-map "
             "settings than the current configuration; run --stage prepare again"
         )
-    with np.load(require(prepared_file(run_dir, split), "prepare")) as arrays:
+    with np.load(require(run.prepared(split), "prepare")) as arrays:
         return dict(arrays)

@@ -27,30 +27,23 @@ import tensorflow as tf
 from pipeline import input_pipeline, io, rundir
 from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
 from pipeline.config import Config, TrainConfig
-from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
 from pipeline.metrics import training_metrics
 from pipeline.model import unet
-
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-
+from pipeline.rundir import RunDir
 
 def optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
     """SGD with the paper's high momentum, or Adam for fast convergence on a CPU."""
     if train.optimizer == "sgd":
         return keras.optimizers.SGD(train.learning_rate, momentum=train.momentum)
-    if train.optimizer == "adam":
-        return keras.optimizers.Adam(train.learning_rate)
-    raise PipelineError(f"train.optimizer must be sgd or adam, got {train.optimizer!r}")
+    return keras.optimizers.Adam(train.learning_rate)
 
 
 def strategy(train: TrainConfig) -> tf.distribute.Strategy:
     """MirroredStrategy over this machine's devices, or MultiWorkerMirroredStrategy."""
-    if train.strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
     if train.strategy == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise PipelineError(f"train.strategy must be mirrored or multi_worker, got {train.strategy!r}")
+    return tf.distribute.MirroredStrategy()
 
 
 def compiled_model(config: Config) -> keras.Model:
@@ -59,8 +52,6 @@ def compiled_model(config: Config) -> keras.Model:
     Mixed precision computes in float16/bfloat16 but keeps the variables, the softmax and
     the loss in float32 (and, for float16, scales the loss against underflow).
     """
-    if config.train.precision not in PRECISIONS:
-        raise PipelineError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {config.train.precision!r}")
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.train.precision)
     try:
@@ -76,14 +67,9 @@ def compiled_model(config: Config) -> keras.Model:
     return model
 
 
-def _worker_dir(run_dir: Path, distribution: tf.distribute.Strategy) -> Path:
-    """train/ for the chief; train/worker-N/ for the backup and last model of other workers.
-
-    Every worker keeps its own backup (they all hold the same weights at each epoch end)
-    so that workers sharing a file system never write the same file.
-    """
-    train_dir = Path(run_dir) / "train"
-    return train_dir if rundir.is_writer() else train_dir / f"worker-{distribution.cluster_resolver.task_id}"
+def _task_id(distribution: tf.distribute.Strategy) -> int | None:
+    """None for the chief, else this worker's index, which names its own train/worker-N/."""
+    return None if rundir.is_chief() else distribution.cluster_resolver.task_id
 
 
 def resumed_epoch(backup_dir: Path) -> int:
@@ -93,17 +79,16 @@ def resumed_epoch(backup_dir: Path) -> int:
 
 
 def callbacks(
-    config: Config, run_dir: Path, backup_dir: Path, chief: bool, val_tile: tuple[np.ndarray, ...]
+    config: Config, run: RunDir, task_id: int | None, val_tile: tuple[np.ndarray, ...]
 ) -> list[keras.callbacks.Callback]:
     """Backup and NaN guard on every worker; checkpoints and logs on the chief only."""
-    chosen = [StopOnNaN(), keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True)]
-    if chief:
-        log_dir = Path(run_dir) / "logs"
+    chosen = [StopOnNaN(), keras.callbacks.BackupAndRestore(str(run.backup(task_id)), double_checkpoint=True)]
+    if task_id is None:
         chosen += [
-            BestModelCheckpoint(rundir.best_model(run_dir)),
-            keras.callbacks.CSVLogger(str(Path(run_dir) / "train" / "history.csv"), append=True),
-            keras.callbacks.TensorBoard(log_dir=str(log_dir)),
-            ValidationImages(log_dir, *val_tile),
+            BestModelCheckpoint(run.best_model, run.best_record),
+            keras.callbacks.CSVLogger(str(run.history), append=True),
+            keras.callbacks.TensorBoard(log_dir=str(run.logs)),
+            ValidationImages(run.logs, *val_tile),
         ]
     if config.train.early_stopping_patience:
         chosen.append(
@@ -165,25 +150,20 @@ def _sharded(data: tf.data.Dataset, policy: str) -> tf.data.Dataset:
     return data.with_options(options)
 
 
-def run(config: Config, run_dir: Path, overwrite: bool = False) -> keras.callbacks.History:
+def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks.History:
     """Trains on the prepared data; writes train/best.keras, train/last.keras and logs/.
 
     An interrupted run resumes from its last finished epoch. A finished run's model is
     not replaced unless `overwrite`, which also discards an interrupted run's backup.
     """
-    train_split = rundir.load_split(run_dir, "train", config)
-    val_split = rundir.load_split(run_dir, "val", config)
+    train_split = rundir.load_split(run, "train", config)
+    val_split = rundir.load_split(run, "val", config)
     depth, train = config.model.depth, config.train
     distribution = strategy(train)
-    worker_dir = _worker_dir(run_dir, distribution)
-    backup_dir = worker_dir / "backup"
-    if overwrite:
-        shutil.rmtree(backup_dir, ignore_errors=True)
-    initial_epoch = resumed_epoch(backup_dir)
+    task_id = _task_id(distribution)
+    initial_epoch = 0 if overwrite else resumed_epoch(run.backup(task_id))
     if not initial_epoch:
-        io.refuse_existing([rundir.best_model(run_dir)], overwrite)
-        for stale in (rundir.best_model(run_dir).with_suffix(".json"), Path(run_dir) / "train" / "history.csv"):
-            stale.unlink(missing_ok=True)
+        io.refuse_existing([run.best_model], overwrite)
 
     keras.utils.set_random_seed(train.seed)
     tf.config.experimental.enable_op_determinism()
@@ -195,11 +175,16 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> keras.callbac
         val_split["images"], val_split["instances"] > 0, val_split["weights"], depth, train, config.model.padding
     )
     val_data = input_pipeline.validation_dataset(val_tiles, train.batch_size)
+    # Every check has passed: from here on the run directory changes.
+    run.save_config(config)
+    if not initial_epoch:
+        shutil.rmtree(run.backup(task_id), ignore_errors=True)
+        for stale in (run.best_record, run.history):
+            stale.unlink(missing_ok=True)
     with distribution.scope():
         model = compiled_model(config)
-    worker_dir.mkdir(parents=True, exist_ok=True)
-    chief = rundir.is_writer()
-    callback_list = callbacks(config, run_dir, backup_dir, chief, tuple(part[0] for part in val_tiles))
+    run.worker(task_id).mkdir(parents=True, exist_ok=True)
+    callback_list = callbacks(config, run, task_id, tuple(part[0] for part in val_tiles))
 
     resuming = f", resuming after epoch {initial_epoch}" if initial_epoch else ""
     print(
@@ -222,16 +207,16 @@ def run(config: Config, run_dir: Path, overwrite: bool = False) -> keras.callbac
             shuffle=False,  # the tile stream is already random
             verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
         )
-    with io.atomic_path(worker_dir / "last.keras", overwrite=True) as temporary:
+    with io.atomic_path(run.last_model(task_id), overwrite=True) as temporary:
         model.save(temporary)
-    if chief:
-        _summary(run_dir)
+    if task_id is None:
+        _summary(run)
     return history
 
 
-def _summary(run_dir: Path) -> None:
-    record = json.loads(rundir.best_model(run_dir).with_suffix(".json").read_text())
+def _summary(run: RunDir) -> None:
+    record = json.loads(run.best_record.read_text())
     print(
-        f"best val_loss {record['val_loss']:.4f} (epoch {record['epoch']}) -> {rundir.best_model(run_dir)}; "
-        f"TensorBoard: tensorboard --logdir {Path(run_dir) / 'logs'}"
+        f"best val_loss {record['val_loss']:.4f} (epoch {record['epoch']}) -> {run.best_model}; "
+        f"TensorBoard: tensorboard --logdir {run.logs}"
     )

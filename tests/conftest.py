@@ -11,9 +11,11 @@ ISBI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> dict:
-    """`--stage all --preset smoke` on the embedded default, with the export in a temp folder."""
+    """`--stage all --preset smoke` on the embedded default, then its model published by
+    `--stage export` into a temp folder."""
     root = tmp_path_factory.mktemp("smoke")
     run_dir, exports = root / "run", root / "saved_models"
-    status = main(["--stage", "all", "--preset", "smoke", "--run-dir", str(run_dir), "--set", f"export.root={exports}"])
-    assert status == 0
-    return {"run_dir": run_dir, "exports": exports}
+    assert main(["--stage", "all", "--preset", "smoke", "--run-dir", str(run_dir), "--set", f"export.root={exports}"]) == 0
+    exports_after_all = exports.exists()
+    assert main(["--stage", "export", "--run-dir", str(run_dir)]) == 0
+    return {"run_dir": run_dir, "exports": exports, "exports_after_all": exports_after_all}

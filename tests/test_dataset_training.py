@@ -8,6 +8,7 @@ import numpy as np
 
 from fakes import CTC_NAME, write_ctc, write_image_folder
 from pipeline import rundir
+from pipeline.rundir import RunDir
 from pipeline.cli import main
 from pipeline.config import load
 from test_data import isbi_folder
@@ -30,7 +31,7 @@ def test_trains_from_fake_ctc2d_with_separated_cells(tmp_path):
     run_dir = tmp_path / "run"
     prepare_and_train(run_dir, f"ctc2d/{CTC_NAME}", tmp_path / "data")
     config = load(run_dir / "config.yaml")
-    train, test = rundir.load_split(run_dir, "train", config), rundir.load_split(run_dir, "test", config)
+    train, test = rundir.load_split(RunDir(run_dir), "train", config), rundir.load_split(RunDir(run_dir), "test", config)
     # Training targets have the 1-px border between the touching cells; the test ground truth is as given.
     assert (train["instances"][0] == 1).sum() == (train["instances"][0] == 2).sum() - 20
     assert (test["instances"][0] == 1).sum() == (test["instances"][0] == 2).sum()
@@ -42,9 +43,9 @@ def test_trains_from_an_image_folder_of_mixed_sizes(tmp_path):
     run_dir = tmp_path / "run"
     prepare_and_train(run_dir, "image_folder", tmp_path / "data", "--set", "data.val_images=1")
     config = load(run_dir / "config.yaml")
-    val = rundir.load_split(run_dir, "val", config)
+    val = rundir.load_split(RunDir(run_dir), "val", config)
     np.testing.assert_array_equal(val["sizes"], [[64, 70]])
-    train = rundir.load_split(run_dir, "train", config)
+    train = rundir.load_split(RunDir(run_dir), "train", config)
     assert train["images"].shape == (2, 72, 72, 1) and (train["weights"] > 0).all()
 
 
@@ -53,7 +54,7 @@ def test_padding_gets_zero_weight(tmp_path):
     run_dir = tmp_path / "run"
     assert main(["--stage", "prepare", "--preset", "smoke", "--run-dir", str(run_dir), "--dataset", "image_folder",
                  "--data-dir", str(tmp_path / "data"), "--set", "data.val_images=2"]) == 0
-    val = rundir.load_split(run_dir, "val", load(run_dir / "config.yaml"))
+    val = rundir.load_split(RunDir(run_dir), "val", load(run_dir / "config.yaml"))
     weights = val["weights"][1]  # c.tif, 64x70, padded to 72x72
     assert (weights[:64, :70] > 0).all() and not weights[64:].any() and not weights[:, 70:].any()
 
@@ -68,12 +69,14 @@ def test_changed_weight_map_settings_need_a_new_prepare(tmp_path):
     run_dir = tmp_path / "run"
     args = ["--preset", "smoke", "--run-dir", str(run_dir), "--dataset", "image_folder", "--data-dir", str(tmp_path / "data")]
     assert main(["--stage", "prepare", *args]) == 0
-    before = rundir.load_split(run_dir, "train", load(run_dir / "config.yaml"))["instances"]
+    before = rundir.load_split(RunDir(run_dir), "train", load(run_dir / "config.yaml"))["instances"]
+    config_before = (run_dir / "config.yaml").read_bytes()
     assert main(["--stage", "train", *args, "--set", "weight_map.separation=3"]) == 2  # stale: refused
-    assert main(["--stage", "prepare", *args]) == 0  # the saved config now has separation 3
-    manifest = json.loads(rundir.prepared_manifest(run_dir).read_text())
+    assert (run_dir / "config.yaml").read_bytes() == config_before  # and nothing saved
+    assert main(["--stage", "prepare", *args, "--set", "weight_map.separation=3"]) == 0
+    manifest = json.loads(RunDir(run_dir).manifest.read_text())
     assert manifest["settings"]["weight_map"]["separation"] == 3
-    after = rundir.load_split(run_dir, "train", load(run_dir / "config.yaml"))["instances"]
+    after = rundir.load_split(RunDir(run_dir), "train", load(run_dir / "config.yaml"))["instances"]
     assert (after[1] > 0).sum() < (before[1] > 0).sum()
 
 

@@ -10,6 +10,7 @@ import tifffile
 
 from pipeline import config as configuration
 from pipeline import rundir
+from pipeline.rundir import RunDir
 from pipeline.cli import main
 from pipeline.evaluate import evaluate_model
 from pipeline.model import unet
@@ -53,7 +54,7 @@ def test_trained_network_beats_an_untrained_one(smoke_run):
     run_dir = smoke_run["run_dir"]
     config = configuration.load(run_dir / "config.yaml")
     report = json.loads((run_dir / "evaluation" / "report.json").read_text())
-    test = rundir.load_split(run_dir, "test", config)
+    test = rundir.load_split(RunDir(run_dir), "test", config)
     keras.utils.set_random_seed(config.train.seed)
     untrained = evaluate_model(unet(config.model), test["images"], test["instances"] > 0, config)
     trained, baseline = report["overall"], untrained["overall"]
@@ -70,7 +71,7 @@ def test_exported_signature_segments_a_whole_image_like_the_model(smoke_run):
     image = (np.random.default_rng(0).uniform(0, 255, size=(75, 140, 1))).astype(np.float32)
     served = tf.saved_model.load(str(smoke_run["exports"] / "unet" / "1")).signatures["serving_default"]
     outputs = served(image=tf.constant(image))
-    expected = Segmenter(load_model(run_dir), config)(image)
+    expected = Segmenter(load_model(RunDir(run_dir)), config)(image)
     assert outputs["probabilities"].shape == (75, 140, 2)
     np.testing.assert_allclose(outputs["probabilities"][..., 1].numpy(), expected, atol=1e-5)
     assert outputs["mask"].dtype == tf.uint8
@@ -105,12 +106,13 @@ def test_stage_without_its_inputs_names_the_stage_to_run_first(tmp_path, capsys)
     assert error.count("\n") == 1 and "best.keras: not found; run --stage train first" in error
 
 
-def test_changed_data_settings_require_a_new_prepare(smoke_run, tmp_path, capsys):
-    status = main(["--stage", "evaluate", "--run-dir", str(smoke_run["run_dir"]), "--set", "weight_map.w0=5"])
-    assert status == 2 and "run --stage prepare again" in capsys.readouterr().err
-    # The earlier configuration is kept, not lost.
-    assert configuration.load(smoke_run["run_dir"] / "config.1.yaml").weight_map.w0 == 10.0
-    assert main(["--stage", "evaluate", "--run-dir", str(smoke_run["run_dir"]), "--set", "weight_map.w0=10"]) == 0
+def test_settings_of_a_trained_model_cannot_change_under_it(smoke_run, capsys):
+    run_dir = smoke_run["run_dir"]
+    before = (run_dir / "config.yaml").read_bytes()
+    status = main(["--stage", "evaluate", "--run-dir", str(run_dir), "--set", "weight_map.w0=5"])
+    error = capsys.readouterr().err
+    assert status == 2 and "trained with weight_map.w0=10.0, not 5.0" in error and "--overwrite" in error
+    assert (run_dir / "config.yaml").read_bytes() == before and not (run_dir / "config.1.yaml").exists()
 
 
 def test_run_repeats_exactly_from_its_saved_config(tmp_path):
