@@ -30,7 +30,7 @@ from bench import common
 from pipeline import config as configuration
 from pipeline import model as unet_model
 from pipeline.export import export_model
-from pipeline.input_pipeline import normalize
+from pipeline.normalization import normalize
 from pipeline.tiling import tile_geometry
 
 # Image sides per preset (the paper net takes minutes per 4096 px image on 2 cores), and the

@@ -20,15 +20,15 @@ from pipeline import custom_op
 from pipeline.config import AugmentConfig
 from pipeline.elastic_warp import displacement_field, rotation_field, warp_example
 
-# Where the compiled kernel cannot be built, the graph resampling fused by XLA, ~8x faster
-# on a CPU than op by op, also inside `Dataset.map`. The random field is drawn outside it,
+# Where the compiled kernel cannot be built, the graph resampling fused by XLA, much
+# faster on a CPU than op by op (BENCHMARKS.md), also inside `Dataset.map`. The random field is drawn outside it,
 # by TensorFlow's own kernels, so the seeds give the same fields as the un-compiled op
 # (XLA's generator draws other numbers).
 _compiled_warp_example = tf.function(warp_example, jit_compile=True)
 
 
 def _warp_example(tile, label, weight, field, interpolation: str):
-    """Resamples the example with the compiled kernel (~1.5x faster than XLA on a CPU), else XLA."""
+    """Resamples the example with the compiled kernel (the fastest on a CPU), else XLA."""
     if custom_op.load() is None:
         return _compiled_warp_example(tile, label, weight, field, interpolation)
     return warp_example(tile, label, weight, field, interpolation, implementation="kernel")

@@ -9,7 +9,7 @@ TensorFlow version, compiler flags and CPU features:
 
 Where there is no C++ compiler (or the build fails), `load()` says why once, in a
 warning, and returns None: callers then use the graph implementation, which computes
-the same samples, only slower on a CPU.
+the same samples, more slowly on a CPU (BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ but again always the same, field.
   do). Every row of `Wy` and `Wx` sums to one, so a constant grid gives a constant field.
 - Sampling: 'bicubic' (Keys a = -0.5, 4x4 taps, as OpenCV's INTER_CUBIC), 'bilinear' or
   'nearest'. Taps outside the image are mirrored without repeating the edge pixel (numpy's
-  'reflect', OpenCV's BORDER_REFLECT_101), like the tiles' mirror padding; never a constant.
+  'reflect', OpenCV's BORDER_REFLECT_101: `pipeline.mirror`'s rule); never a constant.
   Positions are mirrored once per pixel, not per tap, and each sample is one fused
   elementwise expression (16 loads for bicubic), which XLA compiles to a vectorised loop.
 - Fields add: `rotation_field(...) + displacement_field(...)` rotates and deforms with a
@@ -25,8 +25,8 @@ but again always the same, field.
 - Two implementations of the sampling, chosen by `implementation=`: 'graph' (the default),
   the TensorFlow ops above, which also run under XLA and on a GPU; and 'kernel', the
   compiled CPU op of `warp_kernel.cc` (built on first use by `pipeline.custom_op`), which
-  computes the same samples about twice as fast as XLA can on a CPU, where XLA turns
-  every tap into scalar loads. 'auto' takes the kernel where it is built and supports the
+  computes the same samples faster than XLA can on a CPU (BENCHMARKS.md), where XLA
+  turns every tap into scalar loads. 'auto' takes the kernel where it is built and supports the
   dtype, else the graph. The kernel cannot run inside `jit_compile=True`.
 """
 
@@ -35,7 +35,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from pipeline import custom_op
-from pipeline.tiling import reflect_indices
+from pipeline.mirror import mirror_pad
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 IMPLEMENTATIONS = ("graph", "kernel", "auto")
@@ -121,17 +121,6 @@ def _reflect(position: tf.Tensor, size) -> tf.Tensor:
     return tf.where(position <= last, tf.maximum(position, 0.0), last)
 
 
-def _mirror_pad(images: tf.Tensor, pad: int) -> tf.Tensor:
-    """Pads [B, H, W, C] by `pad` px on every side, mirrored; images of any size, even 1 px."""
-    if all(size is not None and size > pad for size in images.shape[1:3]):
-        # Slices and reversals, which XLA vectorises (measured ~0.3 ms faster per 572 px
-        # tile than the gathers below, which tf.pad cannot replace for tiny images).
-        return tf.pad(images, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    shape = tf.shape(images)
-    rows = tf.gather(images, reflect_indices(shape[1], pad, pad), axis=1)
-    return tf.gather(rows, reflect_indices(shape[2], pad, pad), axis=2)
-
-
 def _pixels(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Images [B, H, W, C] as rows of C values, and the row of each image's first pixel [B, 1, 1]."""
     shape = tf.shape(images)
@@ -181,7 +170,7 @@ def _bicubic(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     row_weights, col_weights = _keys_weights((y - top)[..., None]), _keys_weights((x - left)[..., None])
     # Taps reach 1 px before and 2 px after a mirrored position: a 2 px mirror pad holds
     # them all, so the 16 taps are fixed offsets from one index, with no per-tap mirroring.
-    pixels, first_pixel = _pixels(_mirror_pad(images, 2))
+    pixels, first_pixel = _pixels(mirror_pad(images, 2, 2, 2, 2))
     padded_width = width + 4
     first_tap = first_pixel + (tf.cast(top, tf.int32) + 1) * padded_width + tf.cast(left, tf.int32) + 1
     # Separable: the 4 taps of each row weighted by the column weights, then the 4 rows.

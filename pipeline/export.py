@@ -44,7 +44,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from pipeline import io
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.predict import load_model, segmentation_function
+from pipeline.inference import load_model, segmentation_function
 from pipeline.rundir import RunDir
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
@@ -187,7 +187,7 @@ def provenance(config: Config, run: RunDir) -> dict:
         return record | {"evaluation": None, "evaluation_note": f"{run.report} is older than the model"}
     report = json.loads(run.report.read_text())
     values = report["mean_per_image"] if report.get("overall") is None else report["overall"]
-    evaluation = {"split": report.get("split"), "dataset": report.get("dataset"), "threshold": report.get("threshold")}
+    evaluation = {key: report.get(key) for key in ("split", "dataset", "threshold", "warnings")}
     return record | {"evaluation": evaluation | {key: values[key] for key in HEADLINE if key in values}}
 
 

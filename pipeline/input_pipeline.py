@@ -22,15 +22,14 @@ from pipeline import sizes
 from pipeline.augmentation import augment
 from pipeline.config import AugmentConfig, TrainConfig
 from pipeline.errors import PipelineError
-
-
-def normalize(images: tf.Tensor) -> tf.Tensor:
-    """Zero mean, unit variance per whole image ([H, W, C] or [N, H, W, C]), any dtype."""
-    return tf.image.per_image_standardization(tf.cast(images, tf.float32))
+from pipeline.normalization import normalize
 
 
 def _mirror_padded(arrays: np.ndarray, margin: int) -> tf.Tensor:
-    """Pads [N, H, W, ...] on both sides of H and W by `margin` (the context), by reflection."""
+    """Pads [N, H, W, ...] on both sides of H and W by `margin` (the context), by reflection.
+
+    numpy's 'reflect' is `pipeline.mirror`'s rule, which prediction pads with.
+    """
     pads = [(0, 0), (margin, margin), (margin, margin)] + [(0, 0)] * (arrays.ndim - 3)
     return tf.constant(np.pad(arrays, pads, mode="reflect"))
 

@@ -311,7 +311,7 @@ def as_model_channels(stack: np.ndarray, channels: int, path: Path) -> np.ndarra
     if have == channels:
         return stack
     if channels == 1 and have in (3, 4):
-        # The same test as the serving signature's (predict._as_batch).
+        # The same test as the serving signature's (inference._as_batch).
         grey = (stack[..., 1:3] == stack[..., :1]).all() and (stack[..., 3:] == stack[:, :1, :1, 3:]).all()
         if not grey:
             raise PipelineError(

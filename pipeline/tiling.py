@@ -17,32 +17,8 @@ import keras
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
+from pipeline.mirror import mirror_pad
 from pipeline.sizes import alignment, context, output_size, prediction_tile_problem
-
-
-def reflect_indices(size: tf.Tensor, before: tf.Tensor, after: tf.Tensor) -> tf.Tensor:
-    """Source index of every position of an axis of length `size` padded by reflection."""
-    # Reflection without repeating the edge is periodic with period 2 * (size - 1), so
-    # folding one period reproduces numpy's repeated reflection for pads of any size.
-    # A size-1 axis has no period; numpy repeats its one pixel, as index 0 everywhere does.
-    period = tf.maximum(2 * (size - 1), 1)
-    folded = tf.math.floormod(tf.range(-before, size + after), period)
-    return tf.minimum(folded, period - folded)
-
-
-def mirror_pad(image: tf.Tensor, top, bottom, left, right) -> tf.Tensor:
-    """Pads [H, W, C] to [H + top + bottom, W + left + right, C] by mirror reflection.
-
-    The edge pixel is not repeated (numpy's 'reflect', TF's REFLECT); pads larger than
-    the image reflect repeatedly, as `numpy.pad(mode='reflect')` does, and a side of one
-    pixel is repeated. Unlike `tf.pad(mode='REFLECT')`, any pad size works. Pads may be
-    Python ints or scalar int32 tensors.
-    """
-    image = tf.convert_to_tensor(image)
-    top, bottom, left, right = (tf.cast(pad, tf.int32) for pad in (top, bottom, left, right))
-    shape = tf.shape(image)
-    rows = tf.gather(image, reflect_indices(shape[0], top, bottom), axis=0)
-    return tf.gather(rows, reflect_indices(shape[1], left, right), axis=1)
 
 
 def tile_geometry(tile_size: int, depth: int, padding: str = "valid") -> tuple[int, int, int]:

@@ -5,7 +5,7 @@
 // OpenCV's BORDER_REFLECT_101), then nearest (values copied exactly), bilinear or bicubic
 // (Keys, a = -0.5) sampling. The graph implementation stays the reference, and the one
 // that runs under XLA and on a GPU; this kernel exists because XLA's CPU backend turns
-// every tap into scalar loads (no hardware gathers), about 2x slower than this loop.
+// every tap into scalar loads (no hardware gathers), slower than this loop (BENCHMARKS.md).
 //
 // pipeline/custom_op.py compiles this file on first use against the installed TensorFlow.
 
@@ -171,8 +171,8 @@ void BicubicRow(const Row<T>& row, int64_t begin) {
 
 #ifdef UNET_WARP_AVX2
 // Eight pixels at a time for single-channel images: positions and weights as 8-lane
-// vectors, taps as 64- or 128-bit loads per pixel (hardware gathers were no faster than
-// XLA on AMD cores). Each returns the first pixel it left for the scalar loop.
+// vectors, taps as 64- or 128-bit loads per pixel (hardware gathers were tried and gained
+// nothing over XLA on AMD cores). Each returns the first pixel it left for the scalar loop.
 
 inline __m256 ReflectV(__m256 p, __m256 last) {
   const __m256 sign = _mm256_set1_ps(-0.0f), twice = _mm256_add_ps(last, last);

@@ -236,7 +236,8 @@ def test_overwriting_a_longer_stack_leaves_no_stale_overlays(smoke_run, tmp_path
 
 
 def test_a_run_model_loads_without_importing_the_training_stage(smoke_run):
-    script = ("import sys; from pipeline.predict import load_model; from pipeline.rundir import RunDir; "
-              f"load_model(RunDir({str(smoke_run['run_dir'])!r})); assert 'pipeline.train' not in sys.modules")
+    script = ("import sys; from pipeline.inference import load_model; from pipeline.rundir import RunDir; "
+              f"load_model(RunDir({str(smoke_run['run_dir'])!r})); "
+              "assert not {'pipeline.train', 'pipeline.input_pipeline'} & set(sys.modules)")
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-2000:]

@@ -15,8 +15,8 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import config as configuration
 from pipeline.export import WARMUP_FILE, export_model, warmup_images
+from pipeline.inference import Segmenter
 from pipeline.model import unet
-from pipeline.predict import Segmenter
 
 
 @pytest.fixture(scope="module")

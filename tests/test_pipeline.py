@@ -13,10 +13,10 @@ from pipeline import rundir
 from pipeline.rundir import RunDir
 from pipeline.cli import main
 from pipeline.evaluate import evaluate_model
+from pipeline.inference import Segmenter, load_model
 from pipeline.model import unet
-from pipeline.predict import Segmenter, load_model
 
-from conftest import ISBI_DIR
+from fakes import ISBI_DIR
 
 
 def test_stage_all_writes_every_output(smoke_run):
@@ -131,53 +131,6 @@ def test_run_repeats_exactly_from_its_saved_config(tmp_path):
     # lr * gradient, mostly 1e-4 to 1e-2; another seed changes every initial weight.
     for a, b in zip(first.get_weights(), second.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
-
-
-def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):
-    import cv2
-
-    image = np.random.default_rng(1).integers(0, 255, size=(13, 20), dtype=np.uint8)  # context is 20 px
-    cv2.imwrite(str(tmp_path / "tiny.png"), image)
-    out = tmp_path / "out"
-    assert main(["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(tmp_path / "tiny.png"),
-                 "--output", str(out)]) == 0
-    assert tifffile.imread(out / "tiny_prob.tif").shape == (13, 20)
-    assert cv2.imread(str(out / "tiny_overlay.png")).shape == (13, 20, 3)
-
-
-def test_predict_a_folder_with_a_stack_and_refuse_to_overwrite(smoke_run, tmp_path, capsys):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    stack = np.random.default_rng(2).integers(0, 65535, (3, 40, 50), dtype=np.uint16)
-    tifffile.imwrite(folder / "stack.tif", stack, photometric="minisblack")
-    tifffile.imwrite(folder / "single.tif", np.random.default_rng(3).uniform(size=(30, 30)).astype(np.float32))
-    out = tmp_path / "out"
-    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(folder), "--output", str(out)]
-    assert main(args) == 0
-    assert tifffile.imread(out / "stack_prob.tif").shape == (3, 40, 50)
-    assert tifffile.imread(out / "single_mask.tif").shape == (30, 30)
-    assert len(list(out.glob("stack_overlay_*.png"))) == 3
-    before = (out / "stack_prob.tif").read_bytes()
-    assert main(args) == 2
-    assert "single_prob.tif: already exists" in capsys.readouterr().err
-    assert (out / "stack_prob.tif").read_bytes() == before
-    assert main(args + ["--overwrite"]) == 0
-
-
-@pytest.mark.parametrize("damage", ["garbage", "truncated"])
-def test_corrupt_tiff_gets_a_one_line_error(smoke_run, tmp_path, capsys, damage):
-    path = tmp_path / "broken.tif"
-    if damage == "garbage":
-        path.write_bytes(b"II*\x00" + b"\x07" * 100)
-    else:
-        tifffile.imwrite(path, np.zeros((64, 64), np.uint8))
-        path.write_bytes(path.read_bytes()[:2000])
-    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(path),
-            "--output", str(tmp_path / "out")]
-    assert main(args) == 2
-    error = capsys.readouterr().err
-    assert error.startswith(f"error: {path}: corrupt or unreadable TIFF") and error.count("\n") == 1
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(not ISBI_DIR.is_dir(), reason=f"real ISBI 2012 data not found at {ISBI_DIR}")

@@ -1,79 +1,53 @@
-"""The segmentation function's input layouts, as the Segmenter and the SavedModel trace it."""
+"""Stage `predict` through the CLI: inputs of any size, folders and stacks, refusals, one-line errors."""
 
-import dataclasses
-
+import cv2
 import numpy as np
 import pytest
-import tensorflow as tf
+import tifffile
 
-from pipeline.config import preset
-from pipeline.model import unet
-from pipeline.predict import segmentation_function
-
-LAYOUTS = "image must be [H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour"
-RULE = "reads a colour image (3 channels, or 4 with alpha) as grey only when its R, G and B channels are identical"
+from pipeline.cli import main
 
 
-def traced(input_channels: int = 1):
-    """segmentation_function around a small untrained model, traced for any shape as `Segmenter` does."""
-    config = preset("smoke")
-    config = dataclasses.replace(config, model=dataclasses.replace(config.model, input_channels=input_channels))
-    segment = segmentation_function(unet(config.model), config)
-    return tf.function(segment, input_signature=[tf.TensorSpec(None, tf.float32)])
+def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):
+    image = np.random.default_rng(1).integers(0, 255, size=(13, 20), dtype=np.uint8)  # context is 20 px
+    cv2.imwrite(str(tmp_path / "tiny.png"), image)
+    out = tmp_path / "out"
+    assert main(["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(tmp_path / "tiny.png"),
+                 "--output", str(out)]) == 0
+    assert tifffile.imread(out / "tiny_prob.tif").shape == (13, 20)
+    assert cv2.imread(str(out / "tiny_overlay.png")).shape == (13, 20, 3)
 
 
-@pytest.fixture(scope="module")
-def segment():
-    return traced()
+def test_predict_a_folder_with_a_stack_and_refuse_to_overwrite(smoke_run, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    stack = np.random.default_rng(2).integers(0, 65535, (3, 40, 50), dtype=np.uint16)
+    tifffile.imwrite(folder / "stack.tif", stack, photometric="minisblack")
+    tifffile.imwrite(folder / "single.tif", np.random.default_rng(3).uniform(size=(30, 30)).astype(np.float32))
+    out = tmp_path / "out"
+    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(folder), "--output", str(out)]
+    assert main(args) == 0
+    assert tifffile.imread(out / "stack_prob.tif").shape == (3, 40, 50)
+    assert tifffile.imread(out / "single_mask.tif").shape == (30, 30)
+    assert len(list(out.glob("stack_overlay_*.png"))) == 3
+    before = (out / "stack_prob.tif").read_bytes()
+    assert main(args) == 2
+    assert "single_prob.tif: already exists" in capsys.readouterr().err
+    assert (out / "stack_prob.tif").read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
 
 
-def image(height: int = 30, width: int = 41, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (height, width)).astype(np.float32)
-
-
-def test_grey_stored_as_colour_is_one_grey_image(segment):
-    grey = image()
-    expected = segment(tf.constant(grey))
-    alpha = np.full_like(grey, 255)
-    for array in (np.stack([grey] * 3, -1), np.stack([grey] * 3 + [alpha], -1)):
-        result = segment(tf.constant(array))
-        assert result["mask"].shape == grey.shape
-        np.testing.assert_array_equal(result["probabilities"].numpy(), expected["probabilities"].numpy())
-
-
-def test_a_batch_of_grey_stored_as_colour_is_a_batch_of_grey_images(segment):
-    batch = np.stack([image(seed=1), image(seed=2)])
-    expected = segment(tf.constant(batch))["probabilities"].numpy()
-    result = segment(tf.constant(np.stack([batch] * 3, -1)))["probabilities"].numpy()
-    assert result.shape == (2, 30, 41, 2)
-    np.testing.assert_array_equal(result, expected)
-
-
-def test_a_batch_of_images_of_other_widths_stays_a_batch(segment):
-    assert segment(tf.constant(np.stack([image(20, 5, seed) for seed in (1, 2, 3)])))["mask"].shape == (3, 20, 5)
-
-
-@pytest.mark.parametrize("channel", [1, 2, 3])
-def test_real_colour_is_refused_with_the_rule(segment, channel):
-    rgba = np.stack([image()] * 3 + [np.full((30, 41), 255, np.float32)], -1)
-    rgba[5, 7, channel] += 1  # a G or B that differs, or an alpha that is not constant
-    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
-        segment(tf.constant(rgba if channel == 3 else rgba[..., :3]))
-    assert RULE in caught.value.message
-
-
-@pytest.mark.parametrize("shape", [(), (7,), (0, 5), (4, 0, 3), (2, 0, 6, 1), (1, 1, 20, 20, 1)])
-def test_other_layouts_and_empty_images_are_refused_with_the_layouts(segment, shape):
-    with pytest.raises(tf.errors.InvalidArgumentError) as caught:
-        segment(tf.zeros(shape))
-    assert LAYOUTS in caught.value.message
-
-
-def test_a_multichannel_model_takes_its_channels_and_nothing_else():
-    segment = traced(input_channels=3)
-    colour = np.stack([image(seed=s) for s in range(3)], -1)
-    assert segment(tf.constant(colour))["mask"].shape == (30, 41)
-    assert segment(tf.constant(colour[None]))["mask"].shape == (1, 30, 41)
-    for array in (colour[..., 0], colour[..., :2], np.zeros((0, 41, 3), np.float32)):
-        with pytest.raises(tf.errors.InvalidArgumentError, match=r"image must be \[H, W, 3\] or \[B, H, W, 3\]"):
-            segment(tf.constant(array))
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_tiff_gets_a_one_line_error(smoke_run, tmp_path, capsys, damage):
+    path = tmp_path / "broken.tif"
+    if damage == "garbage":
+        path.write_bytes(b"II*\x00" + b"\x07" * 100)
+    else:
+        tifffile.imwrite(path, np.zeros((64, 64), np.uint8))
+        path.write_bytes(path.read_bytes()[:2000])
+    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(path),
+            "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {path}: corrupt or unreadable TIFF") and error.count("\n") == 1
+    assert not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Overlap-tile prediction: mirror padding and exactness against one whole-image pass."""
+"""Overlap-tile prediction: exactness against one whole-image pass, batching, tracing, tile checks, TTA."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import tensorflow as tf
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.mirror import mirror_pad
 from pipeline.model import unet
 from pipeline.sizes import alignment, context, output_size
-from pipeline.tiling import mirror_pad, overlap_tile_predict
+from pipeline.tiling import overlap_tile_predict
 
 
 @functools.cache
@@ -49,28 +50,6 @@ def whole_image_reference(model: keras.Model, image: np.ndarray, depth: int, til
     assert padded.shape[0] == tile + (rows - 1) * step
     assert padded.shape[1] == tile + (cols - 1) * step
     return model(padded[None], training=False)[0, :height, :width].numpy()
-
-
-@pytest.mark.parametrize(
-    "shape, pads",
-    [
-        ((6, 7, 1), (2, 3, 1, 4)),
-        ((6, 7, 2), (5, 5, 6, 6)),  # pad = size - 1, the most tf.pad REFLECT allows
-        ((3, 5, 1), (11, 11, 11, 11)),  # pads larger than the image: repeated reflection
-        ((4, 4, 3), (0, 9, 13, 0)),
-        ((1, 6, 1), (4, 2, 3, 8)),  # a one-row strip
-        ((5, 1, 1), (2, 3, 7, 1)),
-        ((1, 1, 2), (3, 2, 4, 5)),  # a single pixel
-        ((4, 5, 1), (0, 0, 0, 0)),
-    ],
-)
-def test_mirror_pad_matches_numpy_reflect(shape, pads):
-    x = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
-    top, bottom, left, right = pads
-    expected = np.pad(x, ((top, bottom), (left, right), (0, 0)), mode="reflect")
-    np.testing.assert_array_equal(mirror_pad(x, *pads).numpy(), expected)
-    as_tensors = [tf.constant(p, tf.int32) for p in pads]
-    np.testing.assert_array_equal(mirror_pad(tf.constant(x), *as_tensors).numpy(), expected)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,120 @@
+"""Whole-image inference: a trained model on images of any size, layout and numeric dtype.
+
+The library that the predict, evaluate and export stages share, so that no stage imports
+another. `load_model` reads a run's best model without its training configuration;
+`segmentation_function` is the TensorFlow-only path from an image to its mask and class
+probabilities (layout check, `normalize`, overlap-tile prediction of `tiling`,
+threshold); `Segmenter` runs it on numpy images and the export traces it into the
+SavedModel's signatures, so local and served predictions are the same computation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline import io, rundir
+from pipeline.config import Config
+from pipeline.normalization import normalize
+from pipeline.rundir import RunDir
+from pipeline.tiling import overlap_tile_predict
+
+
+def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """[H, W], [H, W, C], [B, H, W] (C = 1) or [B, H, W, C] -> ([B, H, W, C], leading dims).
+
+    For a 1-channel model, [H, W, 3|4] and [B, H, W, 3|4] are colour images, read as grey
+    (their first channel) by `io.COLOUR_AS_GREY`, else refused; so a [B, H, W] batch of
+    images 3 or 4 pixels wide must come as [B, H, W, 1]. Any other layout, and an empty
+    dimension, fail with a message listing the layouts. The leading dims are [] or [B], so
+    that outputs can take the input's layout again.
+    """
+    shape = tf.shape(image, out_type=tf.int32)
+    rank = tf.size(shape)
+    last = tf.concat([[0], shape], 0)[-1]  # 0 for a scalar, whose shape has no last entry
+    colour = tf.constant(channels == 1) & ((last == 3) | (last == 4))
+    channel_axis = (rank == 4) | ((rank == 3) & ((last == channels) | colour))
+    batch_axis = (rank == 4) | ((rank == 3) & ~channel_axis)
+    valid = tf.reduce_all([
+        (rank >= 2) & (rank <= 4),
+        ~channel_axis | (last == channels) | colour,
+        channel_axis | (channels == 1),
+        tf.reduce_all(shape > 0),
+    ])
+    layouts = (f"[H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour: [H, W, 3|4] "
+               f"or [B, H, W, 3|4])" if channels == 1 else f"[H, W, {channels}] or [B, H, W, {channels}]")
+    check = tf.debugging.Assert(valid, [f"image must be {layouts}, with no empty dimension; got shape", shape])
+    with tf.control_dependencies([check]):
+        leading = tf.cast(batch_axis, tf.int32)
+        depth = tf.where(channel_axis, last, 1) if channels == 1 else channels
+        height, width = shape[leading], shape[leading + 1]
+        batch = tf.reshape(image, tf.stack([tf.reduce_prod(shape[:leading]), height, width, depth]))
+    if channels > 1:
+        return batch, shape[:leading]
+    # The same test as io.as_model_channels: true for [B, H, W, 1], whose slices are empty.
+    grey = tf.reduce_all(tf.equal(batch[..., 1:3], batch[..., :1])) & tf.reduce_all(
+        tf.equal(batch[..., 3:], batch[:, :1, :1, 3:]))
+    colour_check = tf.debugging.Assert(grey, [f"{io.COLOUR_AS_GREY}; got shape", shape])
+    with tf.control_dependencies([colour_check]):
+        return batch[..., 0, tf.newaxis], shape[:leading]
+
+
+def segmentation_function(model: keras.Model, config: Config) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """Whole images -> {"mask", "probabilities"}: what `predict`, `evaluate` and the export run.
+
+    Takes [H, W], [H, W, C], [B, H, W] (1-channel models) or [B, H, W, C] of any numeric
+    dtype, and for a 1-channel model a grey image stored as colour ([H, W, 3|4] or
+    [B, H, W, 3|4], by `io.COLOUR_AS_GREY`); normalises each image, predicts it tile by
+    tile (with test-time augmentation if configured) and returns the mask (uint8, 255 =
+    cell) and class probabilities in the input's layout. Written with TensorFlow ops
+    only, so it traces into a SavedModel.
+    """
+    channels, depth, tiles = config.model.input_channels, config.model.depth, config.predict
+    classes = config.model.num_classes
+
+    def segment(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        image = tf.cast(image, tf.float32)
+        image = tf.debugging.assert_all_finite(image, "image contains NaN or infinite values")
+        batch, leading = _as_batch(image, channels)
+        probabilities = tf.map_fn(
+            lambda one: overlap_tile_predict(
+                model, normalize(one), depth, tiles.tile_size, tiles.tiles_per_batch, tiles.test_time_augmentation,
+                config.model.padding,
+            ),
+            batch,
+            fn_output_signature=tf.TensorSpec([None, None, classes], tf.float32),
+        )
+        mask = tf.cast(probabilities[..., 1] > tiles.threshold, tf.uint8) * 255
+        spatial = tf.shape(mask)[1:]
+        return {
+            "mask": tf.reshape(mask, tf.concat([leading, spatial], 0)),
+            "probabilities": tf.reshape(probabilities, tf.concat([leading, spatial, [classes]], 0)),
+        }
+
+    return segment
+
+
+class Segmenter:
+    """Probability of cell for whole images of any size, with a trained model."""
+
+    def __init__(self, model: keras.Model, config: Config):
+        self._segment = tf.function(
+            segmentation_function(model, config), input_signature=[tf.TensorSpec(None, tf.float32)]
+        )
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """[H, W, C] image of any dtype -> [H, W] float32 probability of cell."""
+        return self._segment(tf.cast(image, tf.float32))["probabilities"][..., 1].numpy()
+
+
+def load_model(run: RunDir) -> keras.Model:
+    """The best model of a run for inference, or an error saying to train first.
+
+    Without its training configuration (loss, metrics, optimizer): inference needs none
+    of it, and a plain `keras.saving.load_model(path, compile=False)` reads the same file
+    without this project.
+    """
+    return keras.saving.load_model(rundir.require(run.best_model, "train"), compile=False)
