@@ -26,18 +26,18 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 
-from pipeline import metrics  # noqa: E402
+from pipeline.metrics import isbi, warping  # noqa: E402
 
 ISBI_LABELS = common.ROOT.parent / "shared" / "data" / "isbi2012" / "train-labels.tif"
 # The metrics issue: the warping error of 30 test-sized slices on all thresholds must
 # take "seconds, not minutes" on one core.
 GOAL_WARPING_SECONDS = 60.0
-SWEEPS = {
-    "pixel_error_sweep": "pixel error",
-    "rand_error_sweep": "Rand error",
-    "warping_error_sweep": "warping error",
-    "v_rand_sweep": "V_rand",
-    "v_info_sweep": "V_info",
+SWEEPS = {  # name in the JSON: (label in the table, sweep)
+    "pixel_error_sweep": ("pixel error", isbi.pixel_error_sweep),
+    "rand_error_sweep": ("Rand error", isbi.rand_error_sweep),
+    "warping_error_sweep": ("warping error", warping.warping_error_sweep),
+    "v_rand_sweep": ("V_rand", isbi.v_rand_sweep),
+    "v_info_sweep": ("V_info", isbi.v_info_sweep),
 }
 
 
@@ -71,7 +71,7 @@ def timed(function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 def _oracle_warp() -> Callable[[np.ndarray, np.ndarray, float], np.ndarray]:
     """The tests' plain-Python warping oracle (tests/ is not a package, hence the path)."""
     sys.path.insert(0, str(common.ROOT / "tests"))
-    from test_metrics import oracle_warp
+    from test_metrics_warping import oracle_warp
 
     return oracle_warp
 
@@ -87,16 +87,16 @@ def measure(slices: int = 30, oracle_slices: int = 1, size: int | None = None) -
     truth = np.resize(stack, (slices,) + stack.shape[1:])[:, :size, :size]
     probability = proposal(truth).astype(np.float64)
     rows = []
-    for name in SWEEPS:
-        sweep, seconds = timed(getattr(metrics, name), probability, truth)
+    for name, (_, sweep_of) in SWEEPS.items():
+        sweep, seconds = timed(sweep_of, probability, truth)
         rows.append({"metric": name, "seconds": seconds, "thresholds": len(sweep.thresholds),
                      "error": sweep.error, "threshold": sweep.threshold})
         print(f"  {name:>20}: {seconds:7.2f} s   best {sweep.error:.6f} at t = {sweep.threshold!r}", flush=True)
     oracle_warp = _oracle_warp()
     ours = reference = 0.0
     for cells, p in zip(truth[:oracle_slices], probability[:oracle_slices]):
-        for t in metrics.warping_thresholds():
-            fast, seconds = timed(metrics.warp_truth, cells, p, t)
+        for t in warping.warping_thresholds():
+            fast, seconds = timed(warping.warp_truth, cells, p, t)
             ours += seconds
             slow, seconds = timed(oracle_warp, cells, p, t)
             reference += seconds
@@ -105,7 +105,7 @@ def measure(slices: int = 30, oracle_slices: int = 1, size: int | None = None) -
     print(f"  simple-point warping: ours {ours:.2f} s, oracle {reference:.1f} s", flush=True)
     return {"slices": slices, "height": int(truth.shape[1]), "width": int(truth.shape[2]), "size": size,
             "source": source, "source_slices": len(stack), "rows": rows,
-            "oracle": {"slices": min(oracle_slices, slices), "thresholds": len(metrics.warping_thresholds()),
+            "oracle": {"slices": min(oracle_slices, slices), "thresholds": len(warping.warping_thresholds()),
                        "ours": ours, "reference": reference}}
 
 
@@ -116,7 +116,7 @@ def render(results: dict[str, Any]) -> str:
     command = f"PYTHONPATH=. python bench/bench_metrics.py --slices {slices} --oracle-slices {oracle['slices']}"
     if results["size"] is not None:
         command += f" --size {results['size']}"
-    table = [[SWEEPS[row["metric"]], str(row["thresholds"]), f"{row['seconds']:.2f}",
+    table = [[SWEEPS[row["metric"]][0], str(row["thresholds"]), f"{row['seconds']:.2f}",
               f"{1000 * row['seconds'] / slices:.1f}", f"{row['error']:.6f}", repr(row["threshold"])]
              for row in results["rows"]]
     total = sum(row["seconds"] for row in results["rows"])

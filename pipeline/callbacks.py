@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import io
+from pipeline.display import grey8
 from pipeline.errors import PipelineError
 
 
@@ -71,7 +72,7 @@ class ValidationImages(keras.callbacks.Callback):
         margin = (tile.shape[0] - out) // 2
         centre = tile[margin : margin + out, margin : margin + out, :1]
         self.fixed = {
-            "input": _unit_range(centre),
+            "input": grey8(centre, (centre.min(), centre.max())),
             "ground_truth": label[..., None].astype(np.float32),
             "weight_map": _colour_mapped(weight),
         }
@@ -85,12 +86,9 @@ class ValidationImages(keras.callbacks.Callback):
         self.writer.flush()
 
 
-def _unit_range(image: np.ndarray) -> np.ndarray:
-    low, high = float(image.min()), float(image.max())
-    return ((image - low) / (high - low if high > low else 1.0)).astype(np.float32)
-
-
 def _colour_mapped(weight: np.ndarray) -> np.ndarray:
     """[H, W] weights -> [H, W, 3] RGB in [0, 1] (viridis: dark = low, yellow = high)."""
-    grey = (_unit_range(weight) * 255).astype(np.uint8)
+    # The full range, not percentiles: the few highest weights, in the gaps between
+    # touching cells, are what the picture is there to show.
+    grey = grey8(weight, (weight.min(), weight.max()))
     return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB).astype(np.float32) / 255

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io, metrics
+from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.metrics.common import check_pair
 
 
 def write_isbi2012(path: Path, probabilities: np.ndarray, overwrite: bool = False) -> Path:
@@ -21,7 +22,7 @@ def write_isbi2012(path: Path, probabilities: np.ndarray, overwrite: bool = Fals
     probabilities = np.asarray(probabilities, np.float32)
     if probabilities.ndim not in (2, 3):
         raise PipelineError(f"{path}: expected [H, W] or [D, H, W] probabilities, got shape {probabilities.shape}")
-    metrics.check_pair(probabilities, np.zeros(probabilities.shape, np.uint8))  # in [0, 1], no NaN
+    check_pair(probabilities, np.zeros(probabilities.shape, np.uint8))  # in [0, 1], no NaN
     io.write_tiff(path, probabilities, overwrite)
     return Path(path)
 
@@ -30,7 +31,7 @@ def write_ctc_results(folder: Path, instances: np.ndarray, sequence: int = 1, ov
     """Writes instance labels [T, H, W] as `folder/NN_RES/mask000.tif`, ... (uint16).
 
     Frame numbers take 3 digits, or 4 from 1000 frames on, as the challenge's tools
-    expect. `instances` may also come from `metrics.cell_instances(probabilities)`.
+    expect. `instances` may also come from `pipeline.metrics.ctc.cell_instances(probabilities)`.
     """
     instances = np.asarray(instances)
     if instances.ndim != 3 or instances.dtype.kind not in "biu":

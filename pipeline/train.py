@@ -28,7 +28,7 @@ from pipeline import input_pipeline, io, rundir
 from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.loss import weighted_cross_entropy
-from pipeline.metrics import training_metrics
+from pipeline.metrics.training import training_metrics
 from pipeline.model import unet
 from pipeline.rundir import RunDir
 

@@ -5,16 +5,15 @@ import json
 import cv2
 import keras
 import numpy as np
-import pytest
 import tifffile
 
-from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc
-from pipeline import data, metrics
+from fakes import CTC_NAME, write_ctc
 from pipeline.cli import main
 from pipeline.config import load
-from pipeline.evaluate import report_for, summary, table
 from pipeline.model import unet
+from pipeline.report import summary
 from pipeline.rundir import RunDir
+from test_report import NO_CELL, NO_MEMBRANE
 
 
 def _pair(tmp_path):
@@ -22,8 +21,8 @@ def _pair(tmp_path):
     truth[:, :, 11] = 0  # two cells per slice
     probability = (truth / 255.0).astype(np.float32)
     probability[1, 5, 11] = 1.0  # slice 1: one-pixel merger
-    tifffile.imwrite(tmp_path / "gt.tif", truth)
-    tifffile.imwrite(tmp_path / "pred.tif", probability)
+    tifffile.imwrite(tmp_path / "gt.tif", truth, photometric="minisblack")  # 3 slices, not RGB
+    tifffile.imwrite(tmp_path / "pred.tif", probability, photometric="minisblack")
     return tmp_path / "pred.tif", tmp_path / "gt.tif"
 
 
@@ -48,45 +47,12 @@ def test_scores_any_prediction_and_writes_headline_keys(tmp_path, capsys):
 
 def test_bad_prediction_file_is_a_one_line_error(tmp_path, capsys):
     prediction, truth = _pair(tmp_path)
-    tifffile.imwrite(prediction, np.full((3, 24, 24), 2.0, np.float32))
+    tifffile.imwrite(prediction, np.full((3, 24, 24), 2.0, np.float32), photometric="minisblack")
     assert main(["--stage", "evaluate", "--prediction", str(prediction), "--ground-truth", str(truth)]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "outside [0, 1]" in error
     assert main(["--stage", "evaluate", "--prediction", str(prediction)]) == 2
     assert "--ground-truth" in capsys.readouterr().err
-
-
-NO_MEMBRANE = "ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and 1-Vinfo are 0"
-NO_CELL = "ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by definition"
-
-
-def _two_cells() -> tuple[np.ndarray, np.ndarray]:
-    """A ground truth of two cells and a prediction with an extra membrane across one of them."""
-    truth = np.ones((16, 16), bool)
-    truth[:, 7] = False
-    probability = np.where(truth, 0.9, 0.1).astype(np.float32)
-    probability[8, :7] = 0.1
-    return probability, truth
-
-
-@pytest.mark.parametrize("label, truth, message", [
-    ("all cell", np.ones((16, 16), bool), NO_MEMBRANE),
-    ("all membrane", np.zeros((16, 16), bool), NO_CELL),
-])
-def test_ground_truth_without_membrane_or_cells_is_warned_about(label, truth, message):
-    probability, normal = _two_cells()
-    report = report_for([probability, probability], [normal, truth], 0.5)
-    # The same prediction, with its wrong membrane, scores perfectly against the degenerate truth.
-    assert report["per_image"][0]["rand_error"] > 0
-    assert report["per_image"][1]["rand_error"] == report["per_image"][1]["warping_error"] == 0.0
-    assert [line.split(";")[0] for line in report["warnings"]] == [f"image 1: {message.split(';')[0]}"]
-    assert report["warnings"][0].startswith(f"image 1: {message}")
-    assert report["per_image"][1]["warning"] == report["warnings"][0].removeprefix("image 1: ")
-    assert "warning" not in report["per_image"][0] and "warning" not in report["overall"]
-    assert "warning" not in report["mean_per_image"]
-    printed = table(report)
-    assert "\n        1! " in printed and "\n         0 " in printed
-    assert printed.endswith(f"\n! {report['warnings'][0]}")
 
 
 def test_score_files_warns_about_each_degenerate_slice(tmp_path, capsys):
@@ -115,16 +81,6 @@ def test_score_files_warns_about_each_degenerate_slice(tmp_path, capsys):
     assert main(["--stage", "evaluate", "--prediction", str(tmp_path / "pred.tif"), "--ground-truth", str(gt)]) == 0
     out = capsys.readouterr().out
     assert f"\n! {gt}: {NO_MEMBRANE}" in out and "\n  overall! " in out
-
-
-def test_images_of_different_sizes_are_scored_on_their_own_pixels():
-    rng = np.random.default_rng(4)
-    truth = [rng.integers(0, 2, (20, 30)).astype(bool), rng.integers(0, 2, (12, 16)).astype(bool)]
-    perfect = [t.astype(np.float32) for t in truth]
-    report = report_for(perfect, truth, 0.5)
-    assert report["overall"] is None
-    assert report["pixel_error"] == report["rand_error"] == report["warping_error"] == 0.0
-    assert [row["foreground_iou"] for row in report["per_image"]] == [1.0, 1.0]
 
 
 def _ctc_run(tmp_path):
@@ -159,31 +115,3 @@ def test_test_time_augmentation_is_scored_with_and_without(tmp_path, capsys):
     assert summary(report) != without  # the averaging changes the prediction
     out = capsys.readouterr().out
     assert "\n   overall " in out and "\n    no TTA " in out
-
-
-def test_seg_per_sequence_pools_the_objects_of_each_sequence(tmp_path):
-    root = write_ctc(tmp_path)
-    examples = [example for sequence in ("01", "02") for example in data.read_ctc2d_sequence(root, sequence)]
-    instances = [example.instances for example in examples]
-    sequences = ["01"] * len(CTC_ANNOTATED["01"]) + ["02"] * len(CTC_ANNOTATED["02"])
-    probabilities = []
-    for labels, sequence in zip(instances, sequences):
-        # Touching cells 1 and 2 merge into one predicted cell (J = 0.5 each); in
-        # sequence 02, cell 3 also loses a quarter of its columns (J = 0.75).
-        probability = (labels > 0).astype(np.float32)
-        if sequence == "02":
-            probability[:, 65:][labels[:, 65:] == 3] = 0.0
-        probabilities.append(probability)
-    report = report_for(probabilities, [labels > 0 for labels in instances], 0.5, instances, sequences)
-
-    def direct(*chosen: str) -> float:
-        frames = [i for i, sequence in enumerate(sequences) if sequence in chosen]
-        return metrics.seg(metrics.cell_instances(np.stack([probabilities[i] for i in frames])),
-                           np.stack([instances[i] for i in frames]))
-
-    assert report["seg_per_sequence"] == {"01": direct("01"), "02": direct("02")}
-    assert report["seg_per_sequence"]["01"] == pytest.approx(2 / 3)
-    assert report["seg_per_sequence"]["02"] == pytest.approx((0.5 + 0.5 + 0.75) / 3)
-    # Overall: every object of every frame counts once, not the mean of the two sequences.
-    assert report["seg"] == direct("01", "02") == report["overall"]["seg"]
-    assert report["seg"] != pytest.approx(np.mean(list(report["seg_per_sequence"].values())))

@@ -3,7 +3,7 @@ import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.loss import weighted_cross_entropy
-from pipeline.metrics import training_metrics
+from pipeline.metrics.training import training_metrics
 from pipeline.model import unet
 
 
