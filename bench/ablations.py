@@ -1,4 +1,4 @@
-"""The README's ablation table: the ISBI 2012 recipe without each of the paper's ingredients.
+"""The ablation table of docs/results.md: the ISBI 2012 recipe without each of the paper's ingredients.
 
 Every variant is a run of `run_pipeline.py` (prepare, train, evaluate) with the same
 preset, data, seeds and number of steps; only the overrides below differ. Scores are the

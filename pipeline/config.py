@@ -6,8 +6,8 @@ and is saved into the run directory so that the run can be repeated exactly.
 
 `validate` checks a resolved configuration once, when a command is resolved and before
 TensorFlow loads; the stages then trust it. The choices of every text field are tuples of
-this module (or of `pipeline.sizes`, `pipeline.data`), which the code that branches on
-them uses too.
+this module (or of `pipeline.sizes`), which the code that branches on them uses too; the
+data sets and their own `data.*` settings are described in `pipeline.data`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ import yaml
 from pipeline.errors import PipelineError
 from pipeline.sizes import PADDINGS, input_size_problem, output_size, prediction_tile_problem
 
+if typing.TYPE_CHECKING:
+    from pipeline.data import Dataset
+
 # Image sampling of rotations and elastic deformations (labels are always sampled nearest).
 IMAGE_INTERPOLATIONS = ("bicubic", "bilinear")
 OPTIMIZERS = ("sgd", "adam")
@@ -33,13 +36,17 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 @dataclasses.dataclass
 class DataConfig:
-    """Which images to train and evaluate on."""
+    """Which images to train and evaluate on.
 
-    # "synthetic" (embedded default), "isbi2012", "ctc2d/PhC-C2DH-U373", "ctc2d/DIC-C2DH-HeLa"
-    # or "image_folder" (see pipeline/data.py)
-    dataset: str = "synthetic"
+    The fields after `data_dir` belong to one data set each, which reads them and lists
+    them with their allowed values (`Dataset.settings` in `pipeline.data`); the others
+    ignore them. They stay flat fields, so that `--set data.val_slices=2` and the saved
+    configurations and prepared data of earlier runs keep working.
+    """
+
+    dataset: str = "synthetic"  # a name of pipeline.data.DATASETS (docs/datasets.md)
     data_dir: str | None = None  # folder of the data set's files (ctc2d: optional, else downloaded)
-    seed: int = 0  # synthetic images are a pure function of this seed
+    seed: int = 0  # synthetic: the images are a pure function of this seed
     image_size: int = 384  # synthetic: side length of each generated image
     num_train: int = 6  # synthetic: number of images per split
     num_val: int = 2
@@ -147,7 +154,7 @@ class Config:
 
 def _paper() -> Config:
     # The dataclass defaults are the paper's settings.
-    return Config(preset="paper", data=DataConfig(image_size=512, num_train=20, num_val=4))
+    return Config(preset="paper")
 
 
 def _cpu() -> Config:
@@ -169,7 +176,6 @@ def _cpu() -> Config:
 def _smoke() -> Config:
     return Config(
         preset="smoke",
-        data=DataConfig(image_size=128, num_train=4, num_val=1, num_test=2),
         model=ModelConfig(depth=3, base_filters=8),
         train=TrainConfig(
             tile_size=92,
@@ -189,31 +195,27 @@ def _smoke() -> Config:
 
 PRESETS: dict[str, typing.Callable[[], Config]] = {"paper": _paper, "cpu": _cpu, "smoke": _smoke}
 
-# What a data set needs on top of a preset, applied when a new run picks both
-# (`--dataset isbi2012 --preset cpu`); --config and --set still override it.
-RECIPES: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
-    # About an hour on a laptop CPU (see README, "ISBI 2012"). ISBI's membranes need the
-    # paper's five levels (92 px context) more than its 64 channels: the cpu preset's
-    # depth 4 sees 44 px. 6,000 steps of 2 tiles of 380 px (196 px output).
-    ("cpu", "isbi2012"): {
-        "model": {"depth": 5, "base_filters": 16},
-        "train": {"tile_size": 380, "batch_size": 2, "epochs": 24, "steps_per_epoch": 250},
-        "predict": {"tile_size": 572, "tiles_per_batch": 2, "test_time_augmentation": True},
-    },
-    # The paper averaged the network's outputs over rotated versions of the ISBI slices.
-    ("paper", "isbi2012"): {"predict": {"test_time_augmentation": True}},
-}
+
+def _datasets() -> dict[str, Dataset]:
+    """`pipeline.data.DATASETS`, imported on first use: pipeline.data imports this module."""
+    from pipeline.data import DATASETS
+
+    return DATASETS
 
 
 def preset(name: str, dataset: str | None = None) -> Config:
-    """Returns a fresh copy of the named preset, with the recipe for `dataset` if one exists."""
+    """Returns a fresh copy of the named preset for `dataset` (default: the embedded one).
+
+    The data set's recipe for the preset, if it has one, is applied on top (`--dataset
+    isbi2012 --preset cpu`); --config and --set still override it.
+    """
     if name not in PRESETS:
         raise PipelineError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     config = PRESETS[name]()
-    if dataset is None:
-        return config
-    recipe = RECIPES.get((name, dataset), {})
-    return apply_overrides(config, {"data": {"dataset": dataset}} | recipe, f"recipe {name}/{dataset}")
+    config.data.dataset = dataset or config.data.dataset
+    described = _datasets().get(config.data.dataset)  # an unknown name is refused by validate
+    recipe = described.recipes.get(name, {}) if described else {}
+    return apply_overrides(config, recipe, f"recipe {name}/{config.data.dataset}")
 
 
 def _section_types(section: Any) -> dict[str, Any]:
@@ -305,7 +307,7 @@ def load(path: str | Path) -> Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Range:
+class Range:
     """The finite numbers a numeric field allows: from `low` up to `high`, ends included unless open."""
 
     low: float
@@ -328,39 +330,33 @@ class _Range:
 
 
 # Where numpy's seeds, Keras' layers and optimizers, the weight map or the loops of the
-# stages would fail, diverge or do nothing.
-_RANGES: dict[str, _Range] = {
-    "data.seed": _Range(0),
-    "data.image_size": _Range(1),
-    "data.num_train": _Range(1),
-    "data.num_val": _Range(1),
-    "data.num_test": _Range(1),
-    "data.val_slices": _Range(1),
-    "data.val_images": _Range(1),
-    "model.depth": _Range(2),
-    "model.base_filters": _Range(1),
-    "model.num_classes": _Range(2),
-    "model.input_channels": _Range(1),
-    "model.dropout": _Range(0, 1, open_high=True),
-    "weight_map.w0": _Range(0),
-    "weight_map.sigma": _Range(0, open_low=True),
-    "weight_map.separation": _Range(1),
-    "augment.elastic_grid": _Range(2),
-    "augment.elastic_sigma": _Range(0),
-    "augment.brightness": _Range(0),
-    "augment.contrast": _Range(0, 1, open_high=True),  # a gain of 1 - c must stay positive
-    "augment.gamma": _Range(0),
-    "train.seed": _Range(0),
-    "train.batch_size": _Range(1),
-    "train.epochs": _Range(1),
-    "train.steps_per_epoch": _Range(1),
-    "train.learning_rate": _Range(0, open_low=True),
-    "train.momentum": _Range(0, 1, open_high=True),
-    "train.val_tiles_per_image": _Range(1),
-    "train.early_stopping_patience": _Range(0),
-    "predict.tiles_per_batch": _Range(1),
-    "predict.threshold": _Range(0, 1),
-    "export.version": _Range(0),
+# stages would fail, diverge or do nothing. The data sets' own data.* fields are in their
+# descriptions (`Dataset.settings`).
+_RANGES: dict[str, Range] = {
+    "model.depth": Range(2),
+    "model.base_filters": Range(1),
+    "model.num_classes": Range(2),
+    "model.input_channels": Range(1),
+    "model.dropout": Range(0, 1, open_high=True),
+    "weight_map.w0": Range(0),
+    "weight_map.sigma": Range(0, open_low=True),
+    "weight_map.separation": Range(1),
+    "augment.elastic_grid": Range(2),
+    "augment.elastic_sigma": Range(0),
+    "augment.brightness": Range(0),
+    "augment.contrast": Range(0, 1, open_high=True),  # a gain of 1 - c must stay positive
+    "augment.gamma": Range(0),
+    "train.seed": Range(0),
+    "train.batch_size": Range(1),
+    "train.epochs": Range(1),
+    "train.steps_per_epoch": Range(1),
+    "train.learning_rate": Range(0, open_low=True),
+    "train.momentum": Range(0, 1, open_high=True),
+    "train.val_tiles_per_image": Range(1),
+    "train.early_stopping_patience": Range(0),
+    "predict.tiles_per_batch": Range(1),
+    "predict.threshold": Range(0, 1),
+    "export.version": Range(0),
 }
 
 _CHOICES: dict[str, tuple[str, ...]] = {
@@ -404,17 +400,17 @@ def _folder_name_problem(name: str) -> str | None:
     return "must be a plain folder name (not empty, no '/', not starting with '.')"
 
 
-def _check_tile_sizes(config: Config) -> None:
-    """Tile sizes that the network, overlap-tile prediction and the synthetic images accept."""
+def _check_tile_sizes(config: Config, image_size_setting: str | None) -> None:
+    """Tile sizes that the network, overlap-tile prediction and images of a configured size accept."""
     depth, padding, tile = config.model.depth, config.model.padding, config.train.tile_size
     _refuse("train.tile_size", tile, input_size_problem(tile, depth, padding))
     _refuse("predict.tile_size", config.predict.tile_size,
             prediction_tile_problem(config.predict.tile_size, depth, padding))
     out = output_size(tile, depth, padding)
-    # Other data sets' image sizes are known only once they are read (pipeline.input_pipeline).
-    if config.data.dataset == "synthetic" and config.data.image_size < out:
-        _refuse("data.image_size", config.data.image_size,
-                f"must be at least {out}, the output window of train.tile_size={tile}")
+    if image_size_setting is not None:  # other images' sizes are checked once read (input_pipeline)
+        size = getattr(config.data, image_size_setting)
+        _refuse(f"data.{image_size_setting}", size,
+                f"must be at least {out}, the output window of train.tile_size={tile}" if size < out else None)
 
 
 def validate(config: Config) -> None:
@@ -422,16 +418,18 @@ def validate(config: Config) -> None:
 
     Checks everything the stages would otherwise trip on later, without TensorFlow.
     """
-    # pipeline.data imports this module (for DataConfig), so it is imported when needed.
-    from pipeline.data import DATASETS
-
+    datasets = _datasets()
     _refuse("preset", config.preset, _choice_problem(config.preset, tuple(PRESETS)))
-    _refuse("data.dataset", config.data.dataset, _choice_problem(config.data.dataset, DATASETS))
+    _refuse("data.dataset", config.data.dataset, _choice_problem(config.data.dataset, tuple(datasets)))
+    for dataset in datasets.values():
+        for field, allowed in dataset.settings.items():
+            value = getattr(config.data, field)
+            _refuse(f"data.{field}", value, allowed.problem(value))
     for field, allowed in _RANGES.items():
         value = _field(config, field)
         _refuse(field, value, allowed.problem(value))
     for field, choices in _CHOICES.items():
         value = _field(config, field)
         _refuse(field, value, _choice_problem(value, choices))
-    _check_tile_sizes(config)
+    _check_tile_sizes(config, datasets[config.data.dataset].image_size_setting)
     _refuse("export.name", config.export.name, _folder_name_problem(config.export.name))

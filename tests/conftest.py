@@ -1,12 +1,9 @@
 """Shared fixtures: one trained smoke run that the end-to-end tests look at."""
 
-from pathlib import Path
 
 import pytest
 
 from pipeline.cli import main
-
-ISBI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2012"
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline import config as configuration
 from pipeline.data import DATASETS
@@ -48,6 +49,16 @@ def test_saved_config_reproduces_the_run(tmp_path):
     assert configuration.load(tmp_path / "config.yaml") == config
 
 
+def test_the_data_section_of_an_earlier_run_loads_as_it_was_saved(tmp_path):
+    # As runs saved it before the data sets' own settings were described in pipeline.data.
+    saved = {"dataset": "isbi2012", "data_dir": "/data/isbi", "seed": 0, "image_size": 128, "num_train": 4,
+             "num_val": 1, "num_test": 2, "val_slices": 3, "val_images": 1}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"preset": "smoke", "data": saved}))
+    config = configuration.load(tmp_path / "config.yaml")
+    assert dataclasses.asdict(config.data) == saved
+    configuration.validate(config)
+
+
 def test_json_and_yaml_files(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"preset": "smoke", "model": {"base_filters": 6}}))
     (tmp_path / "c.yaml").write_text("train:\n  epochs: 2\n")
@@ -65,7 +76,7 @@ def test_a_data_set_recipe_applies_under_explicit_overrides(tmp_path):
         return resolve(parser().parse_args(["--run-dir", str(tmp_path / str(len(list(tmp_path.iterdir())))), *argv]))[0]
 
     isbi = resolved("--dataset", "isbi2012", "--preset", "cpu")
-    recipe = configuration.RECIPES[("cpu", "isbi2012")]
+    recipe = DATASETS["isbi2012"].recipes["cpu"]
     assert (isbi.model.depth, isbi.train.tile_size) == (recipe["model"]["depth"], recipe["train"]["tile_size"])
     assert isbi.augment == configuration.preset("cpu").augment  # untouched sections stay the preset's
     assert resolved("--set", "data.dataset=isbi2012").model.depth == isbi.model.depth
@@ -81,8 +92,7 @@ def test_every_preset_and_recipe_validates(name, dataset):
 
 
 def test_every_recipe_is_among_the_validated_combinations():
-    assert {preset for preset, _ in configuration.RECIPES} <= set(configuration.PRESETS)
-    assert {dataset for _, dataset in configuration.RECIPES} <= set(DATASETS)
+    assert {preset for dataset in DATASETS.values() for preset in dataset.recipes} <= set(configuration.PRESETS)
 
 
 def smoke_with(*assignments: str) -> configuration.Config:

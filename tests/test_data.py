@@ -6,7 +6,8 @@ import tifffile
 
 from fakes import CTC_ANNOTATED, CTC_NAME, ctc_frame, imwrite, touching_cells, write_ctc, write_image_folder
 from pipeline import data
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, Range
+from pipeline.data.image_files import PERCENTILES, to_uint8
 from pipeline.errors import PipelineError
 
 
@@ -32,6 +33,8 @@ def test_isbi2012_holds_out_the_last_slices(tmp_path):
 
 
 def test_missing_and_empty_data_folders(tmp_path):
+    with pytest.raises(PipelineError, match=r"^the isbi2012 data set needs --data-dir \(the folder with train-volume"):
+        data.load(DataConfig(dataset="isbi2012"))
     with pytest.raises(PipelineError, match=f"^{tmp_path / 'nope'}: data folder does not exist$"):
         data.load(DataConfig(dataset="isbi2012", data_dir=str(tmp_path / "nope")))
     with pytest.raises(PipelineError, match="data folder is empty"):
@@ -66,6 +69,12 @@ def test_corrupt_tiff_and_wrong_dtype(tmp_path):
         data.load(config)
 
 
+def test_isbi2012_reference_is_the_papers_row_beside_the_scored_split():
+    row = data.DATASETS["isbi2012"].reference.row("val")
+    assert (row["warping_error"], row["rand_error"], row["pixel_error"]) == (0.000353, 0.0382, 0.0611)
+    assert row["note"].endswith("ours are on the val slices, a different test set")
+
+
 def test_synthetic_splits_are_distinct_and_reproducible():
     config = DataConfig(image_size=64, num_train=2, num_val=1, num_test=1)
     first, second = data.load(config), data.load(config)
@@ -86,10 +95,12 @@ def test_ctc2d_uses_only_annotated_frames_and_holds_out_sequence_02(tmp_path):
     splits = data.load(ctc_config(tmp_path))
     assert splits["train"].ids == [f"01_t{t:03d}" for t in CTC_ANNOTATED["01"]]
     assert splits["val"].ids == splits["test"].ids == [f"02_t{t:03d}" for t in CTC_ANNOTATED["02"]]
+    sequence_of = data.DATASETS[f"ctc2d/{CTC_NAME}"].sequence_of  # evaluate's SEG per sequence
+    assert [{sequence_of(i) for i in splits[s].ids} for s in ("train", "val")] == [{"01"}, {"02"}]
     first = splits["train"]
     assert first.images.dtype == np.uint8 and first.instances.dtype == np.int32
     np.testing.assert_array_equal(first.instances[1], touching_cells((64, 80), 12))  # 01, frame 2
-    np.testing.assert_array_equal(first.images[0, ..., 0], data.to_uint8(ctc_frame((64, 80), 10)))
+    np.testing.assert_array_equal(first.images[0, ..., 0], to_uint8(ctc_frame((64, 80), 10)))
 
 
 def test_ctc2d_reads_the_zip_as_downloaded(tmp_path):
@@ -104,14 +115,14 @@ def test_ctc2d_reads_the_zip_as_downloaded(tmp_path):
 
 def test_sixteen_bit_images_are_scaled_by_percentiles():
     frame = ctc_frame((64, 80), 0)  # ~3000 +- 100 with one hot pixel at 65535
-    scaled = data.to_uint8(frame)
-    low, high = np.percentile(frame, data.PERCENTILES)
+    scaled = to_uint8(frame)
+    low, high = np.percentile(frame, PERCENTILES)
     assert scaled.dtype == np.uint8 and scaled[0, 0] == 255
     assert scaled[frame <= low].max() == 0 and scaled[frame >= high].min() == 255
     assert 100 < scaled.mean() < 155  # the hot pixel does not squash the contrast
-    assert data.to_uint8(np.full((4, 4), 7, np.uint16)).max() == 0
+    assert to_uint8(np.full((4, 4), 7, np.uint16)).max() == 0
     eight_bit = np.arange(16, dtype=np.uint8).reshape(4, 4)
-    assert data.to_uint8(eight_bit) is eight_bit
+    assert to_uint8(eight_bit) is eight_bit
 
 
 def test_ctc2d_ground_truth_without_image(tmp_path):
@@ -147,7 +158,7 @@ def test_ctc2d_missing_files(tmp_path):
         path.unlink()
     with pytest.raises(PipelineError, match=r"02_GT/SEG: no man_segNNN.tif ground-truth frames"):
         data.load(ctc_config(tmp_path))
-    with pytest.raises(PipelineError, match="unknown Cell Tracking Challenge set 'Fluo-X'"):
+    with pytest.raises(PipelineError, match=f"^unknown data set 'ctc2d/Fluo-X'; choose one of .*ctc2d/{CTC_NAME}"):
         data.load(DataConfig(dataset="ctc2d/Fluo-X", data_dir=str(tmp_path)))
 
 
@@ -200,3 +211,28 @@ def test_image_folder_empty_or_missing(tmp_path):
     write_image_folder(tmp_path / "one")
     with pytest.raises(PipelineError, match="data.val_images=3 must leave training images among the 3"):
         data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path / "one"), val_images=3))
+
+
+# --- the registry ----------------------------------------------------------------------------
+
+
+def test_only_time_lapse_data_sets_group_into_sequences_and_only_isbi_has_a_reference():
+    assert [name for name, d in data.DATASETS.items() if d.sequence_of] == [f"ctc2d/{n}" for n in data.ctc2d.SETS]
+    assert [name for name, d in data.DATASETS.items() if d.reference] == ["isbi2012"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"labels": "cells"}, "labels='cells' must be one of binary, instances, either"),
+    ({"settings": {"held_out": Range(1)}}, r"settings \['held_out'\] are not DataConfig fields"),
+    ({"image_size_setting": "image_size"}, "image_size_setting must be one of its settings"),
+    ({"needs_data_dir": True}, "needs_data_dir needs data_dir to say what the folder holds"),
+    ({"recipes": {"gpu": {}}}, r"recipes for unknown presets \['gpu'\]"),
+])
+def test_a_description_the_pipeline_cannot_follow_is_refused(fields, message):
+    with pytest.raises(PipelineError, match=rf"^data set 'mine': {message}$"):
+        data.Dataset(**{"name": "mine", "read": data.DATASETS["synthetic"].read, "labels": "instances", **fields})
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(PipelineError, match="^data set 'synthetic' is registered already$"):
+        data.register(data.DATASETS["synthetic"])

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from fakes import CTC_NAME, write_ctc, write_image_folder
-from pipeline import rundir
+from pipeline import data, rundir
 from pipeline.rundir import RunDir
 from pipeline.cli import main
-from pipeline.config import load
+from pipeline.config import DataConfig, load
 from test_data import isbi_folder
 
 FEW_STEPS = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "train.val_tiles_per_image=1"]
@@ -82,3 +83,44 @@ def test_changed_weight_map_settings_need_a_new_prepare(tmp_path):
 
 def test_trains_from_the_synthetic_default(tmp_path):
     prepare_and_train(tmp_path / "run", "synthetic")
+
+
+# --- a data set added the way docs/datasets.md says, without editing pipeline/ -----------------
+
+
+def read_squares(config: DataConfig) -> dict[str, data.Split]:
+    """Splits of 96 px images: a 4 x 4 grid of bright square cells, 20 px, 4 px apart, on dark noise."""
+    del config  # nothing to configure: the same squares every time
+    rng = np.random.default_rng(0)
+    cells = np.zeros((96, 96), np.int32)
+    for index in range(16):
+        row, column = divmod(index, 4)
+        cells[4 + 24 * row : 24 + 24 * row, 4 + 24 * column : 24 + 24 * column] = index + 1
+
+    def split(count: int) -> data.Split:
+        noise = rng.normal(0, 20, (count, 96, 96))
+        images = np.clip(np.where(cells > 0, 180, 60) + noise, 0, 255).astype(np.uint8)
+        return data.Split(images[..., None], np.repeat(cells[None], count, axis=0))
+
+    return {"train": split(3), "val": split(1), "test": split(1)}
+
+
+@pytest.fixture
+def squares():
+    """The squares data set, registered for one test."""
+    dataset = data.register(data.Dataset(
+        name="squares", read=read_squares, labels="instances",
+        recipes={"smoke": {"predict": {"tiles_per_batch": 2}}},
+    ))
+    yield dataset
+    del data.DATASETS[dataset.name]
+
+
+def test_a_registered_data_set_is_prepared_and_trained(tmp_path, squares):
+    run_dir = tmp_path / "run"
+    prepare_and_train(run_dir, squares.name)
+    config = load(run_dir / "config.yaml")
+    assert config.data.dataset == "squares" and config.predict.tiles_per_batch == 2  # its recipe for smoke
+    assert json.loads(RunDir(run_dir).manifest.read_text())["counts"] == {"train": 3, "val": 1, "test": 1}
+    train = rundir.load_split(RunDir(run_dir), "train", config)
+    assert train["images"].shape == (3, 96, 96, 1) and train["weights"].shape == (3, 96, 96)

@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -23,11 +24,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from fakes import CTC_ANNOTATED, CTC_NAME, write_ctc, write_image_folder, write_isbi
+from fakes import CTC_ANNOTATED, CTC_NAME, ISBI_DIR, write_ctc, write_image_folder, write_isbi
 from pipeline import data as pipeline_data
 
 ROOT = Path(__file__).resolve().parents[1]
-ISBI_DIR = ROOT.parent / "shared" / "data" / "isbi2012"  # as in conftest.py
 
 _missing = [m for m in ("apache_beam", "mlcroissant") if importlib.util.find_spec(m) is None]
 if _missing:
@@ -49,10 +49,11 @@ def tfds_command() -> str:
     return found
 
 
-def tfds_build(*args: str | Path) -> subprocess.CompletedProcess:
+def tfds_build(*args: str | Path, command: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`tfds build ARGS` from the repository root, by `command` (default: the `tfds` console script)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     return subprocess.run(
-        [tfds_command(), "build", *map(str, args)],
+        [*(command or [tfds_command()]), "build", *map(str, args)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -89,6 +90,24 @@ def test_synthetic_em(tmp_path):
     assert builder.info.features["image"].shape == (64, 64, 1)
 
 
+def test_synthetic_em_from_a_checkout_where_the_project_is_not_installed(tmp_path):
+    # The `tfds` command in a Python that cannot import `pipeline`: -I -S leave the current
+    # folder, PYTHONPATH and site-packages' .pth files (the editable install's import hook)
+    # out; site-packages itself is put back. datasets/pipeline_checkout.py must supply it.
+    sites = sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")})
+    if any((Path(site) / "pipeline").is_dir() for site in sites):
+        pytest.skip(f"pipeline is installed into {' or '.join(sites)} itself: it cannot be left out")
+    launcher = (
+        f"import importlib.util, sys; sys.path += {sites!r}; "
+        "assert importlib.util.find_spec('pipeline') is None; "
+        "from tensorflow_datasets.scripts.cli.main import launch_cli; "
+        "sys.argv[0] = 'tfds'; sys.exit(launch_cli())"
+    )
+    result = tfds_build("datasets/synthetic_em", "--config", "small", "--data_dir", tmp_path,
+                        command=[sys.executable, "-I", "-S", "-c", launcher])
+    check_built(result, tmp_path / "synthetic_em" / "small" / "1.0.0", {"train": 2, "validation": 1, "test": 1})
+
+
 def test_isbi2012(tmp_path):
     manual = tmp_path / "manual"
     write_isbi(manual)
@@ -105,7 +124,7 @@ def test_isbi2012_missing_files_show_the_instructions(tmp_path):
 
 
 @pytest.mark.skipif(
-    not all((ISBI_DIR / name).is_file() for name in pipeline_data.ISBI_FILES.values()),
+    not all((ISBI_DIR / name).is_file() for name in pipeline_data.isbi2012.FILES.values()),
     reason=f"real ISBI 2012 files not found in {ISBI_DIR}",
 )
 def test_isbi2012_real_data(tmp_path):

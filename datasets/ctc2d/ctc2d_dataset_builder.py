@@ -2,37 +2,29 @@
 
 The archive is downloaded from the challenge's data server by TFDS's download manager,
 or taken from the manual directory (`<NAME>.zip` or its extracted `<NAME>/` folder).
-The frames are read and checked by `pipeline.data` (`ctc2d_root`,
-`read_ctc2d_sequence`), the same code the pipeline's `--dataset ctc2d/<NAME>` runs, so a
+The frames are read and checked by `pipeline.data.ctc2d` (`training_folder`,
+`read_sequence`), the same code the pipeline's `--dataset ctc2d/<NAME>` runs, so a
 malformed file is reported as a one-line `pipeline.errors.PipelineError` naming it.
 
 Only frames with a segmentation ground truth (`<seq>_GT/SEG/man_segNNN.tif`) are
-examples. Images are scaled to 8 bits robustly (`pipeline.data.to_uint8`: the 1st and
-99.8th percentiles of each frame map to 0 and 255).
+examples. Images are scaled to 8 bits robustly (`pipeline.data.image_files.to_uint8`:
+the 1st and 99.8th percentiles of each frame map to 0 and 255).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-try:
-    import pipeline  # noqa: F401
-except ImportError:
-    # `tfds build datasets/ctc2d` run from a checkout whose `pipeline` package is not
-    # installed: use the checkout's. Appended (not prepended), so nothing is shadowed.
-    sys.path.append(str(Path(__file__).resolve().parents[2]))
-
 from pipeline import data as pipeline_data
 from pipeline.config import WeightMapConfig
 from pipeline.weight_map import separate_instances
 
 # TFDS split -> sequence: a whole sequence is held out, its frames being near-duplicates.
-SEQUENCES = dict(zip(("train", "validation"), pipeline_data.CTC2D_SEQUENCES))
+SEQUENCES = dict(zip(("train", "validation"), pipeline_data.ctc2d.SEQUENCES))
 # Width of the background borders between touching cells in `label` (the pipeline's default).
 SEPARATION = WeightMapConfig().separation
 
@@ -48,14 +40,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     RELEASE_NOTES = {"1.0.0": "Initial release: annotated frames of sequences 01 (train) and 02 (validation)."}
     BUILDER_CONFIGS = [
         tfds.core.BuilderConfig(name=name, description=f"Cell Tracking Challenge {name}, training data")
-        for name in pipeline_data.CTC2D_SETS
+        for name in pipeline_data.ctc2d.SETS
     ]
     MANUAL_DOWNLOAD_INSTRUCTIONS = f"""
     Optional: without them the training archive is downloaded from
-    {pipeline_data.CTC2D_URL.format(name="<NAME>")}.
+    {pipeline_data.ctc2d.URL.format(name="<NAME>")}.
     To build from a copy, place `<NAME>.zip` (as downloaded) or its extracted `<NAME>/`
     folder (holding 01/, 01_GT/SEG/, 02/, 02_GT/SEG/) in the manual directory, with
-    <NAME> one of {", ".join(pipeline_data.CTC2D_SETS)}.
+    <NAME> one of {", ".join(pipeline_data.ctc2d.SETS)}.
     """
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -78,7 +70,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         name = self.builder_config.name
-        root = pipeline_data.ctc2d_root(name, self._manual_copy(dl_manager, name), dl_manager)
+        root = pipeline_data.ctc2d.training_folder(name, self._manual_copy(dl_manager, name), dl_manager)
         return {split: self._generate_examples(root, sequence) for split, sequence in SEQUENCES.items()}
 
     @staticmethod
@@ -91,7 +83,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return manual if (manual / f"{name}.zip").is_file() or (manual / name).is_dir() else None
 
     def _generate_examples(self, root: Path, sequence: str):
-        for example in pipeline_data.read_ctc2d_sequence(root, sequence):
+        for example in pipeline_data.ctc2d.read_sequence(root, sequence):
             separated = separate_instances(example.instances, SEPARATION)
             yield example.id, {
                 "image": example.image,

@@ -1,27 +1,19 @@
 """TFDS builder for the user's own data: `images/NAME.{png,tif}` with `masks/NAME.{png,tif}`.
 
-The pairs are read and checked by `pipeline.data.read_image_folder`, the same code the
-pipeline's `--dataset image_folder` runs, so a missing partner, a size mismatch, bad
-label values or a corrupt file are reported as a one-line
+The pairs are read and checked by `pipeline.data.image_folder.read_pairs`, the same
+code the pipeline's `--dataset image_folder` runs, so a missing partner, a size
+mismatch, bad label values or a corrupt file are reported as a one-line
 `pipeline.errors.PipelineError` naming the file. All pairs form the `train` split
 (hold out what you need with TFDS's split slicing, e.g. `train[:80%]`).
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-
-try:
-    import pipeline  # noqa: F401
-except ImportError:
-    # `tfds build datasets/image_folder` run from a checkout whose `pipeline` package is
-    # not installed: use the checkout's. Appended (not prepended), so nothing is shadowed.
-    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 from pipeline import data as pipeline_data
 from pipeline.config import WeightMapConfig
@@ -66,7 +58,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples(Path(dl_manager.manual_dir))}
 
     def _generate_examples(self, folder: Path):
-        for example in pipeline_data.read_image_folder(folder):
+        for example in pipeline_data.image_folder.read_pairs(folder):
             separated = separate_instances(example.instances, SEPARATION)
             yield example.id, {
                 "image": example.image,

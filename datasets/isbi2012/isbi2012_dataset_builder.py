@@ -16,19 +16,10 @@ for ground truth.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-
-try:
-    import pipeline  # noqa: F401
-except ImportError:
-    # `tfds build datasets/isbi2012` run from a checkout whose `pipeline` package is not
-    # installed: use the checkout's. Appended (not prepended), so nothing is shadowed.
-    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 from pipeline import data as pipeline_data
 from pipeline.config import DataConfig
@@ -58,10 +49,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     three files of the challenge data in the manual directory (`--manual_dir DIR`, default
     `<data_dir>/downloads/manual/`):
 
-      {pipeline_data.ISBI_FILES["train"]}   30 training sections, multi-page TIFF, 512x512 uint8
-      {pipeline_data.ISBI_FILES["labels"]}   their labels, multi-page TIFF, 512x512 uint8,
+      {pipeline_data.isbi2012.FILES["train"]}   30 training sections, multi-page TIFF, 512x512 uint8
+      {pipeline_data.isbi2012.FILES["labels"]}   their labels, multi-page TIFF, 512x512 uint8,
                          255 = cell, 0 = membrane
-      {pipeline_data.ISBI_FILES["test"]}    30 test sections (no public labels), as the training volume
+      {pipeline_data.isbi2012.FILES["test"]}    30 test sections (no public labels), as the training volume
 
     They come from the ISBI 2012 EM segmentation challenge,
     https://imagej.net/events/isbi-2012-segmentation-challenge, and from mirrors such as

@@ -8,19 +8,10 @@ and the pipeline's `--dataset synthetic` see exactly the same images and labels.
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
-
-try:
-    import pipeline  # noqa: F401
-except ImportError:
-    # `tfds build datasets/synthetic_em` run from a checkout whose `pipeline` package is not
-    # installed: use the checkout's. Appended (not prepended), so nothing is shadowed.
-    sys.path.append(str(Path(__file__).resolve().parents[2]))
 
 from pipeline import data as pipeline_data
 from pipeline.config import DataConfig
