@@ -1,0 +1,89 @@
+"""The run directory's owner: who writes, which settings a run fixes, how a run is picked."""
+
+import json
+
+import pytest
+
+from pipeline import config as configuration
+from pipeline import rundir
+from pipeline.errors import PipelineError
+from pipeline.rundir import RunDir
+
+
+@pytest.mark.parametrize("tf_config,chief", [
+    (None, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}, False),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}, True),
+    ({"cluster": {"chief": ["c:1"], "worker": ["a:1"]}, "task": {"type": "worker", "index": 0}}, False),
+])
+def test_is_chief_names_the_one_process_that_writes_shared_files(monkeypatch, tf_config, chief):
+    monkeypatch.setenv("TF_CONFIG", json.dumps(tf_config) if tf_config else "")
+    assert rundir.is_chief() is chief
+
+
+def test_every_path_comes_from_the_run_directory(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.best_model == tmp_path / "r" / "train" / "best.keras"
+    assert run.last_model(2) == tmp_path / "r" / "train" / "worker-2" / "last.keras"
+    assert run.backup() == tmp_path / "r" / "train" / "backup"
+    assert run.panel(3) == tmp_path / "r" / "evaluation" / "panel_003.png"
+    assert run.export_root == tmp_path / "r" / "export"
+
+
+def test_save_config_keeps_a_different_earlier_one(tmp_path):
+    run = RunDir(tmp_path)
+    smoke = configuration.preset("smoke")
+    run.save_config(smoke)
+    run.save_config(smoke)
+    assert not (tmp_path / "config.1.yaml").exists()
+    run.save_config(configuration.apply_overrides(smoke, {"predict": {"threshold": 0.4}}, "test"))
+    assert configuration.load(tmp_path / "config.1.yaml") == smoke
+    assert run.saved_config().predict.threshold == 0.4
+
+
+def test_a_trained_model_fixes_what_it_was_trained_with(tmp_path):
+    run = RunDir(tmp_path)
+    smoke = configuration.preset("smoke")
+    run.save_config(smoke)
+    run.best_model.parent.mkdir()
+    run.best_model.write_bytes(b"model")
+    changed = configuration.apply_overrides(smoke, {"augment": {"flip": False}}, "test")
+    with pytest.raises(PipelineError, match="trained with augment.flip=True, not False"):
+        run.check_changes(changed, ("evaluate",), overwrite=False)
+    run.check_changes(changed, ("train",), overwrite=True)  # training again from scratch may change it
+    run.check_changes(configuration.apply_overrides(smoke, {"predict": {"threshold": 0.3}}, "test"),
+                      ("predict",), overwrite=False)
+
+
+def test_prepared_data_fixes_its_data_settings_until_prepared_again(tmp_path):
+    run = RunDir(tmp_path)
+    smoke = configuration.preset("smoke")
+    run.save_config(smoke)
+    run.manifest.parent.mkdir()
+    run.manifest.write_text("{}")
+    changed = configuration.apply_overrides(smoke, {"weight_map": {"w0": 3.0}}, "test")
+    with pytest.raises(PipelineError, match="prepared with weight_map.w0=10.0, not 3.0; run --stage prepare again"):
+        run.check_changes(changed, ("train",), overwrite=False)
+    run.check_changes(changed, ("prepare",), overwrite=False)
+
+
+def test_a_file_is_not_a_run_directory(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(PipelineError, match="run directory is a file"):
+        RunDir(tmp_path / "f")
+
+
+def test_latest_is_the_run_prepare_last_marked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError, match="no run prepared from this folder yet"):
+        rundir.latest()
+    for name in ("zzz-named", "20260101-000000-cpu"):
+        run = RunDir(rundir.RUNS / name)
+        run.save_config(configuration.preset("smoke"))
+    rundir.mark_latest(run)
+    assert rundir.latest() == run
+    assert "using run directory runs/20260101-000000-cpu" in capsys.readouterr().out
+    run.config.unlink()
+    with pytest.raises(PipelineError, match="holds no run any more"):
+        rundir.latest()
