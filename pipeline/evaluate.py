@@ -17,6 +17,7 @@ import numpy as np
 
 from pipeline import data, io, rundir
 from pipeline.config import Config
+from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.metrics.common import check_pair
 from pipeline.report import panel, report_for, summary, table
@@ -38,7 +39,7 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     sizes = [image.shape[:2] for image in images] if sizes is None else [tuple(size) for size in sizes]
     crops = [(slice(0, height), slice(0, width)) for height, width in sizes]
     segment = Segmenter(model, config)
-    progress = keras.utils.Progbar(len(images), unit_name="image")
+    progress = progress_bar(len(images), "image")
     probabilities = []
     for image, crop in zip(images, crops):
         probabilities.append(segment(image[crop]))

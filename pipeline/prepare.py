@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline import data, io, rundir
 from pipeline.config import Config
+from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
 from pipeline.weight_map import separate_instances, weight_map
@@ -35,7 +36,7 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> None:
                             "the data it was trained on (pass --overwrite, or use a new --run-dir)")
     splits = data.load(config.data)
     targets = [s for name, s in splits.items() if name != "test" and s.instances is not None]
-    progress = keras.utils.Progbar(sum(len(s.images) for s in targets), unit_name="weight map")
+    progress = progress_bar(sum(len(s.images) for s in targets), "weight map")
     counts, prepared = {}, {}
     for name, split in splits.items():
         sizes = split.sizes if split.sizes is not None else _full_sizes(split.images)
