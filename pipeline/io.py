@@ -14,6 +14,7 @@ which the serving signature applies too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import secrets
@@ -35,6 +36,21 @@ COLOUR_AS_GREY = (
     "a 1-channel model reads a colour image (3 channels, or 4 with alpha) as grey only when its R, G and B "
     "channels are identical in every pixel and its alpha channel, if any, is constant in each image"
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The physical size of an input's pixels, as its file declares it, for its outputs."""
+
+    x: float  # pixel width, in `unit`
+    y: float  # pixel height
+    unit: str  # as the file names it: "um", "micron", "nm", ...
+    z: float | None = None  # slice spacing of a stack (ImageJ's "spacing")
+
+
+# Units (as ImageJ and TIFF files name them) per centimetre, TIFF's own resolution unit.
+_CENTIMETRES = {"cm": 1.0, "mm": 10.0, "um": 1e4, "µm": 1e4, "\\u00B5m": 1e4, "micron": 1e4, "nm": 1e7}
+_TIFF_UNITS = {2: ("um", 25400.0), 3: ("um", 1e4)}  # ResolutionUnit inch, centimetre -> um per unit
 
 
 @contextlib.contextmanager
@@ -209,12 +225,33 @@ def write_png(target: Path, array: np.ndarray, overwrite: bool = False) -> None:
         encode_png(temporary, array)
 
 
-def encode_tiff(path: Path, array: np.ndarray) -> None:
-    """Writes an image or stack as a grey TIFF straight into `path` (a temporary of `atomic_paths`)."""
+def encode_tiff(path: Path, array: np.ndarray, calibration: Calibration | None = None) -> None:
+    """Writes an image or stack as a grey TIFF straight into `path` (a temporary of `atomic_paths`).
+
+    With a `calibration` (the input's, from `read_calibration`), the file carries the same
+    pixel size: as ImageJ metadata (unit, slice spacing) where ImageJ's format takes the
+    pixel type (8/16-bit, float32), else as TIFF resolution tags in pixels per centimetre.
+    """
     # Encoded in memory: tifffile's own file writes report a full disk without errno.
     buffer = BytesIO()
-    tifffile.imwrite(buffer, array, photometric="minisblack")
+    tifffile.imwrite(buffer, array, photometric="minisblack", **_calibration_tags(array, calibration))
     _write_bytes(path, buffer.getbuffer())
+
+
+def _calibration_tags(array: np.ndarray, calibration: Calibration | None) -> dict:
+    """tifffile.imwrite's keywords that record `calibration` for `array`."""
+    if calibration is None:
+        return {}
+    resolution = (1 / calibration.x, 1 / calibration.y)
+    if array.dtype in (np.uint8, np.uint16, np.float32):
+        metadata = {"unit": calibration.unit, "axes": "ZYX" if array.ndim == 3 else "YX"}
+        if calibration.z is not None:
+            metadata["spacing"] = calibration.z
+        return {"imagej": True, "resolution": resolution, "metadata": metadata}
+    per_cm = _CENTIMETRES.get(calibration.unit)
+    if per_cm is None:  # a unit TIFF's tags cannot name: the numbers without it
+        return {"resolution": resolution}
+    return {"resolution": (per_cm / calibration.x, per_cm / calibration.y), "resolutionunit": "CENTIMETER"}
 
 
 def encode_png(path: Path, array: np.ndarray) -> None:
@@ -241,6 +278,28 @@ def encode_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Writes named arrays into `path`, e.g. a temporary of `atomic_paths`, as one .npz file."""
     with open(path, "wb") as handle:
         np.savez(handle, **arrays)
+
+
+def read_calibration(path: Path) -> Calibration | None:
+    """The pixel size a TIFF declares (ImageJ unit and spacing, or resolution in inch/cm).
+
+    None for a PNG and for a TIFF without one: TIFF's default resolution (72 per inch,
+    or 1 with no unit) says nothing about the sample.
+    """
+    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+        return None
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages.first
+        x_per_unit, y_per_unit = page.resolution
+        if x_per_unit <= 0 or y_per_unit <= 0:
+            return None
+        imagej = tiff.imagej_metadata or {}
+        if imagej.get("unit"):
+            return Calibration(1 / x_per_unit, 1 / y_per_unit, imagej["unit"], imagej.get("spacing"))
+        if (x_per_unit, y_per_unit) == (72.0, 72.0) or int(page.resolutionunit) not in _TIFF_UNITS:
+            return None
+        unit, size = _TIFF_UNITS[int(page.resolutionunit)]
+        return Calibration(size / x_per_unit, size / y_per_unit, unit)
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, str]:

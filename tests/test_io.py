@@ -304,3 +304,40 @@ def test_two_images_with_one_name_are_refused(tmp_path, names):
         f"{tmp_path / second}: two images named x ({first} and {second}); "
         "their outputs would overwrite each other, so rename one"
     )
+
+
+# --- pixel size -------------------------------------------------------------------------------
+
+
+def calibrated_copy(tmp_path: Path, source: Path, array: np.ndarray) -> Path:
+    target = tmp_path / f"out_{array.dtype}.tif"
+    with io.atomic_path(target) as temporary:
+        io.encode_tiff(temporary, array, io.read_calibration(source))
+    return target
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.uint32])
+def test_an_imagej_pixel_size_travels_to_every_output_type(tmp_path, dtype):
+    source = tmp_path / "in.tif"
+    tifffile.imwrite(source, np.zeros((3, 20, 30), np.uint16), imagej=True, resolution=(1 / 0.25, 1 / 0.5),
+                     metadata={"unit": "um", "spacing": 2.0, "axes": "ZYX"})
+    assert io.read_calibration(source) == io.Calibration(0.25, 0.5, "um", 2.0)
+    copy = io.read_calibration(calibrated_copy(tmp_path, source, np.zeros((3, 20, 30), dtype)))
+    assert (copy.x, copy.y) == pytest.approx((0.25, 0.5)) and copy.unit == "um"
+    # ImageJ's format takes 8/16-bit and float32 (with the slice spacing); 32-bit labels get
+    # TIFF's own resolution tags, in pixels per centimetre.
+    assert copy.z == (None if dtype == np.uint32 else 2.0)
+
+
+@pytest.mark.parametrize("unit,pixels_per_unit,micrometres", [("CENTIMETER", 10_000.0, 1.0), ("INCH", 50_800.0, 0.5)])
+def test_tiff_resolution_tags_are_read_in_micrometres(tmp_path, unit, pixels_per_unit, micrometres):
+    tifffile.imwrite(tmp_path / "a.tif", grey(), resolution=(pixels_per_unit, pixels_per_unit), resolutionunit=unit)
+    calibration = io.read_calibration(tmp_path / "a.tif")
+    assert calibration.unit == "um" and calibration.x == pytest.approx(micrometres)
+
+
+def test_files_without_a_pixel_size_have_no_calibration(tmp_path):
+    tifffile.imwrite(tmp_path / "plain.tif", grey())
+    tifffile.imwrite(tmp_path / "screen.tif", grey(), resolution=(72, 72), resolutionunit="INCH")
+    cv2.imwrite(str(tmp_path / "a.png"), grey())
+    assert [io.read_calibration(tmp_path / name) for name in ("plain.tif", "screen.tif", "a.png")] == [None] * 3
