@@ -2,12 +2,13 @@
 
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pipeline.config import preset
-from pipeline.inference import segmentation_function
+from pipeline.inference import connected_components, segmentation_function
 from pipeline.model import unet
 
 LAYOUTS = "image must be [H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour"
@@ -77,3 +78,22 @@ def test_a_multichannel_model_takes_its_channels_and_nothing_else():
     for array in (colour[..., 0], colour[..., :2], np.zeros((0, 41, 3), np.float32)):
         with pytest.raises(tf.errors.InvalidArgumentError, match=r"image must be \[H, W, 3\] or \[B, H, W, 3\]"):
             segment(tf.constant(array))
+
+
+@pytest.mark.parametrize("seed,fill", [(0, 0.5), (1, 0.62), (2, 0.3), (3, 0.9)])
+def test_connected_components_number_cells_as_opencv_does(seed, fill):
+    cells = np.random.default_rng(seed).random((61, 47)) < fill
+    count, expected = cv2.connectedComponents(cells.astype(np.uint8), connectivity=4)
+    labels = tf.function(connected_components)(tf.constant(cells)).numpy()
+    np.testing.assert_array_equal(labels, expected)
+    assert labels.max() == count - 1
+
+
+def test_connected_components_follow_a_long_winding_cell():
+    # A one-pixel-wide serpentine: its far end is thousands of steps from its first pixel.
+    cells = np.zeros((40, 41), bool)
+    cells[::2] = True
+    cells[1::4, -1] = cells[3::4, 0] = True
+    labels = connected_components(tf.constant(cells)).numpy()
+    assert set(np.unique(labels)) == {0, 1} and (labels[cells] == 1).all()
+    assert connected_components(tf.zeros((5, 7), tf.bool)).numpy().max() == 0
