@@ -1,7 +1,8 @@
 """The evaluation report: every metric of a prediction, as JSON, a text table and pictures.
 
 `score` scores one image or stack, `report_for` a set of images (per image, mean and
-overall, with SEG per sequence for Cell Tracking Challenge data); `table` prints a
+overall, with SEG per sequence for Cell Tracking Challenge data, and StarDist's
+object matching wherever reference instances are given); `table` prints a
 report and `panel` draws one image's errors. No model and no TensorFlow: the
 `evaluate` stage feeds it its predictions, and any other tool's can be scored alike.
 """
@@ -12,7 +13,7 @@ import cv2
 import numpy as np
 
 from pipeline.display import grey8
-from pipeline.metrics import common, ctc, isbi, warping
+from pipeline.metrics import common, ctc, isbi, matching, warping
 
 # Error picture colours (BGR): false membrane, missed membrane, split, merger.
 COLOURS = {"false_membrane": (255, 128, 0), "missed_membrane": (0, 215, 255),
@@ -33,8 +34,9 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
 
     Returns the headline values (lowest error over the ISBI grid) with the threshold
     that reached them, the errors per threshold, foreground IoU and pixel accuracy at
-    `threshold`, and CTC SEG when ground-truth `instances` are given (the prediction's
-    instances: 4-connected cells at `threshold`). V_rand and V_info are reported as
+    `threshold`, and, when ground-truth `instances` are given, CTC SEG and the object
+    matching ("instance_matching", `matching.record`) of the prediction's instances:
+    4-connected cells at `threshold`. V_rand and V_info are reported as
     errors, 1 - V, so that lower is better everywhere. A ground truth without membrane
     or without cell pixels adds "warning": which values it makes meaningless.
     """
@@ -48,7 +50,9 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     result["pixel_accuracy"] = isbi.pixel_accuracy(probability, cells, threshold)
     if instances is not None:
         reference = np.asarray(instances).reshape(probability.shape)
-        result["seg"] = ctc.seg(ctc.cell_instances(probability, threshold), reference)
+        predicted = ctc.cell_instances(probability, threshold)
+        result["seg"] = ctc.seg(predicted, reference)
+        result["instance_matching"] = matching.record(matching.match(predicted, reference))
     warning = common.truth_warning(cells)
     return result | ({} if warning is None else {"warning": warning}) | {"per_threshold": curves}
 
@@ -61,9 +65,12 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
     "overall" sums the counts over the images, as the challenge does for a stack; for
     images of different sizes, which make no stack, the headline values are the means.
     With the `sequences` the images belong to (and their `instances`), the report adds
-    CTC SEG per sequence and overall (see `seg_per_sequence`). "warnings" lists, one line
-    each, the images whose ground truth leaves some values meaningless (see `score`),
-    called by their `names` (default "image <index>").
+    CTC SEG per sequence and overall (see `seg_per_sequence`). With `instances`,
+    "instance_matching" matches the objects of all images pooled (counts summed, as in
+    "overall", but for images of any sizes); "mean_per_image" leaves it out, since a
+    mean of per-image ratios is not StarDist's figure for a data set. "warnings" lists,
+    one line each, the images whose ground truth leaves some values meaningless (see
+    `score`), called by their `names` (default "image <index>").
     """
     per_image = [
         score(p, t, threshold, None if instances is None else instances[i]) | {"image": i}
@@ -82,6 +89,9 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
     report = ({key: headline[key] for key in ("warping_error", "rand_error", "pixel_error")}
               | {"warnings": warnings, "threshold": threshold, "overall": overall, "mean_per_image": mean,
                  "per_image": per_image})
+    if instances is not None:
+        report["instance_matching"] = matching.record(matching.pool(
+            matching.match(ctc.cell_instances(p, threshold), r) for p, r in zip(probabilities, instances)))
     if sequences is not None:
         report |= seg_per_sequence(probabilities, instances, sequences, threshold)
     return report
@@ -109,36 +119,44 @@ def summary(report: dict) -> dict:
     """The values of a report's summary row, with the thresholds that reached them.
 
     The overall values (for images of different sizes, the means per image), and the
-    overall and per-sequence SEG where the report has them.
+    overall and per-sequence SEG and the pooled object matching where the report has them.
     """
     values = report["mean_per_image"] if report["overall"] is None else report["overall"]
     row = {key: value for key, value in values.items() if key != "per_threshold"}
-    return row | {key: report[key] for key in ("seg", "seg_per_sequence") if key in report}
+    return row | {key: report[key] for key in ("seg", "seg_per_sequence", "instance_matching") if key in report}
 
 
 def table(report: dict) -> str:
     """The report as a text table: per image, mean, overall, SEG per sequence, no TTA, and the paper's row.
 
     Rows whose ground truth leaves values meaningless end their label in "!", and the
-    report's warnings follow the table, one per line.
+    report's warnings follow the table, one per line. A column key "record.field" is a
+    field of a nested record (the object matching's), "-" where a row has none.
     """
     columns = [("warping_error", "warping", ".6f"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
                ("v_rand_error", "1-Vrand", ".4f"), ("v_info_error", "1-Vinfo", ".4f"),
-               ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f")]
-    columns = [c for c in columns if c[0] in report["mean_per_image"]]
+               ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f"),
+               ("instance_matching.accuracy", "AP@0.5", ".4f"), ("instance_matching.f1", "F1@0.5", ".4f"),
+               ("instance_matching.mean_accuracy_over_iou_thresholds", "AP.5:.95", ".4f")]
+    columns = [c for c in columns if c[0].split(".")[0] in report["mean_per_image"].keys() | report.keys()]
     header = f"{'image':>10}" + "".join(f"{title:>11}" for _, title, _ in columns)
 
     def row(label: str, values: dict) -> str:
         label += "!" if "warning" in values else ""
-        return f"{label:>10}" + "".join(
-            f"{values[key]:>11{fmt}}" if key in values else f"{'-':>11}" for key, _, fmt in columns)
+        cells = [(_field(values, key), fmt) for key, _, fmt in columns]
+        return f"{label:>10}" + "".join(f"{'-':>11}" if value is None else f"{value:>11{fmt}}" for value, fmt in cells)
 
     rows = [row(str(r["image"]), r) for r in report["per_image"]]
     rows.append(row("mean", report["mean_per_image"]))
     if report["overall"] is not None:  # None for images of different sizes
         rows.append(row("overall", report["overall"]))
+    elif "instance_matching" in report:  # the matching pools the objects of images of any sizes
+        rows.append(row("overall", {"instance_matching": report["instance_matching"]}))
     rows += [row(f"seq {sequence}", {"seg": value}) for sequence, value in report.get("seg_per_sequence", {}).items()]
     notes = []
+    if "instance_matching" in report:
+        notes.append("AP@0.5, F1@0.5: StarDist's accuracy TP/(TP+FP+FN) and F1 of objects matched at IoU >= 0.5; "
+                     "AP.5:.95: mean AP over IoU 0.5, 0.55, ..., 0.95; objects pooled over images, no mean")
     if "without_test_time_augmentation" in report:
         rows.append(row("no TTA", report["without_test_time_augmentation"]))
         notes.append("no TTA: the same model without test-time augmentation; the rows above average the "
@@ -147,10 +165,17 @@ def table(report: dict) -> str:
         rows.append(row("paper*", report["paper"]))
         notes.append(f"* {report['paper']['note']}")
     source = f"{report['dataset']} {report['split']} split" if "dataset" in report else report.get("prediction", "")
-    title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy and SEG at "
+    title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy, SEG and object matching at "
              f"threshold {report['threshold']}")
     notes += [f"! {warning}" for warning in report["warnings"]]
     return "\n".join([title, header, *rows, *notes])
+
+
+def _field(values: dict, key: str) -> float | None:
+    """A table cell's value: `values[key]`, or for "record.field" `values[record][field]`; None if absent."""
+    for part in key.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: np.ndarray | None = None) -> np.ndarray:

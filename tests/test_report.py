@@ -1,4 +1,4 @@
-"""The evaluation report: scores per image and overall, warnings, SEG per sequence, table and panel."""
+"""The evaluation report: scores per image and overall, warnings, SEG per sequence, object matching, table and panel."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import pytest
 from fakes import CTC_ANNOTATED, write_ctc
 from pipeline.data.ctc2d import read_sequence
 from pipeline.metrics.ctc import cell_instances, seg
-from pipeline.report import COLOURS, panel, report_for, table
+from pipeline.metrics.matching import match, pool, record
+from pipeline.report import COLOURS, panel, report_for, summary, table
 
 NO_MEMBRANE = "ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and 1-Vinfo are 0"
 NO_CELL = "ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by definition"
@@ -49,6 +50,59 @@ def test_images_of_different_sizes_are_scored_on_their_own_pixels():
     assert report["overall"] is None
     assert report["pixel_error"] == report["rand_error"] == report["warping_error"] == 0.0
     assert [row["foreground_iou"] for row in report["per_image"]] == [1.0, 1.0]
+    # Without reference instances there are no objects to match.
+    assert "instance_matching" not in report and "AP@0.5" not in table(report)
+
+
+def _two_cells_instances() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_two_cells` with the truth's instances: the left cell (7 columns) is 1, the right (8) is 2.
+
+    The prediction's membrane splits cell 1 into rows 0-7 (IoU 56/112 = 0.5) and 9-15
+    (IoU 49/112); cell 2 is right (IoU 1). At IoU 0.5: TP 2, FP 1, FN 0, so AP = 2/3 and
+    F1 = 4/5; at 0.55 and above: TP 1, FP 2, FN 1, AP = 1/4 and F1 = 2/5.
+    """
+    probability, truth = _two_cells()
+    return probability, truth, np.where(truth, np.where(np.arange(16) < 7, 1, 2), 0)
+
+
+def test_instance_matching_per_image_overall_and_in_the_table():
+    probability, truth, instances = _two_cells_instances()
+    report = report_for([probability, truth.astype(np.float32)], [truth, truth], 0.5, [instances, instances])
+    first, second = (row["instance_matching"] for row in report["per_image"])
+    assert first == record(match(cell_instances(probability), instances))
+    assert (first["tp"], first["fp"], first["fn"]) == (2, 1, 0)
+    assert (first["accuracy"], first["f1"]) == pytest.approx((2 / 3, 4 / 5))
+    assert first["accuracy_per_iou_threshold"]["0.55"] == first["accuracy_per_iou_threshold"]["0.95"] == 1 / 4
+    assert first["mean_accuracy_over_iou_thresholds"] == pytest.approx((2 / 3 + 9 / 4) / 10)
+    assert second["accuracy"] == second["mean_accuracy_over_iou_thresholds"] == 1.0
+    # Overall sums the counts: TP 4, FP 1, FN 0 at 0.5; TP 3, FP 2, FN 1 above.
+    overall = report["overall"]["instance_matching"]
+    assert (overall["accuracy"], overall["accuracy_per_iou_threshold"]["0.6"]) == pytest.approx((4 / 5, 1 / 2))
+    assert report["instance_matching"] == overall and summary(report)["instance_matching"] == overall
+    assert "instance_matching" not in report["mean_per_image"]  # pooled, not a mean of ratios
+
+    lines = table(report).splitlines()
+    assert lines[1].endswith("     AP@0.5     F1@0.5   AP.5:.95")
+    assert lines[2].startswith("         0 ") and lines[2].endswith(
+        "".join(f"{value:>11.4f}" for value in (2 / 3, 4 / 5, (2 / 3 + 9 / 4) / 10)))
+    assert lines[4].startswith("      mean ") and lines[4].endswith("          -" * 3)
+    assert lines[5].startswith("   overall ") and lines[5].endswith(
+        "".join(f"{overall[key]:>11.4f}" for key in ("accuracy", "f1", "mean_accuracy_over_iou_thresholds")))
+    assert any(line.startswith("AP@0.5, F1@0.5: StarDist's accuracy TP/(TP+FP+FN)") for line in lines)
+
+
+def test_instance_matching_pools_images_of_different_sizes():
+    probability, truth, instances = _two_cells_instances()
+    crop = np.s_[:, :12]  # cell 2 keeps 4 of its columns, still predicted right
+    report = report_for([probability, truth[crop].astype(np.float32)], [truth, truth[crop]], 0.5,
+                        [instances, instances[crop]])
+    assert report["overall"] is None
+    assert report["instance_matching"] == record(pool([match(cell_instances(probability), instances),
+                                                       match(instances[crop], instances[crop])]))
+    assert report["instance_matching"]["accuracy"] == 4 / 5
+    overall_row = [line for line in table(report).splitlines() if line.startswith("   overall ")]
+    matched = [report["instance_matching"][key] for key in ("accuracy", "f1", "mean_accuracy_over_iou_thresholds")]
+    assert overall_row == ["   overall" + "          -" * 8 + "".join(f"{value:>11.4f}" for value in matched)]
 
 
 def test_seg_per_sequence_pools_the_objects_of_each_sequence(tmp_path):

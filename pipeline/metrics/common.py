@@ -82,6 +82,28 @@ def check_pair(probability: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, 
     return as_stack(probability), as_stack(binary_truth(truth))
 
 
+def check_instances(predicted: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Checks a pair of instance label images; returns them as [D, H, W] stacks.
+
+    Labels are integers in [0, 2**31), 0 = background (below 2**31 so that a label
+    pair's index, reference * (largest predicted + 1) + predicted, fits in int64).
+    Raises a one-line PipelineError naming the problem: different shapes, not an image
+    or stack, labels that are not integers or outside that range.
+    """
+    predicted, reference = np.asarray(predicted), np.asarray(reference)
+    if predicted.shape != reference.shape:
+        raise PipelineError(f"prediction shape {predicted.shape} differs from ground truth shape {reference.shape}")
+    if predicted.ndim not in (2, 3) or predicted.size == 0:
+        raise PipelineError(f"expected an image [H, W] or a stack [D, H, W], got shape {predicted.shape}")
+    for name, labels in (("predicted", predicted), ("reference", reference)):
+        if labels.dtype.kind not in "biu":
+            raise PipelineError(f"{name} instances have pixel type {labels.dtype}; expected integer labels "
+                                "(0 = background)")
+        if labels.min() < 0 or labels.max() >= 2 ** 31:
+            raise PipelineError(f"{name} instance labels span [{labels.min()}, {labels.max()}], outside [0, 2**31)")
+    return as_stack(predicted), as_stack(reference)
+
+
 def binary_truth(truth: np.ndarray) -> np.ndarray:
     """Cell mask of binary labels (0 = membrane; 1, 255 or True = cell), else an error."""
     truth = np.asarray(truth)
@@ -126,3 +148,24 @@ def as_stack(array: np.ndarray) -> np.ndarray:
 def components(cells: np.ndarray, connectivity: int = 4) -> tuple[int, np.ndarray]:
     """(number of labels including 0, int32 labels): connected components of a mask."""
     return cv2.connectedComponents(cells.astype(np.uint8), connectivity=connectivity, ltype=cv2.CV_32S)
+
+
+DENSE_CONTINGENCY = 1 << 22  # largest label table counted densely (32 MiB of int64)
+
+
+def contingency(truth_labels: np.ndarray, proposal_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts n_ij over the ground truth's labelled pixels: (i, j, n_ij) of every nonzero entry.
+
+    i = ground-truth label (>= 1; 0 is left out), j = proposal label (0 = proposal
+    membrane or background). The Rand error's table and object matching's overlaps.
+    """
+    inside = truth_labels > 0
+    width = int(proposal_labels.max()) + 1
+    pairs = truth_labels[inside].astype(np.int64) * width + proposal_labels[inside]
+    if (int(truth_labels.max()) + 1) * width <= DENSE_CONTINGENCY:
+        counts = np.bincount(pairs, minlength=1)  # a dense table is faster than sorting
+        pairs = np.flatnonzero(counts)
+        counts = counts[pairs]
+    else:
+        pairs, counts = np.unique(pairs, return_counts=True)
+    return pairs // width, pairs % width, counts

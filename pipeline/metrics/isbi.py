@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.metrics.common import Sweep, check_pair, components, isbi_thresholds
+from pipeline.metrics.common import Sweep, check_pair, components, contingency, isbi_thresholds
 
-_DENSE_CONTINGENCY = 1 << 22  # largest label table counted densely (32 MiB of int64)
 
 
 def _f_score(tp: float, fp: float, fn: float) -> float:
@@ -60,23 +59,6 @@ def pixel_accuracy(probability: np.ndarray, truth: np.ndarray, threshold: float 
 
 
 # --- Rand error, V_rand and V_info ----------------------------------------------------
-
-
-def _contingency(truth_labels: np.ndarray, proposal_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts n_ij over the ground truth's cell pixels: (i, j, n_ij) of every nonzero entry.
-
-    i = ground-truth cell label (>= 1), j = proposal label (0 = proposal membrane).
-    """
-    inside = truth_labels > 0
-    width = int(proposal_labels.max()) + 1
-    pairs = truth_labels[inside].astype(np.int64) * width + proposal_labels[inside]
-    if int(truth_labels.max() + 1) * width <= _DENSE_CONTINGENCY:
-        counts = np.bincount(pairs, minlength=1)  # a dense table is faster than sorting
-        pairs = np.flatnonzero(counts)
-        counts = counts[pairs]
-    else:
-        pairs, counts = np.unique(pairs, return_counts=True)
-    return pairs // width, pairs % width, counts
 
 
 def _rand_counts(i: np.ndarray, j: np.ndarray, n: np.ndarray) -> tuple[int, int, int]:
@@ -178,6 +160,6 @@ def _segment_sweep(probability, truth, segment, statistics) -> Sweep:
     for t in isbi_thresholds():
         sums = np.zeros(3)
         for labels, slice_probability in zip(truth_labels, probability):
-            sums += statistics(*_contingency(labels, segment(slice_probability > t)))
+            sums += statistics(*contingency(labels, segment(slice_probability > t)))
         errors.append(1.0 - _f_score(*sums))
     return Sweep(tuple(isbi_thresholds()), tuple(errors))
