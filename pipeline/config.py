@@ -6,8 +6,9 @@ and is saved into the run directory so that the run can be repeated exactly.
 
 `validate` checks a resolved configuration once, when a command is resolved and before
 TensorFlow loads; the stages then trust it. The choices of every text field are tuples of
-this module (or of `pipeline.sizes`), which the code that branches on them uses too; the
-data sets and their own `data.*` settings are described in `pipeline.data`.
+this module (or of `pipeline.sizes` and `pipeline.instances`), which the code that branches
+on them uses too; the data sets and their own `data.*` settings are described in
+`pipeline.data`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.instances import METHODS as INSTANCE_METHODS
 from pipeline.sizes import PADDINGS, input_size_problem, output_size, prediction_tile_problem
 
 if typing.TYPE_CHECKING:
@@ -114,6 +116,9 @@ class TrainConfig:
     jit_compile: bool = False  # XLA; slower for this network on CPU
     strategy: str = "mirrored"  # STRATEGIES
     precision: str = "float32"  # PRECISIONS
+    # Fine-tuning: the weights to start from (a run directory, a .keras file or a package
+    # this project exported) instead of the paper's random initialisation.
+    init_from: str | None = None
 
 
 @dataclasses.dataclass
@@ -124,6 +129,12 @@ class PredictConfig:
     tiles_per_batch: int = 4  # bounds memory: tiles run through the network at once
     threshold: float = 0.5  # probability of cell above which a pixel is cell
     test_time_augmentation: bool = False  # average over the 8 rotations/flips (8x the work)
+    # NAME_labels.tif of the predict stage (docs/user-guide.md#outputs):
+    instances: str = "components"  # INSTANCE_METHODS: 4-connected cells, or "watershed" to cut thin necks
+    # Smaller objects are dropped from the labels: specks that thresholding leaves along
+    # membranes, while the smallest cells of the data sets here are 20 px (synthetic) or
+    # hundreds (ISBI 2012, CTC). 16 px is a 4 x 4 square.
+    min_size: int = 16
 
 
 @dataclasses.dataclass
@@ -356,6 +367,7 @@ _RANGES: dict[str, Range] = {
     "train.early_stopping_patience": Range(0),
     "predict.tiles_per_batch": Range(1),
     "predict.threshold": Range(0, 1),
+    "predict.min_size": Range(1),  # 1 keeps every object
     "export.version": Range(0),
 }
 
@@ -365,6 +377,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": OPTIMIZERS,
     "train.strategy": STRATEGIES,
     "train.precision": PRECISIONS,
+    "predict.instances": INSTANCE_METHODS,
 }
 
 
@@ -433,3 +446,5 @@ def validate(config: Config) -> None:
         _refuse(field, value, _choice_problem(value, choices))
     _check_tile_sizes(config, datasets[config.data.dataset].image_size_setting)
     _refuse("export.name", config.export.name, _folder_name_problem(config.export.name))
+    if config.train.init_from is not None and not Path(config.train.init_from).exists():
+        _refuse("train.init_from", config.train.init_from, "no such file or folder")

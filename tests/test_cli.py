@@ -229,10 +229,12 @@ def test_overwriting_a_longer_stack_leaves_no_stale_overlays(smoke_run, tmp_path
     tifffile.imwrite(image, rng.integers(0, 255, (2, 30, 30), np.uint8), photometric="minisblack")
     assert main(args + ["--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "stack_mask.tif", "stack_overlay_000.png", "stack_overlay_001.png", "stack_prob.tif"]
+        "stack_instances.csv", "stack_labels.tif", "stack_mask.tif", "stack_overlay_000.png", "stack_overlay_001.png",
+        "stack_prob.tif"]
     tifffile.imwrite(image, rng.integers(0, 255, (30, 30), np.uint8), photometric="minisblack")
     assert main(args + ["--overwrite"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["stack_mask.tif", "stack_overlay.png", "stack_prob.tif"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "stack_instances.csv", "stack_labels.tif", "stack_mask.tif", "stack_overlay.png", "stack_prob.tif"]
 
 
 def test_a_run_model_loads_without_importing_the_training_stage(smoke_run):

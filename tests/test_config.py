@@ -149,6 +149,8 @@ BAD_VALUES = [
     (["predict.tiles_per_batch=0"], "predict.tiles_per_batch"),
     (["predict.threshold=2"], "predict.threshold"),
     (["predict.threshold=.nan"], "predict.threshold"),
+    (["predict.instances=stardist"], "predict.instances"),
+    (["predict.min_size=0"], "predict.min_size"),
     (["export.name="], "export.name"),
     (["export.name=a/b"], "export.name"),
     (["export.name=.."], "export.name"),
@@ -177,6 +179,8 @@ def test_an_unknown_preset_is_refused():
     ("data.image_size=40", "data.image_size=40: must be at least 52, the output window of train.tile_size=92"),
     ("train.steps_per_epoch=0", "train.steps_per_epoch=0: must be at least 1"),
     ("predict.threshold=2", "predict.threshold=2: must lie in [0, 1]"),
+    ("predict.instances=stardist", "predict.instances='stardist': must be one of components, watershed"),
+    ("predict.min_size=0", "predict.min_size=0: must be at least 1"),
     ("train.learning_rate=.inf", "train.learning_rate=inf: must be a finite number greater than 0"),
     ("train.precision=float16", "train.precision='float16': must be one of float32, mixed_float16, mixed_bfloat16"),
 ])

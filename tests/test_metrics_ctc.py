@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline.instances import cell_instances
+from pipeline.metrics import ctc
 from pipeline.metrics.ctc import seg
 
 
@@ -13,6 +15,16 @@ def test_seg_by_hand():
     # object 1: 3 of 4 pixels in 5: J = 3/4. Object 2: 1 of 2 is not more than half: 0.
     assert seg(predicted, reference) == pytest.approx(0.375)
     assert seg(np.zeros((2, 2), int), np.zeros((2, 2), int)) == 0.0
+
+
+def test_seg_scores_the_cells_that_predict_labels():
+    # Cells touching diagonally are two 4-connected instances, as in NAME_labels.tif.
+    reference = np.kron(np.array([[1, 0], [0, 2]]), np.ones((2, 2), int))
+    probability = np.where(reference > 0, 0.9, 0.1)
+    predicted = ctc.cell_instances(probability, 0.5)
+    np.testing.assert_array_equal(predicted, cell_instances(probability, 0.5, "components", min_size=1))
+    np.testing.assert_array_equal(predicted, reference)
+    assert seg(predicted, reference) == 1.0
 
 
 def test_seg_agrees_with_py_ctcmetrics(tmp_path):

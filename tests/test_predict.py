@@ -1,4 +1,7 @@
-"""Stage `predict` through the CLI: inputs of any size, folders and stacks, refusals, one-line errors."""
+"""Stage `predict` through the CLI: inputs of any size, folders and stacks, cell instances and
+their measurements, outlined overlays, refusals, one-line errors."""
+
+import csv
 
 import cv2
 import numpy as np
@@ -6,6 +9,15 @@ import pytest
 import tifffile
 
 from pipeline.cli import main
+from pipeline.instances import COLUMNS, cell_instances, measure
+from pipeline.io import read_calibration
+from pipeline.predict import OUTLINE_COLOURS
+from pipeline.synthetic import synthetic_em_image, synthetic_em_stack
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.reader(handle))
 
 
 def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):
@@ -16,6 +28,46 @@ def test_predict_mirrors_an_image_smaller_than_the_context(smoke_run, tmp_path):
                  "--output", str(out)]) == 0
     assert tifffile.imread(out / "tiny_prob.tif").shape == (13, 20)
     assert cv2.imread(str(out / "tiny_overlay.png")).shape == (13, 20, 3)
+
+
+@pytest.mark.parametrize("method", ["components", "watershed"])
+def test_predict_writes_the_cells_as_labels_measurements_and_outlines(smoke_run, tmp_path, method):
+    image = synthetic_em_image(120, 7)[0]
+    tifffile.imwrite(tmp_path / "em.tif", image)
+    out = tmp_path / "out"
+    assert main(["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(tmp_path / "em.tif"),
+                 "--output", str(out), "--set", f"predict.instances={method}"]) == 0
+    probability = tifffile.imread(out / "em_prob.tif")
+    labels = tifffile.imread(out / "em_labels.tif")
+    assert labels.dtype == np.uint16 and labels.shape == image.shape
+    # The instances of the probability written beside them, with the default min_size (16 px).
+    np.testing.assert_array_equal(labels, cell_instances(probability, 0.5, method, 16))
+    assert labels.max() >= 2 and not labels[tifffile.imread(out / "em_mask.tif") == 0].any()
+    header, *rows = read_csv(out / "em_instances.csv")
+    assert tuple(header) == COLUMNS
+    np.testing.assert_allclose(np.array(rows, float), measure(labels, probability), atol=5e-4)
+    # Outlines only, each in its cell's colour; the rest of the picture stays grey.
+    picture = cv2.imread(str(out / "em_overlay.png"))
+    coloured = picture[(picture != picture[..., :1]).any(axis=-1)]
+    colours = np.unique(coloured, axis=0)
+    assert len(colours) >= 2 and set(map(tuple, colours)) <= set(map(tuple, OUTLINE_COLOURS))
+    assert len(coloured) < 0.5 * image.size
+
+
+def test_predict_a_stack_labels_and_measures_it_slice_by_slice(smoke_run, tmp_path):
+    stack = synthetic_em_stack(3, 100, 4)[0]
+    tifffile.imwrite(tmp_path / "em.tif", stack, photometric="minisblack")
+    out = tmp_path / "out"
+    assert main(["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(tmp_path / "em.tif"),
+                 "--output", str(out)]) == 0
+    labels = tifffile.imread(out / "em_labels.tif")
+    assert labels.dtype == np.uint16 and labels.shape == stack.shape
+    header, *rows = read_csv(out / "em_instances.csv")
+    assert tuple(header) == ("slice", *COLUMNS)
+    for index, slice_labels in enumerate(labels):
+        assert slice_labels.max() >= 2  # numbered per slice, from 1
+        assert [int(row[1]) for row in rows if row[0] == str(index)] == list(range(1, slice_labels.max() + 1))
+    assert len(rows) == sum(int(slice_labels.max()) for slice_labels in labels)
 
 
 def test_predict_a_folder_with_a_stack_and_refuse_to_overwrite(smoke_run, tmp_path, capsys):
@@ -29,6 +81,8 @@ def test_predict_a_folder_with_a_stack_and_refuse_to_overwrite(smoke_run, tmp_pa
     assert main(args) == 0
     assert tifffile.imread(out / "stack_prob.tif").shape == (3, 40, 50)
     assert tifffile.imread(out / "single_mask.tif").shape == (30, 30)
+    assert tifffile.imread(out / "stack_labels.tif").shape == (3, 40, 50)
+    assert tifffile.imread(out / "single_labels.tif").shape == (30, 30)
     assert len(list(out.glob("stack_overlay_*.png"))) == 3
     before = (out / "stack_prob.tif").read_bytes()
     assert main(args) == 2
@@ -51,3 +105,16 @@ def test_corrupt_tiff_gets_a_one_line_error(smoke_run, tmp_path, capsys, damage)
     error = capsys.readouterr().err
     assert error.startswith(f"error: {path}: corrupt or unreadable TIFF") and error.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_every_tiff_output_keeps_the_inputs_pixel_size(smoke_run, tmp_path):
+    image = tmp_path / "calibrated.tif"
+    tifffile.imwrite(image, np.random.default_rng(6).integers(0, 255, (2, 40, 50), np.uint8), imagej=True,
+                     resolution=(1 / 0.2, 1 / 0.2), metadata={"unit": "um", "spacing": 0.5, "axes": "ZYX"})
+    out = tmp_path / "out"
+    assert main(["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(image),
+                 "--output", str(out)]) == 0
+    for kind in ("prob", "mask", "labels"):
+        calibration = read_calibration(out / f"calibrated_{kind}.tif")
+        assert calibration.unit == "um" and calibration.x == pytest.approx(0.2), kind
+        assert tifffile.imread(out / f"calibrated_{kind}.tif").shape == (2, 40, 50)

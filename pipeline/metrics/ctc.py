@@ -2,7 +2,9 @@
 
 SEG: the mean Jaccard index over all reference objects, each matched by the segmented
 object that covers more than half of it (`docs/metrics.md`); py-ctcmetrics, the
-challenge's own Python code, gives the same numbers.
+challenge's own Python code, gives the same numbers. A prediction's instances are
+`cell_instances`, the one definition in `pipeline.instances` that the predict stage's
+label images follow too (here with its defaults: every 4-connected cell, none dropped).
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.metrics.common import as_stack, components
+from pipeline.instances import cell_instances
+from pipeline.metrics.common import as_stack
+
+__all__ = ["cell_instances", "mean_seg", "seg", "seg_scores"]
 
 
 def seg_scores(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -26,12 +31,6 @@ def seg_scores(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
     if predicted.dtype.kind not in "biu" or reference.dtype.kind not in "biu":
         raise PipelineError("SEG needs integer instance labels (0 = background)")
     return np.concatenate([_frame_seg_scores(p, r) for p, r in zip(as_stack(predicted), as_stack(reference))])
-
-
-def cell_instances(probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Instance labels of a prediction, slice by slice: 4-connected cells above `threshold`."""
-    return np.stack([components(p > threshold)[1] for p in as_stack(np.asarray(probability))]).reshape(
-        np.shape(probability))
 
 
 def seg(predicted: np.ndarray, reference: np.ndarray) -> float:
