@@ -1,6 +1,12 @@
 from setuptools import find_packages, setup
 
 TFDS_CLI = ["apache-beam>=2.72", "mlcroissant>=1.0.9"]
+# The BioImage Model Zoo's validator and model test, which the tests run on an exported
+# package (the export writes the package without it). bioimageio.core 0.11 pins
+# bioimageio.spec 0.5.12, whose file serializer calls pydantic's handler with two
+# arguments, which pydantic 2.14 (pydantic-core 2.50) refuses: every package is then
+# reported invalid. bioimageio.spec 0.5.14 has the fix, but no bioimageio.core takes it yet.
+BIOIMAGEIO = ["bioimageio.core>=0.11", "pydantic>=2.10.3,<2.14"]
 
 setup(
     name="unet-pipeline",
@@ -34,7 +40,7 @@ setup(
         # apache-beam 2.72 is the first release whose protobuf, grpcio and numpy ranges admit
         # TensorFlow 2.21 and TensorBoard 2.21.
         "tfds-cli": TFDS_CLI,
-        "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI],
+        "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI, *BIOIMAGEIO],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
 )

@@ -5,6 +5,7 @@
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests
         assets.extra/provenance.json        where the version came from (plain JSON)
+        assets.extra/bioimageio.zip         the BioImage Model Zoo package (`pipeline.bioimageio`)
 
 `--stage export` publishes into `export.root` (saved_models/); `--stage all` exports into
 the run directory instead, so that a throwaway run never becomes a served version.
@@ -18,9 +19,14 @@ Signatures (input `image`, outputs `mask` and `probabilities`):
   input's layout minus the channel axis; `probabilities` adds the class axis.
 - `tile`: a batch of fixed-size, already normalised input tiles -> the raw network output.
 
+The zoo package lives in assets.extra/, which TF Serving does not read, so that it is
+written with its version, appears and is replaced together with it, and a server watching
+<name>/ never takes it for a version.
+
 A version is written to a hidden temporary folder and renamed into place, so a server never
-sees it half-written, and an existing version is never replaced unless asked. Temporary
-folders that a killed export left behind are removed by the next export on that machine.
+sees it half-written, and an existing version is never replaced unless asked. A failed
+export removes its temporary folder; those that a killed export left behind are removed by
+the next export on that machine.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipeline import io
+from pipeline import bioimageio, io, rundir
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.inference import load_model, segmentation_function
@@ -49,6 +55,7 @@ from pipeline.rundir import RunDir
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 PROVENANCE_FILE = Path("assets.extra") / "provenance.json"
+PACKAGE_FILE = Path("assets.extra") / "bioimageio.zip"
 # The evaluation values a version records (those the report has).
 HEADLINE = ("warping_error", "rand_error", "pixel_error", "foreground_iou", "seg")
 
@@ -99,10 +106,14 @@ def write_models_config(root: Path) -> Path:
 
 def export_model(
     model: keras.Model, config: Config, root: Path | None = None, provenance: dict | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, example: np.ndarray | None = None,
 ) -> Path:
-    """Writes the SavedModel (with its warm-up requests and provenance) under `root`
-    (default `export.root`) and returns its version folder."""
+    """Writes the SavedModel (with its warm-up requests, provenance and zoo package) under
+    `root` (default `export.root`) and returns its version folder.
+
+    `example` [H, W, C] is the image the zoo package's test tile is cut from (default: a
+    synthetic EM image).
+    """
     model_root = Path(root or config.export.root) / config.export.name
     version = config.export.version or next_version(model_root)
     target = model_root / str(version)
@@ -123,10 +134,16 @@ def export_model(
     model_root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(model_root)
     temporary = model_root / _scratch_name("tmp", version)
-    archive.write_out(str(temporary), verbose=False)
-    write_warmup_requests(temporary / WARMUP_FILE, config.export.name, config)
-    if provenance is not None:
-        (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance | {"version": version}, indent=2))
+    try:
+        archive.write_out(str(temporary), verbose=False)
+        write_warmup_requests(temporary / WARMUP_FILE, config.export.name, config)
+        if provenance is not None:
+            provenance = provenance | {"version": version}
+            (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        bioimageio.write_package(temporary / PACKAGE_FILE, model, config, version, example, provenance)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # the error that got us here matters more
+        raise
     if target.exists():  # overwrite asked: swap, then drop the old version
         retired = model_root / _scratch_name("old", version)
         os.rename(target, retired)
@@ -198,12 +215,22 @@ def _version(package: str) -> str | None:
         return None
 
 
+def example_image(config: Config, run: RunDir) -> np.ndarray | None:
+    """The run's first test image [H, W, C] (cropped to its own size), or None without prepared data."""
+    if not run.prepared("test").exists():
+        return None
+    test = rundir.load_split(run, "test", config)
+    height, width = test["sizes"][0]
+    return test["images"][0, :height, :width]
+
+
 def run(config: Config, run: RunDir, root: Path, overwrite: bool = False) -> Path:
     """Exports the run's best model as the next version (or `export.version`) under `root`."""
-    target = export_model(load_model(run), config, root, provenance(config, run), overwrite)
+    target = export_model(load_model(run), config, root, provenance(config, run), overwrite, example_image(config, run))
     run.save_config(config)
     print(
         f"exported SavedModel -> {target} (signatures: serving_default, segment_uint8, "
-        f"segment_uint16 = whole image; tile); model server config -> {target.parent.parent / 'models.config'}"
+        f"segment_uint16 = whole image; tile); model server config -> {target.parent.parent / 'models.config'}; "
+        f"BioImage Model Zoo package -> {target / PACKAGE_FILE}"
     )
     return target

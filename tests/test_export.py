@@ -4,17 +4,20 @@ import json
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+import yaml
 from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import config as configuration
-from pipeline.export import WARMUP_FILE, export_model, warmup_images
+from pipeline.errors import PipelineError
+from pipeline.export import PACKAGE_FILE, WARMUP_FILE, export_model, versions, warmup_images
 from pipeline.inference import Segmenter
 from pipeline.model import unet
 
@@ -143,3 +146,21 @@ def test_models_config_lists_the_model_for_the_server(exported):
     server_config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     [entry] = server_config.model_config_list.config
     assert (entry.name, entry.base_path, entry.model_platform) == ("unet", "/models/unet", "tensorflow")
+
+
+def test_the_zoo_package_comes_with_the_version_where_the_server_does_not_look(exported):
+    _, config, version = exported
+    with zipfile.ZipFile(version / PACKAGE_FILE) as package:
+        rdf = yaml.safe_load(package.read("rdf.yaml"))
+        assert rdf["weights"]["keras_v3"]["source"] in package.namelist()
+    assert rdf["version"] == int(version.name) and rdf["config"]["unet_pipeline"]["version"] == int(version.name)
+    assert versions(version.parent) == [int(version.name)]  # the zip is no version of its own
+
+
+def test_a_package_that_cannot_be_built_leaves_no_version_and_no_scratch(tmp_path):
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"export": {"root": str(tmp_path)}}, "test")
+    broken = np.full((100, 100, 1), np.nan, np.float32)  # the model's output for it is not finite
+    with pytest.raises(PipelineError, match="BioImage Model Zoo package: the model's output for the test tile"):
+        export_model(unet(config.model), config, example=broken)
+    assert list((tmp_path / config.export.name).iterdir()) == []
+    assert not (tmp_path / "models.config").exists()

@@ -1,0 +1,99 @@
+"""The BioImage Model Zoo package as the zoo's own validator, its model test and Keras read it."""
+
+import zipfile
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import yaml
+import bioimageio.core
+from bioimageio.spec.model import v0_5
+
+from pipeline import config as configuration
+from pipeline import rundir
+from pipeline.bioimageio import input_axes, output_axes
+from pipeline.export import PACKAGE_FILE
+from pipeline.inference import load_model
+from pipeline.normalization import normalize
+from pipeline.rundir import RunDir
+from pipeline.sizes import is_valid_input_size, output_size
+
+
+@pytest.fixture(scope="module")
+def package(smoke_run) -> dict:
+    """The package `--stage export` wrote for the smoke run, with the run's config and model."""
+    run = RunDir(smoke_run["run_dir"])
+    return {"path": smoke_run["exports"] / "unet" / "1" / PACKAGE_FILE, "run": run,
+            "config": configuration.load(run.config), "model": load_model(run)}
+
+
+def read(package: dict, name: str) -> bytes:
+    with zipfile.ZipFile(package["path"]) as archive:
+        return archive.read(name)
+
+
+def npy(package: dict, name: str) -> np.ndarray:
+    with zipfile.ZipFile(package["path"]) as archive, archive.open(name) as file:
+        return np.load(file)
+
+
+def test_the_zoo_validates_the_package_and_reproduces_its_test_output(package):
+    summary = bioimageio.core.test_model(package["path"])
+    assert summary.status == "passed", summary.format()
+    passed = {detail.name for detail in summary.details if detail.status == "passed"}
+    assert "Reproduce test outputs from test inputs (keras_v3)" in passed
+    # The zoo ran the network on sizes n = 0, 1, 2 of the parametrized sides, with 1 and 2 images.
+    assert sum(name.startswith("Run keras_v3 inference for inputs with") for name in passed) == 6
+
+
+def test_the_zoo_pre_processing_is_the_training_normalisation(package):
+    """The zoo allows outputs 1e-3 apart; the description's pre-processing is much closer to ours."""
+    tile = npy(package, "test_input.npy")
+    ours = package["model"](normalize(tile), training=False).numpy()
+    zoo = bioimageio.core.predict(model=bioimageio.core.load_model_description(package["path"]), inputs=tile)
+    np.testing.assert_allclose(zoo.members["probabilities"].data.to_numpy(), ours, atol=1e-5)
+    np.testing.assert_allclose(npy(package, "test_output.npy"), ours, atol=1e-6)
+
+
+def test_the_test_tile_is_the_center_of_the_runs_first_test_image(package):
+    config = package["config"]
+    image = rundir.load_split(package["run"], "test", config)["images"][0]
+    side, border = config.predict.tile_size, (image.shape[0] - config.predict.tile_size) // 2  # square images
+    center = image[border : border + side, border : border + side]
+    np.testing.assert_array_equal(npy(package, "test_input.npy")[0], center)
+    cover = cv2.imdecode(np.frombuffer(read(package, "cover.png"), np.uint8), cv2.IMREAD_UNCHANGED)
+    out = output_size(side, config.model.depth, config.model.padding)
+    assert cover.shape == (out, 2 * out) and set(np.unique(cover[:, out:])) <= {0, 255}
+
+
+def test_the_keras_v3_weights_are_the_runs_model_without_training_state(package, tmp_path):
+    """What `--init-from` and any Keras user read: rdf.yaml's weights.keras_v3.source."""
+    rdf = yaml.safe_load(read(package, "rdf.yaml"))
+    source = rdf["weights"]["keras_v3"]["source"]
+    (tmp_path / source).write_bytes(read(package, source))
+    model = keras.saving.load_model(tmp_path / source)
+    assert not model.compiled  # loaded as the zoo loads it (compile=True): nothing to compile
+    for ours, theirs in zip(package["model"].get_weights(), model.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert rdf["config"]["unet_pipeline"]["configuration"] == package["config"].to_dict()
+    assert rdf["config"]["unet_pipeline"]["run_dir"] == str(package["run"].root.resolve())
+
+
+@pytest.mark.parametrize("preset,padding", [("paper", "valid"), ("smoke", "valid"), ("cpu", "same")])
+def test_the_described_sizes_are_exactly_the_networks_valid_tile_sizes(preset, padding):
+    config = configuration.apply_overrides(configuration.preset(preset), {"model": {"padding": padding}}, "test")
+    depth = config.model.depth
+    inputs = v0_5.InputTensorDescr(id=v0_5.TensorId("input"), axes=input_axes(config))
+    outputs = v0_5.OutputTensorDescr(id=v0_5.TensorId("probabilities"), axes=output_axes(config))
+    for side in ("y", "x"):
+        [axis] = [a for a in inputs.axes if a.id == side]
+        [out_axis] = [a for a in outputs.axes if a.id == side]
+        for size in range(1, 1200):
+            try:
+                axis.size.validate_size(size)
+            except ValueError:
+                assert not is_valid_input_size(size, depth, padding), size
+                continue
+            assert is_valid_input_size(size, depth, padding), size
+            assert out_axis.size.get_size(out_axis, axis, ref_size=size) == output_size(size, depth, padding)
