@@ -40,6 +40,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import cv2
 import keras
 import numpy as np
 import tensorflow as tf
@@ -50,7 +51,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from pipeline import bioimageio, io, rundir
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.inference import load_model, segmentation_function
+from pipeline.inference import load_model, png_segmentation_function, segmentation_function
 from pipeline.rundir import RunDir
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
@@ -70,22 +71,32 @@ def next_version(model_root: Path) -> int:
     return max(versions(model_root), default=0) + 1
 
 
-def warmup_images(config: Config) -> list[np.ndarray]:
-    """Images the model server runs once at load time: small, one tile, several tiles."""
+def warmup_requests(config: Config) -> list[tuple[str, str, np.ndarray]]:
+    """(signature, input, value) of what the model server runs once at load time: every
+    signature, and the whole-image one on a small image, one tile and several tiles."""
     rng = np.random.default_rng(0)
-    sides = (64, config.predict.tile_size, 2 * config.predict.tile_size + 1)
-    return [rng.uniform(0, 255, size=(side, side)).astype(np.float32) for side in sides]
+    channels, tile = config.model.input_channels, config.predict.tile_size
+
+    def image(side: int, dtype: type, high: float) -> np.ndarray:
+        shape = (side, side) if channels == 1 else (side, side, channels)
+        return rng.uniform(0, high, size=shape).astype(dtype)
+
+    png = np.array(cv2.imencode(".png", image(64, np.uint8, 255))[1].tobytes(), dtype=object)
+    return [("serving_default", "image", image(side, np.float32, 255)) for side in (64, tile, 2 * tile + 1)] + [
+        ("segment_uint8", "image", image(64, np.uint8, 255)),
+        ("segment_uint16", "image", image(64, np.uint16, 65535)),
+        ("segment_png", "image_bytes", png),
+        ("tile", "tiles", np.zeros((1, tile, tile, channels), np.float32)),
+    ]
 
 
 def write_warmup_requests(path: Path, name: str, config: Config) -> None:
-    """TF Serving's warm-up file: a TFRecord of PredictionLog records, one per image."""
+    """TF Serving's warm-up file: a TFRecord of PredictionLog records, one per request."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tf.io.TFRecordWriter(str(path)) as writer:
-        for image in warmup_images(config):
-            request = predict_pb2.PredictRequest(
-                model_spec=model_pb2.ModelSpec(name=name, signature_name="serving_default")
-            )
-            request.inputs["image"].CopyFrom(tf.make_tensor_proto(image))
+        for signature, key, value in warmup_requests(config):
+            request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name=name, signature_name=signature))
+            request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
             log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
             writer.write(log.SerializeToString())
 
@@ -126,6 +137,8 @@ def export_model(
     segment = segmentation_function(model, config)
     for name, dtype in (("serving_default", tf.float32), ("segment_uint8", tf.uint8), ("segment_uint16", tf.uint16)):
         archive.add_endpoint(name, segment, input_signature=[tf.TensorSpec(None, dtype, "image")])
+    archive.add_endpoint("segment_png", png_segmentation_function(model, config),
+                         input_signature=[tf.TensorSpec(None, tf.string, "image_bytes")])
     archive.add_endpoint(
         "tile",
         lambda tiles: {"probabilities": model(tiles, training=False)},

@@ -108,6 +108,7 @@ def connected_components(cells: tf.Tensor) -> tf.Tensor:
     path by pointer jumping, until no edge joins two trees. Rounds and jumps grow with
     the logarithm of the image's size, not with the cells' diameters.
     """
+    cells = tf.ensure_shape(cells, [None, None])
     height, width = tf.shape(cells)[0], tf.shape(cells)[1]
     index = tf.range(height * width)
     grid = tf.reshape(index, [height, width])
@@ -131,6 +132,49 @@ def connected_components(cells: tf.Tensor) -> tf.Tensor:
     on_cells = tf.reshape(cells, [-1])
     numbers = tf.cumsum(tf.cast(on_cells & tf.equal(parent, index), tf.int32))  # a root's rank in raster order
     return tf.reshape(tf.where(on_cells, tf.gather(numbers, parent), 0), [height, width])
+
+
+def without_small(labels: tf.Tensor, min_size: int) -> tf.Tensor:
+    """Labels with the objects of fewer than `min_size` pixels dropped and the rest renumbered
+    1..N in their order (`instances.cell_instances`'s rule)."""
+    sizes = tf.math.bincount(labels)
+    kept = tf.concat([[False], sizes[1:] >= min_size], 0)
+    numbers = tf.cumsum(tf.cast(kept, tf.int32))
+    return tf.where(tf.gather(kept, labels), tf.gather(numbers, labels), 0)
+
+
+def png_segmentation_function(model: keras.Model, config: Config) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """PNG files -> {"mask_bytes": PNG, "labels_bytes": 16-bit PNG}: requests of a realistic size.
+
+    Takes one PNG (a string scalar) or a batch of them ([B] strings): 8- or 16-bit, grey,
+    grey with alpha or colour, read by the same rules as `segmentation_function` (a
+    1-channel model takes a colour PNG only as grey stored as colour). Returns per image
+    the mask (8-bit PNG, 255 = cell) and the cells' labels (16-bit PNG, 0 = background,
+    1..N): the 4-connected components of the mask without those under `predict.min_size`
+    pixels, as `predict` labels them with `predict.instances=components` (the seeded
+    watershed has no graph implementation). The `_bytes` suffix makes TF Serving's REST
+    API answer with base64 (`{"b64": ...}`) instead of raw bytes.
+    """
+    segment = segmentation_function(model, config)
+    min_size = config.predict.min_size
+
+    def one(png: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        image = tf.io.decode_png(png, channels=0, dtype=tf.uint16)  # 8-bit scaled by 257: normalised away
+        # Grey with alpha is colour's rule for a grey image: [grey, grey, grey, alpha].
+        image = tf.cond(tf.shape(image)[-1] == 2, lambda: tf.gather(image, [0, 0, 0, 1], axis=-1), lambda: image)
+        mask = tf.ensure_shape(segment(image)["mask"], [None, None])  # one image in, one mask out
+        labels = without_small(connected_components(mask > 0), min_size)
+        check = tf.debugging.Assert(tf.reduce_max(labels) <= 65535, [
+            "more than 65,535 cells do not fit a 16-bit PNG; use serving_default and label its mask"])
+        with tf.control_dependencies([check]):
+            return tf.io.encode_png(mask[..., None]), tf.io.encode_png(tf.cast(labels, tf.uint16)[..., None])
+
+    def segment_png(pngs: tf.Tensor) -> dict[str, tf.Tensor]:
+        masks, labels = tf.map_fn(one, tf.reshape(pngs, [-1]), fn_output_signature=(tf.string, tf.string))
+        shape = tf.shape(pngs)
+        return {"mask_bytes": tf.reshape(masks, shape), "labels_bytes": tf.reshape(labels, shape)}
+
+    return segment_png
 
 
 class Segmenter:

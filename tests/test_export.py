@@ -1,11 +1,13 @@
 """The SavedModel as TF Serving sees it: signatures, layouts, warm-up file, server config."""
 
+import base64
 import json
 import subprocess
 import sys
 import textwrap
 import zipfile
 
+import cv2
 import keras
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import config as configuration
 from pipeline.errors import PipelineError
-from pipeline.export import PACKAGE_FILE, WARMUP_FILE, export_model, versions, warmup_images
+from pipeline.export import PACKAGE_FILE, WARMUP_FILE, export_model, versions, warmup_requests
 from pipeline.inference import Segmenter
+from pipeline.instances import cell_instances
 from pipeline.model import unet
 
 
@@ -127,17 +130,20 @@ def test_rest_request_bodies_decode_into_accepted_inputs(exported):
     np.testing.assert_array_equal(serve(image=batch)["mask"].numpy()[1], serve(image=single)["mask"].numpy())
 
 
-def test_warmup_requests_parse_and_run(exported):
+def test_warmup_requests_parse_and_run_every_signature(exported):
     _, config, version = exported
     signatures = tf.saved_model.load(str(version)).signatures
     records = list(tf.data.TFRecordDataset(str(version / WARMUP_FILE)).as_numpy_iterator())
-    assert len(records) == len(warmup_images(config)) == 3
+    assert len(records) == len(warmup_requests(config)) == 7
+    seen = set()
     for record in records:
         request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
         assert request.model_spec.name == config.export.name
-        image = tf.make_ndarray(request.inputs["image"])
-        outputs = signatures[request.model_spec.signature_name](image=tf.constant(image))
-        assert outputs["mask"].shape == image.shape
+        [(key, proto)] = request.inputs.items()
+        outputs = signatures[request.model_spec.signature_name](**{key: tf.constant(tf.make_ndarray(proto))})
+        seen.add(request.model_spec.signature_name)
+        assert all(tf.size(value) > 0 for value in outputs.values())
+    assert seen == set(signatures)
 
 
 def test_models_config_lists_the_model_for_the_server(exported):
@@ -164,3 +170,28 @@ def test_a_package_that_cannot_be_built_leaves_no_version_and_no_scratch(tmp_pat
         export_model(unet(config.model), config, example=broken)
     assert list((tmp_path / config.export.name).iterdir()) == []
     assert not (tmp_path / "models.config").exists()
+
+
+def test_png_requests_get_the_mask_and_the_cells_as_png(exported):
+    model, config, version = exported
+    signatures = tf.saved_model.load(str(version)).signatures
+    image = image_of((70, 90)).astype(np.uint8)
+    png = cv2.imencode(".png", image)[1].tobytes()
+    # What TF Serving's REST API makes of {"inputs": {"image_bytes": {"b64": ...}}}.
+    sent = base64.b64decode(json.loads(json.dumps({"b64": base64.b64encode(png).decode()}))["b64"])
+    outputs = signatures["segment_png"](image_bytes=tf.constant(sent))
+    mask = cv2.imdecode(np.frombuffer(outputs["mask_bytes"].numpy(), np.uint8), cv2.IMREAD_UNCHANGED)
+    labels = cv2.imdecode(np.frombuffer(outputs["labels_bytes"].numpy(), np.uint8), cv2.IMREAD_UNCHANGED)
+    probability = signatures["serving_default"](image=tf.constant(image.astype(np.float32)))["probabilities"][..., 1]
+    np.testing.assert_array_equal(mask, np.where(probability.numpy() > config.predict.threshold, 255, 0))
+    assert labels.dtype == np.uint16
+    expected = cell_instances(probability.numpy(), config.predict.threshold, "components", config.predict.min_size)
+    np.testing.assert_array_equal(labels, expected)
+    batch = signatures["segment_png"](image_bytes=tf.constant([png, png]))
+    assert batch["labels_bytes"].shape == (2,) and batch["labels_bytes"].numpy()[1] == outputs["labels_bytes"].numpy()
+
+
+def test_a_png_that_is_not_one_gets_an_error(exported):
+    serve = tf.saved_model.load(str(exported[2])).signatures["segment_png"]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        serve(image_bytes=tf.constant(b"not a png"))
