@@ -46,7 +46,8 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
         progress.add(1)
     truth = [cells[crop] for cells, crop in zip(truth, crops)]
     instances = None if instances is None else [labels[crop] for labels, crop in zip(instances, crops)]
-    report = report_for(probabilities, truth, config.predict.threshold, instances, sequences)
+    report = report_for(probabilities, truth, config.predict.threshold, instances, sequences,
+                        method=config.predict.instances, min_size=config.predict.min_size)
     return report | {"probabilities": probabilities}
 
 

@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from pipeline.display import grey8
+from pipeline.instances import cell_instances
 from pipeline.metrics import common, ctc, isbi, matching, warping
 
 # Error picture colours (BGR): false membrane, missed membrane, split, merger.
@@ -29,14 +30,15 @@ _SWEEPS = {
 
 
 def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
-          instances: np.ndarray | None = None) -> dict:
+          instances: np.ndarray | None = None, method: str = "components", min_size: int = 1) -> dict:
     """Every metric of one image [H, W] or stack [D, H, W] (counts summed over slices).
 
     Returns the headline values (lowest error over the ISBI grid) with the threshold
     that reached them, the errors per threshold, foreground IoU and pixel accuracy at
     `threshold`, and, when ground-truth `instances` are given, CTC SEG and the object
-    matching ("instance_matching", `matching.record`) of the prediction's instances:
-    4-connected cells at `threshold`. V_rand and V_info are reported as
+    matching ("instance_matching", `matching.record`) of the prediction's instances as
+    `predict` writes them (`instances.cell_instances` at `threshold` by `method`, without
+    objects under `min_size` pixels). V_rand and V_info are reported as
     errors, 1 - V, so that lower is better everywhere. A ground truth without membrane
     or without cell pixels adds "warning": which values it makes meaningless.
     """
@@ -50,7 +52,7 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     result["pixel_accuracy"] = isbi.pixel_accuracy(probability, cells, threshold)
     if instances is not None:
         reference = np.asarray(instances).reshape(probability.shape)
-        predicted = ctc.cell_instances(probability, threshold)
+        predicted = cell_instances(probability, threshold, method, min_size)
         result["seg"] = ctc.seg(predicted, reference)
         result["instance_matching"] = matching.record(matching.match(predicted, reference))
     warning = common.truth_warning(cells)
@@ -59,7 +61,7 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
 
 def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], threshold: float,
                instances: list[np.ndarray] | None = None, sequences: list[str] | None = None,
-               names: list[str] | None = None) -> dict:
+               names: list[str] | None = None, method: str = "components", min_size: int = 1) -> dict:
     """Report of a set of images: headline values at the top, overall, mean and per image.
 
     "overall" sums the counts over the images, as the challenge does for a stack; for
@@ -70,10 +72,12 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
     "overall", but for images of any sizes); "mean_per_image" leaves it out, since a
     mean of per-image ratios is not StarDist's figure for a data set. "warnings" lists,
     one line each, the images whose ground truth leaves some values meaningless (see
-    `score`), called by their `names` (default "image <index>").
+    `score`), called by their `names` (default "image <index>"). The prediction's
+    instances are found by `method` and `min_size`, as in `score`.
     """
+    finding = {"method": method, "min_size": min_size}
     per_image = [
-        score(p, t, threshold, None if instances is None else instances[i]) | {"image": i}
+        score(p, t, threshold, None if instances is None else instances[i], **finding) | {"image": i}
         for i, (p, t) in enumerate(zip(probabilities, truth))
     ]
     names = [f"image {i}" for i in range(len(per_image))] if names is None else names
@@ -84,21 +88,22 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
     overall = None
     if len({p.shape for p in probabilities}) == 1:
         overall = score(np.stack(probabilities), np.stack(truth), threshold,
-                        None if instances is None else np.stack(instances))
+                        None if instances is None else np.stack(instances), **finding)
     headline = mean if overall is None else overall
     report = ({key: headline[key] for key in ("warping_error", "rand_error", "pixel_error")}
               | {"warnings": warnings, "threshold": threshold, "overall": overall, "mean_per_image": mean,
                  "per_image": per_image})
     if instances is not None:
         report["instance_matching"] = matching.record(matching.pool(
-            matching.match(ctc.cell_instances(p, threshold), r) for p, r in zip(probabilities, instances)))
+            matching.match(cell_instances(p, threshold, method, min_size), r)
+            for p, r in zip(probabilities, instances)))
     if sequences is not None:
-        report |= seg_per_sequence(probabilities, instances, sequences, threshold)
+        report |= seg_per_sequence(probabilities, instances, sequences, threshold, **finding)
     return report
 
 
 def seg_per_sequence(probabilities: list[np.ndarray], instances: list[np.ndarray], sequences: list[str],
-                     threshold: float) -> dict:
+                     threshold: float, method: str = "components", min_size: int = 1) -> dict:
     """CTC SEG per sequence and overall: {"seg": overall, "seg_per_sequence": {sequence: SEG}}.
 
     `sequences[i]` names the sequence of image i. A sequence's SEG is the mean Jaccard
@@ -109,7 +114,7 @@ def seg_per_sequence(probabilities: list[np.ndarray], instances: list[np.ndarray
     scores: dict[str, list[np.ndarray]] = {}
     for probability, reference, sequence in zip(probabilities, instances, sequences):
         scores.setdefault(sequence, []).append(
-            ctc.seg_scores(ctc.cell_instances(probability, threshold), reference))
+            ctc.seg_scores(cell_instances(probability, threshold, method, min_size), reference))
     per_sequence = {sequence: ctc.mean_seg(np.concatenate(frames)) for sequence, frames in sorted(scores.items())}
     return {"seg": ctc.mean_seg(np.concatenate([frame for frames in scores.values() for frame in frames])),
             "seg_per_sequence": per_sequence}

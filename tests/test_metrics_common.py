@@ -5,7 +5,8 @@ import pytest
 
 from pipeline.errors import PipelineError
 from pipeline.metrics.common import isbi_thresholds, truth_warning
-from pipeline.metrics.ctc import cell_instances, seg
+from pipeline.instances import cell_instances
+from pipeline.metrics.ctc import seg
 from pipeline.metrics.isbi import (foreground_iou, pixel_accuracy, pixel_error, pixel_error_sweep, rand_error_sweep,
                                    v_info_sweep, v_rand_sweep)
 from pipeline.metrics.warping import warping_error_sweep, warping_thresholds

@@ -21,7 +21,7 @@ def test_seg_scores_the_cells_that_predict_labels():
     # Cells touching diagonally are two 4-connected instances, as in NAME_labels.tif.
     reference = np.kron(np.array([[1, 0], [0, 2]]), np.ones((2, 2), int))
     probability = np.where(reference > 0, 0.9, 0.1)
-    predicted = ctc.cell_instances(probability, 0.5)
+    predicted = cell_instances(probability, 0.5)
     np.testing.assert_array_equal(predicted, cell_instances(probability, 0.5, "components", min_size=1))
     np.testing.assert_array_equal(predicted, reference)
     assert seg(predicted, reference) == 1.0

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.metrics.ctc import cell_instances
+from pipeline.instances import cell_instances
 from pipeline.metrics.isbi import pixel_error, rand_error_sweep
 from pipeline.metrics import warping
 from pipeline.metrics.warping import MERGER, SPLIT, warp_truth, warping_error_sweep, warping_mismatches

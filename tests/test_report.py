@@ -5,7 +5,8 @@ import pytest
 
 from fakes import CTC_ANNOTATED, write_ctc
 from pipeline.data.ctc2d import read_sequence
-from pipeline.metrics.ctc import cell_instances, seg
+from pipeline.instances import cell_instances
+from pipeline.metrics.ctc import seg
 from pipeline.metrics.matching import match, pool, record
 from pipeline.report import COLOURS, panel, report_for, summary, table
 

@@ -2,9 +2,8 @@
 
 SEG: the mean Jaccard index over all reference objects, each matched by the segmented
 object that covers more than half of it (`docs/metrics.md`); py-ctcmetrics, the
-challenge's own Python code, gives the same numbers. A prediction's instances are
-`cell_instances`, the one definition in `pipeline.instances` that the predict stage's
-label images follow too (here with its defaults: every 4-connected cell, none dropped).
+challenge's own Python code, gives the same numbers. A prediction's instances come
+from `pipeline.instances.cell_instances`, as the predict stage's label images do.
 """
 
 from __future__ import annotations
@@ -12,11 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.instances import cell_instances
 from pipeline.metrics.common import as_stack
-
-__all__ = ["cell_instances", "mean_seg", "seg", "seg_scores"]
-
 
 def seg_scores(predicted: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """CTC SEG's score of every reference object, frame after frame ([H, W] or [D, H, W]).
