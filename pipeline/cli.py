@@ -34,6 +34,9 @@ def parser() -> argparse.ArgumentParser:
                    "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
     p.add_argument("--strategy", choices=configuration.STRATEGIES,
                    help="train on this machine's devices (default) or on the TF_CONFIG cluster")
+    p.add_argument("--init-from", metavar="PATH", help="train: start from these weights instead of random ones "
+                   "(fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
+                   "bioimage.io package (.zip); sets train.init_from")
     p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")
     p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions); "
                    "evaluate with --prediction: the JSON report to write")
@@ -64,7 +67,7 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, RunDir]:
         config = configuration.preset(args.preset or overrides.get("preset", "cpu"), dataset)
     config = configuration.apply_overrides(config, overrides, str(args.config))
     data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None}
-    train = {"strategy": args.strategy} if args.strategy else {}
+    train = {k: v for k, v in (("strategy", args.strategy), ("init_from", args.init_from)) if v is not None}
     config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
     config = configuration.apply_overrides(config, assignments, "--set")
     configuration.validate(config)
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         config, run = resolve(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
         run.check_changes(config, stages, args.overwrite)
+        if config.train.init_from and stages[0] == "prepare" and "train" in stages:
+            from pipeline import train  # TensorFlow: only for the weights a new run starts from
+
+            train.check_initial_weights(config)
         for stage in stages:
             print(f"== {stage} ({run})", flush=True)
             run_stage(stage, config, run, args)

@@ -446,5 +446,3 @@ def validate(config: Config) -> None:
         _refuse(field, value, _choice_problem(value, choices))
     _check_tile_sizes(config, datasets[config.data.dataset].image_size_setting)
     _refuse("export.name", config.export.name, _folder_name_problem(config.export.name))
-    if config.train.init_from is not None and not Path(config.train.init_from).exists():
-        _refuse("train.init_from", config.train.init_from, "no such file or folder")

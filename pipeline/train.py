@@ -11,6 +11,10 @@
 - Survives being killed: `BackupAndRestore` keeps the weights and optimizer state of the
   last finished epoch; the same command resumes there, with the tile stream at the same
   position, and ends after the same number of steps as an uninterrupted run.
+- Fine-tuning (`train.init_from`): the freshly built U-Net gets the weights of another
+  run's best model, a .keras file or a bioimage.io package this project exported, layer by
+  layer, once their shapes are checked against this run's `model` section. A resumed
+  fine-tuning takes its weights from the backup, not from `init_from` again.
 """
 
 from __future__ import annotations
@@ -18,15 +22,19 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+import yaml
 
 from pipeline import input_pipeline, io, rundir
 from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
 from pipeline.config import Config, TrainConfig
+from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
 from pipeline.metrics.training import training_metrics
 from pipeline.model import unet
@@ -65,6 +73,128 @@ def compiled_model(config: Config) -> keras.Model:
         jit_compile=config.train.jit_compile,
     )
     return model
+
+
+PACKAGE_DESCRIPTION = "rdf.yaml"  # a bioimage.io package's description, at the root of its zip
+# The `model` settings that fix a U-Net's weights, in the order a mismatch is reported:
+# another depth changes the layers themselves, so it is named before the channel counts.
+ARCHITECTURE = ("depth", "input_channels", "base_filters", "num_classes", "padding")
+
+
+def initial_weights_file(init_from: str) -> Path:
+    """The file `train.init_from` names: a run directory's train/best.keras, a .keras file or a package zip."""
+    path = Path(init_from)
+    if path.is_dir():
+        return rundir.require(RunDir(path).best_model, "train")
+    if path.suffix not in (".keras", ".zip"):
+        raise PipelineError(f"{path}: train.init_from takes a run directory, a .keras file or a bioimage.io "
+                            "package (.zip)")
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file (train.init_from)")
+    return path
+
+
+def load_initial_model(source: Path) -> keras.Model:
+    """The model in `source` (from `initial_weights_file`), without its training configuration."""
+    if source.suffix == ".zip":
+        return _load_package(source)
+    return _load_keras(source, source)
+
+
+def _load_keras(path: Path, named: Path) -> keras.Model:
+    """Reads a .keras file; `named` is the file the user gave, for the message."""
+    # Keras answers "File not found" for a file that is there but not a zip archive.
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"{named}: not a .keras model file (not a zip archive)")
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (KeyError, OSError, ValueError) as error:
+        raise PipelineError(f"{named}: cannot be read as a Keras model ({str(error).splitlines()[0]})") from None
+
+
+def _load_package(path: Path) -> keras.Model:
+    """The Keras model of a bioimage.io package: rdf.yaml's `weights: keras_v3: source` in the zip."""
+    if not zipfile.is_zipfile(path):
+        raise PipelineError(f"{path}: not a zip archive, so not a bioimage.io package")
+    with zipfile.ZipFile(path) as package:
+        if PACKAGE_DESCRIPTION not in package.namelist():
+            raise PipelineError(f"{path}: holds no {PACKAGE_DESCRIPTION}, so not a bioimage.io package")
+        try:
+            description = yaml.safe_load(package.read(PACKAGE_DESCRIPTION))
+        except yaml.YAMLError as error:
+            raise PipelineError(f"{path}: {PACKAGE_DESCRIPTION} is not valid YAML "
+                                f"({str(error).splitlines()[0]})") from None
+        source = _keras_weights_entry(description)
+        if source is None:
+            raise PipelineError(f"{path}: {PACKAGE_DESCRIPTION} lists no keras_v3 weights (weights: keras_v3: source)")
+        if source not in package.namelist():
+            raise PipelineError(f"{path}: {PACKAGE_DESCRIPTION} names keras_v3 weights {source!r}, "
+                                "which the zip does not hold")
+        with tempfile.TemporaryDirectory() as folder:
+            # Keras reads a path; the model is in memory once loaded, so the copy can go.
+            extracted = Path(folder) / "model.keras"
+            extracted.write_bytes(package.read(source))
+            return _load_keras(extracted, path)
+
+
+def _keras_weights_entry(description: object) -> str | None:
+    """rdf.yaml's `weights: keras_v3: source` as a name in the zip, or None where it has none."""
+    weights = description.get("weights") if isinstance(description, dict) else None
+    keras_v3 = weights.get("keras_v3") if isinstance(weights, dict) else None
+    source = keras_v3.get("source") if isinstance(keras_v3, dict) else None
+    # bioimage.io writes sources relative to the package: "./model.keras" is "model.keras".
+    return source.removeprefix("./") if isinstance(source, str) else None
+
+
+def architecture(model: keras.Model, named: Path) -> dict[str, int | str]:
+    """The ARCHITECTURE settings of a U-Net that `pipeline.model.unet` built, read from its layers."""
+    try:
+        first, classifier = model.get_layer("down0_conv1"), model.get_layer("classifier")
+    except ValueError:
+        raise PipelineError(f"{named}: not a U-Net of this pipeline (no layers down0_conv1 and classifier)") from None
+    _, _, channels, filters = first.kernel.shape
+    return {
+        "depth": 1 + sum(layer.name.endswith("_upconv") for layer in model.layers),  # one per level above the bottom
+        "input_channels": channels,
+        "base_filters": filters,
+        "num_classes": classifier.kernel.shape[-1],
+        # Same shapes, but the weights learnt features of zero-padded or of unpadded
+        # convolutions: the skip connections' crops differ too.
+        "padding": first.padding,
+    }
+
+
+def _weight_shapes(model: keras.Model) -> dict[str, list[tuple[int, ...]]]:
+    """Each layer's weight shapes, by layer name (layers without weights left out)."""
+    return {layer.name: [tuple(weight.shape) for weight in layer.weights] for layer in model.layers if layer.weights}
+
+
+def copy_weights(source: keras.Model, model: keras.Model, named: Path) -> None:
+    """Gives `model` the weights of `source`, layer by layer, or refuses with the first mismatch.
+
+    The mismatch is named in the configuration's terms where it is one of ARCHITECTURE
+    (`runs/a/train/best.keras: trained with model.base_filters=16, this run has 8`), else
+    by layer. Nothing is copied unless every layer fits.
+    """
+    trained, wanted = architecture(source, named), architecture(model, named)
+    for field in ARCHITECTURE:
+        if trained[field] != wanted[field]:
+            raise PipelineError(f"{named}: trained with model.{field}={trained[field]!r}, "
+                                f"this run has {wanted[field]!r}")
+    shapes, expected = _weight_shapes(source), _weight_shapes(model)
+    for name in sorted(shapes.keys() | expected.keys()):
+        if shapes.get(name) != expected.get(name):
+            raise PipelineError(f"{named}: layer {name} has weights of shapes {shapes.get(name)}, "
+                                f"this run's U-Net {expected.get(name)}")
+    for name in expected:
+        model.get_layer(name).set_weights(source.get_layer(name).get_weights())
+
+
+def check_initial_weights(config: Config) -> None:
+    """Refuses, with one line, weights that `train.init_from` names but this run's U-Net
+    cannot take: for `--stage all`, before `prepare` writes anything."""
+    source = initial_weights_file(config.train.init_from)
+    copy_weights(load_initial_model(source), unet(config.model), source)
 
 
 def _task_id(distribution: tf.distribute.Strategy) -> int | None:
@@ -164,6 +294,11 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     initial_epoch = 0 if overwrite else resumed_epoch(run.backup(task_id))
     if not initial_epoch:
         io.refuse_existing([run.best_model], overwrite)
+    # A resumed run restores its weights from the backup, so it neither needs nor reads
+    # init_from. Loaded before the seed is set: loading draws initial values (which the
+    # saved ones replace), and the run's random stream must not depend on that.
+    source = initial_weights_file(train.init_from) if train.init_from and not initial_epoch else None
+    initial = load_initial_model(source) if source else None
 
     keras.utils.set_random_seed(train.seed)
     tf.config.experimental.enable_op_determinism()
@@ -175,20 +310,28 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
         val_split["images"], val_split["instances"] > 0, val_split["weights"], depth, train, config.model.padding
     )
     val_data = input_pipeline.validation_dataset(val_tiles, train.batch_size)
+    with distribution.scope():
+        model = compiled_model(config)
+        if initial is not None:
+            copy_weights(initial, model, source)
+            del initial  # copied: its memory is the training's now
+    prepared_channels = train_split["images"].shape[-1]  # prepare reads images with the model's channels
+    if prepared_channels != config.model.input_channels:
+        raise PipelineError(f"{run.prepared('train')}: images of {prepared_channels} channel(s) were prepared, but "
+                            f"model.input_channels={config.model.input_channels}; run --stage prepare again")
     # Every check has passed: from here on the run directory changes.
     run.save_config(config)
     if not initial_epoch:
         shutil.rmtree(run.backup(task_id), ignore_errors=True)
         for stale in (run.best_record, run.history):
             stale.unlink(missing_ok=True)
-    with distribution.scope():
-        model = compiled_model(config)
     run.worker(task_id).mkdir(parents=True, exist_ok=True)
     callback_list = callbacks(config, run, task_id, tuple(part[0] for part in val_tiles))
 
     resuming = f", resuming after epoch {initial_epoch}" if initial_epoch else ""
+    starting = f" from the weights of {source or train.init_from}" if train.init_from else ""
     print(
-        f"training a depth-{depth} U-Net ({model.count_params():,} parameters) on "
+        f"training a depth-{depth} U-Net ({model.count_params():,} parameters){starting} on "
         f"{distribution.num_replicas_in_sync} replica(s) ({train.strategy}, {train.precision}): "
         f"{train.epochs} epochs x {train.steps_per_epoch} steps of {train.batch_size} tiles of "
         f"{train.tile_size} px{resuming}",
