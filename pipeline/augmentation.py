@@ -8,6 +8,9 @@ so a tile is re-augmented identically from its seed.
 
 The tile, label and weights are transformed at the same (input) size about the same
 centre, so their centres stay aligned and the caller can crop the output window after.
+A tile of several channels (RGB) moves as one image, and its gray values change by one
+curve for all channels, as it was normalised as one (`pipeline.normalization`): each
+channel is augmented exactly as a grey tile with the same seed would be.
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def _gamma(tile: tf.Tensor, gamma: tf.Tensor) -> tf.Tensor:
 
 
 def _gray_values(tile: tf.Tensor, seed: tf.Tensor, config: AugmentConfig) -> tf.Tensor:
-    """Random gamma curve, contrast gain and brightness offset on a normalised tile."""
+    """Random gamma curve, contrast gain and brightness offset on a normalised tile, the same for every channel."""
     draws = tf.random.stateless_uniform([3], seed, minval=-1.0, maxval=1.0)
     if config.gamma:
         tile = _gamma(tile, tf.exp(config.gamma * draws[0]))

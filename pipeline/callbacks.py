@@ -61,7 +61,8 @@ class ValidationImages(keras.callbacks.Callback):
     """Writes a fixed validation tile to TensorBoard after every epoch.
 
     Input, ground truth, weight map (colour-mapped), predicted probability of cell and
-    mask, so that a user sees what the network learns, not only how the loss falls.
+    mask, so that a user sees what the network learns, not only how the loss falls. The
+    input is shown in colour where it has 3 channels (RGB), else its first channel.
     """
 
     def __init__(self, log_dir: Path, tile: np.ndarray, label: np.ndarray, weight: np.ndarray):
@@ -70,8 +71,10 @@ class ValidationImages(keras.callbacks.Callback):
         self.tile = tile[None]
         out = label.shape[0]
         margin = (tile.shape[0] - out) // 2
-        centre = tile[margin : margin + out, margin : margin + out, :1]
+        shown = slice(None) if tile.shape[-1] == 3 else slice(0, 1)
+        centre = tile[margin : margin + out, margin : margin + out, shown]
         self.fixed = {
+            # One range for all channels, as the tile was normalised: the colours keep their balance.
             "input": grey8(centre, (centre.min(), centre.max())),
             "ground_truth": label[..., None].astype(np.float32),
             "weight_map": _colour_mapped(weight),

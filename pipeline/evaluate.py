@@ -90,7 +90,7 @@ def run(config: Config, run: RunDir) -> dict:
     _write(report, run.report)
     for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
         height, width = probability.shape
-        picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width, 0])
+        picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width])
         io.write_png(run.panel(index), picture, overwrite=True)
     return report
 

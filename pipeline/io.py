@@ -383,17 +383,19 @@ def as_model_channels(stack: np.ndarray, channels: int, path: Path) -> np.ndarra
     raise PipelineError(f"{path}: {described} but the model takes {channels} channel{'s' if channels > 1 else ''}")
 
 
-def read_stack(path: Path, channels: int = 1) -> np.ndarray:
+def read_stack(path: Path, channels: int | None = 1) -> np.ndarray:
     """Reads an image or stack as [N, H, W, C] with C = `channels`, by the axes its file declares.
 
     TIFF axes come from tifffile (see `_as_nhwc`); a PNG is one image, grey or colour.
-    The channels follow `as_model_channels`. NaN or infinite pixels are refused.
+    The channels follow `as_model_channels`; with `channels=None`, C is the file's own
+    (where no model is involved, e.g. a TFDS data set of the files as they are). NaN or
+    infinite pixels are refused.
     """
     array, axes = _read_file(path)
     stack = _as_nhwc(array, axes, path)
     if stack.dtype.kind == "f" and not np.isfinite(stack).all():
         raise PipelineError(f"{path}: {np.count_nonzero(~np.isfinite(stack))} NaN/infinite pixel values")
-    return as_model_channels(stack, channels, path)
+    return stack if channels is None else as_model_channels(stack, channels, path)
 
 
 def image_files(path: Path) -> list[Path]:

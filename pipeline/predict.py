@@ -11,14 +11,13 @@ import csv
 import re
 from pathlib import Path
 
-import cv2
 import keras
 import numpy as np
 
 from pipeline import instances, io, rundir
 from pipeline.config import Config
 from pipeline.console import progress_bar
-from pipeline.display import grey8
+from pipeline.display import bgr8
 from pipeline.inference import Segmenter, load_model
 from pipeline.rundir import RunDir
 
@@ -31,11 +30,11 @@ OUTLINE_COLOURS = np.array([(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 
 
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """BGR picture of the grey image with each cell of `labels` outlined in its colour.
+    """BGR picture of the image (in colour where it is RGB) with each cell of `labels` outlined in its colour.
 
     Only the outlines are drawn, so the membranes the segmentation is judged by stay visible.
     """
-    picture = cv2.cvtColor(grey8(image[..., 0]), cv2.COLOR_GRAY2BGR)
+    picture = bgr8(image)
     edge = instances.outlines(labels)
     picture[edge] = OUTLINE_COLOURS[(labels[edge] - 1) % len(OUTLINE_COLOURS)]
     return picture

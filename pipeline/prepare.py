@@ -1,12 +1,13 @@
 """Stage `prepare`: load the data set, compute the weight maps, cache everything.
 
-The training targets of the train and val splits are the paper's: touching instances
-are pulled apart by background separation borders (`weight_map.separate_instances`,
-`weight_map.separation` px), and the weight map is computed from the separated
-instances. The test split keeps its ground truth as given, for scoring. Each image's own
-size is stored as `sizes` (see `pipeline.data`): padding beyond it gets weight 0, so it
-never counts in the loss. Where the data set names its examples, the names are stored
-as `ids` (text).
+Images are read with the model's channels (`model.input_channels`: colour images need a
+`multichannel` data set, see `pipeline.data.load`). The training targets of the train and
+val splits are the paper's: touching instances are pulled apart by background separation
+borders (`weight_map.separate_instances`, `weight_map.separation` px), and the weight map
+is computed from the separated instances. The test split keeps its ground truth as given,
+for scoring. Each image's own size is stored as `sizes` (see `pipeline.data`): padding
+beyond it gets weight 0, so it never counts in the loss. Where the data set names its
+examples, the names are stored as `ids` (text).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> None:
     if run.has_trained_model() and not overwrite:
         raise PipelineError(f"{run.best_model}: the run has a trained model; preparing again would replace "
                             "the data it was trained on (pass --overwrite, or use a new --run-dir)")
-    splits = data.load(config.data)
+    splits = data.load(config.data, config.model.input_channels)
     targets = [s for name, s in splits.items() if name != "test" and s.instances is not None]
     progress = progress_bar(sum(len(s.images) for s in targets), "weight map")
     counts, prepared = {}, {}

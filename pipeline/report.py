@@ -12,7 +12,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipeline.display import grey8
+from pipeline.display import bgr8, grey8
 from pipeline.instances import cell_instances
 from pipeline.metrics import common, ctc, isbi, matching, warping
 
@@ -184,7 +184,7 @@ def _field(values: dict, key: str) -> float | None:
 
 
 def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: np.ndarray | None = None) -> np.ndarray:
-    """BGR picture: [input,] ground truth, prediction at `threshold`, and its errors.
+    """BGR picture: [input [H, W, C] (in colour where RGB),] ground truth, prediction at `threshold`, errors.
 
     Errors: false membrane (predicted membrane on a cell) and missed membrane
     (predicted cell on a membrane) in their colours, and on top the split and merger
@@ -197,9 +197,8 @@ def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: n
     kinds = warping.warping_mismatches(probability, truth, threshold)
     errors[kinds == warping.SPLIT] = COLOURS["split"]
     errors[kinds == warping.MERGER] = COLOURS["merger"]
-    greys = [grey8(truth, (0, 1)), grey8(predicted, (0, 1))]
+    tiles = [cv2.cvtColor(grey8(mask, (0, 1)), cv2.COLOR_GRAY2BGR) for mask in (truth, predicted)] + [errors]
     if image is not None:
-        greys.insert(0, grey8(image))
-    tiles = [cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR) for grey in greys] + [errors]
+        tiles.insert(0, bgr8(image))
     gap = np.full((truth.shape[0], 4, 3), 128, np.uint8)
     return np.concatenate([part for tile in tiles for part in (tile, gap)][:-1], axis=1)

@@ -95,3 +95,40 @@ def write_image_folder(root: Path) -> Path:
     imwrite(root / "images" / "c.tif", ctc_frame((64, 70), 0))
     imwrite(root / "masks" / "c.tif", touching_cells((64, 70), 1))
     return root
+
+
+def red_cells_on_green(labels: np.ndarray, seed: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: cells (labels > 0) red, background green, both equally bright.
+
+    R + G is the same everywhere, so a grey version (any channel sum) shows no cells:
+    only the colour tells cells from background.
+    """
+    rng = np.random.default_rng(seed)
+    cells = labels > 0
+    rgb = np.stack([np.where(cells, 170, 70), np.where(cells, 70, 170), np.full(labels.shape, 40)], axis=-1)
+    return np.clip(rgb + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
+
+
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    """An RGB image as PNG (OpenCV writes BGR) or as a TIFF whose metadata says RGB (axes YXS)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".png":
+        cv2.imwrite(str(path), rgb[..., ::-1])
+    else:
+        tifffile.imwrite(path, rgb, photometric="rgb")
+
+
+def write_colour_folder(root: Path) -> dict[str, np.ndarray]:
+    """images/ and masks/ of red cells on green: an RGB PNG, an RGB TIFF and a smaller 16-bit RGB TIFF.
+
+    Masks are instance TIFFs (`touching_cells`). Returns the images by file name.
+    """
+    images = {}
+    for seed, (name, shape) in enumerate({"a.png": (72, 72), "b.tif": (72, 72), "c.tif": (64, 70)}.items()):
+        labels = touching_cells(shape, seed)
+        rgb = red_cells_on_green(labels, seed)
+        # c: 16-bit, in a narrow range as a camera gives it.
+        images[name] = rgb.astype(np.uint16) * 8 + 2000 if name == "c.tif" else rgb
+        write_rgb(root / "images" / name, images[name])
+        imwrite(root / "masks" / f"{Path(name).stem}.tif", labels)
+    return images

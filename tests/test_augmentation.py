@@ -1,11 +1,13 @@
-"""The paper's augmentation: switches, label exactness, mirrored rotation, gray values, seeds."""
+"""The paper's augmentation: switches, label exactness, mirrored rotation, gray values, seeds, colour."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipeline import augmentation, custom_op
 from pipeline.augmentation import augment
 from pipeline.config import AugmentConfig
+from pipeline.elastic_warp import displacement_field, warp_example
 
 SEED = tf.constant([5, 9], tf.int64)
 OFF = dict(flip=False, rotate90=False, rotate=False, elastic=False, brightness=0.0, contrast=0.0, gamma=0.0)
@@ -79,3 +81,40 @@ def test_bilinear_image_interpolation_is_configurable():
     linear = augment(tile, label, weight, SEED, AugmentConfig(**dict(OFF, elastic=True, interpolation="bilinear")))
     np.testing.assert_array_equal(cubic[1], linear[1])
     assert not np.array_equal(cubic[0], linear[0])
+
+
+def _colour_example(size=60):
+    """`_example` with two more channels of their own: an inverted and a noise channel."""
+    tile, label, weight = _example(size)
+    noise = np.random.default_rng(1).standard_normal(tile.shape).astype(np.float32)
+    return np.concatenate([tile, -tile, noise], axis=-1), label, weight
+
+
+def test_a_colour_tile_is_augmented_as_each_of_its_channels_alone():
+    colour, label, weight = _colour_example()
+    config = AugmentConfig(brightness=0.2, contrast=0.2, gamma=0.3)  # and every geometric switch on
+    tile, new_label, new_weight = augment(colour, label, weight, SEED, config)
+    for channel in range(3):
+        alone = augment(colour[..., channel : channel + 1], label, weight, SEED, config)
+        np.testing.assert_allclose(tile[..., channel], alone[0][..., 0], atol=1e-5)
+        np.testing.assert_array_equal(new_label, alone[1])
+        np.testing.assert_array_equal(new_weight, alone[2])
+
+
+@pytest.mark.parametrize("implementation", ["kernel", "xla"])
+def test_both_warps_of_augmentation_resample_every_channel_alike(implementation):
+    # augment takes the compiled kernel where it is built, else the XLA-compiled graph.
+    if implementation == "kernel" and custom_op.load() is None:
+        pytest.skip("the compiled warp kernel cannot be built here")
+    colour, label, weight = _colour_example()
+    field = displacement_field(label.shape, SEED, 3, 10.0)
+
+    def warped(tile):
+        if implementation == "kernel":
+            return warp_example(tile, label, weight, field, "bicubic", implementation="kernel")[0]
+        return augmentation._compiled_warp_example(tile, label, weight, field, "bicubic")[0]
+
+    together = warped(colour).numpy()
+    for channel in range(3):
+        np.testing.assert_allclose(together[..., channel], warped(colour[..., channel : channel + 1])[..., 0],
+                                   atol=1e-5)

@@ -1,12 +1,14 @@
-"""The training callbacks, on a tiny Keras model: the best model is kept, a NaN loss stops at once."""
+"""The training callbacks, on tiny Keras models: the best model is kept, a NaN loss stops at once,
+validation pictures reach TensorBoard, in colour for RGB inputs."""
 
 import json
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from pipeline.callbacks import BestModelCheckpoint, StopOnNaN
+from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
 from pipeline.errors import PipelineError
 
 
@@ -51,3 +53,37 @@ def test_nan_loss_stops_at_its_step_before_the_epoch_ends():
                          verbose=0)
     assert "\n" not in str(error.value)
     assert epoch_ends == []  # nothing that saves at an epoch's end ran on the broken weights
+
+
+def logged_images(log_dir) -> dict[str, np.ndarray]:
+    """The pictures a TensorBoard log holds, by tag, decoded from their PNGs."""
+    images = {}
+    for events in sorted((log_dir / "images").iterdir()):
+        for event in tf.compat.v1.train.summary_iterator(str(events)):
+            for value in event.summary.value:
+                encoded = tf.make_ndarray(value.tensor)[2]  # [width, height, PNG]
+                images[value.tag] = tf.image.decode_png(encoded).numpy()
+    return images
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3])
+def test_validation_input_is_shown_in_colour_for_rgb_and_by_its_first_channel_else(tmp_path, channels):
+    # A square in the first channel, the rest in the second: red on green for RGB. The
+    # output window is the centre 8 x 8 of the 12 x 12 tile.
+    tile = np.zeros((12, 12, channels), np.float32)
+    tile[4:8, 4:8, 0] = 1.0
+    if channels > 1:
+        tile[..., 1] = 1.0 - tile[..., 0]
+    label = np.zeros((8, 8), np.int32)
+    model = keras.Sequential([keras.Input((12, 12, channels)), keras.layers.Cropping2D(2), keras.layers.Conv2D(2, 1)])
+    callback = ValidationImages(tmp_path, tile, label, np.ones((8, 8), np.float32))
+    callback.set_model(model)
+    callback.on_epoch_end(0)
+    shown = logged_images(tmp_path)["validation/input"]
+    if channels == 3:
+        assert shown.shape == (8, 8, 3)
+        np.testing.assert_array_equal(shown[2:6, 2:6, 0], 255)  # red square
+        np.testing.assert_array_equal(shown[0, 0], [0, 255, 0])  # on green
+    else:
+        assert shown.shape == (8, 8, 1)
+        np.testing.assert_array_equal(shown[..., 0], 255 * tile[2:10, 2:10, 0])  # white square on black

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from fakes import CTC_ANNOTATED, CTC_NAME, ctc_frame, imwrite, touching_cells, write_ctc, write_image_folder
+from fakes import (CTC_ANNOTATED, CTC_NAME, ctc_frame, imwrite, touching_cells, write_colour_folder, write_ctc,
+                   write_image_folder, write_rgb)
 from pipeline import data
 from pipeline.config import DataConfig, Range
 from pipeline.data.image_files import PERCENTILES, to_uint8
@@ -211,6 +212,48 @@ def test_image_folder_empty_or_missing(tmp_path):
     write_image_folder(tmp_path / "one")
     with pytest.raises(PipelineError, match="data.val_images=3 must leave training images among the 3"):
         data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path / "one"), val_images=3))
+
+
+def test_image_folder_reads_colour_images_for_a_three_channel_model(tmp_path):
+    written = write_colour_folder(tmp_path)
+    splits = data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path)), channels=3)
+    train, val = splits["train"], splits["val"]
+    assert train.images.shape == (2, 72, 72, 3) and train.images.dtype == np.uint8
+    # In R, G, B order from the PNG (OpenCV's BGR undone) and from the TIFF.
+    np.testing.assert_array_equal(train.images[0], written["a.png"])
+    np.testing.assert_array_equal(train.images[1], written["b.tif"])
+    # The 16-bit image is scaled with one pair of percentiles over all its channels, so
+    # its channels keep their balance: the constant, dim blue stays dim (scaled channel
+    # by channel, its noise would fill half the range).
+    np.testing.assert_array_equal(val.images[0], to_uint8(written["c.tif"]))
+    cells = touching_cells((64, 70), 2) > 0
+    red, green, blue = (val.images[0, ..., channel] for channel in range(3))
+    assert red[cells].mean() > 200 and green[cells].mean() < 100 and blue.mean() < 40
+
+
+def test_image_folder_refuses_colour_for_a_one_channel_model_and_grey_for_three(tmp_path):
+    write_colour_folder(tmp_path / "colour")
+    refusal = r"colour image \(3 channels\) but the model takes 1 channel; convert it to grey or train with"
+    with pytest.raises(PipelineError, match=rf"^\S*/colour/images/a.png: {refusal} model.input_channels=3$"):
+        data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path / "colour")))
+    write_image_folder(tmp_path / "grey")
+    with pytest.raises(PipelineError, match=r"^\S*/grey/images/a.png: grey image \(1 channel\) but the model takes 3"):
+        data.load(DataConfig(dataset="image_folder", data_dir=str(tmp_path / "grey")), channels=3)
+
+
+def test_image_folder_reads_grey_stored_as_colour_as_grey_with_a_notice(tmp_path, capsys):
+    write_image_folder(tmp_path)
+    config = DataConfig(dataset="image_folder", data_dir=str(tmp_path))
+    grey = data.load(config)["train"].images
+    write_rgb(tmp_path / "images" / "a.png", np.repeat(grey[0], 3, axis=-1))
+    np.testing.assert_array_equal(data.load(config)["train"].images, grey)
+    assert "images/a.png: colour image with identical R, G and B channels read as grey" in capsys.readouterr().err
+
+
+def test_grey_data_sets_refuse_a_model_of_other_channels():
+    refusal = r"^the synthetic data set has grey images: it needs model.input_channels=1, not 3"
+    with pytest.raises(PipelineError, match=refusal + r" \(data sets of colour images: image_folder\)$"):
+        data.load(DataConfig(), channels=3)
 
 
 # --- the registry ----------------------------------------------------------------------------

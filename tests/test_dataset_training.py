@@ -1,4 +1,4 @@
-"""The pipeline prepares and trains (`smoke` preset, a few steps) from every data set."""
+"""The pipeline prepares and trains (`smoke` preset, a few steps) from every data set, colour images included."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
+import tifffile
 
-from fakes import CTC_NAME, write_ctc, write_image_folder
+from fakes import CTC_NAME, write_colour_folder, write_ctc, write_image_folder
 from pipeline import data, rundir
 from pipeline.rundir import RunDir
 from pipeline.cli import main
@@ -58,6 +60,44 @@ def test_padding_gets_zero_weight(tmp_path):
     val = rundir.load_split(RunDir(run_dir), "val", load(run_dir / "config.yaml"))
     weights = val["weights"][1]  # c.tif, 64x70, padded to 72x72
     assert (weights[:64, :70] > 0).all() and not weights[64:].any() and not weights[:, 70:].any()
+
+
+def test_an_rgb_image_folder_runs_every_stage_with_a_three_channel_model(tmp_path, capsys):
+    images = write_colour_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = ["--preset", "smoke", "--run-dir", str(run_dir), "--dataset", "image_folder",
+            "--data-dir", str(tmp_path / "data"), "--set", f"export.root={tmp_path / 'saved'}", *FEW_STEPS]
+    # A 1-channel model refuses real colour, in one line naming the file, and writes nothing.
+    assert main(["--stage", "all", *args]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path / 'data' / 'images' / 'a.png'}: colour image (3 channels) but the model takes 1 channel; "
+        "convert it to grey or train with model.input_channels=3\n"
+    )
+    assert not (run_dir / "prepared").exists()
+
+    assert main(["--stage", "all", *args, "--set", "model.input_channels=3"]) == 0
+    config = load(run_dir / "config.yaml")
+    assert rundir.load_split(RunDir(run_dir), "train", config)["images"].shape == (2, 72, 72, 3)
+    # The test split is c.tif, 64 x 70 px: predicted at its own size.
+    assert tifffile.imread(run_dir / "predictions" / "test_000_prob.tif").shape == (64, 70)
+    # The export takes [H, W, 3] images.
+    served = tf.saved_model.load(str(run_dir / "export" / "unet" / "1")).signatures["segment_uint8"]
+    assert served(image=tf.constant(images["a.png"]))["mask"].shape == (72, 72)
+    # An RGB TIFF as --input.
+    rgb_tiff, out = tmp_path / "data" / "images" / "b.tif", tmp_path / "out"
+    assert main(["--stage", "predict", "--run-dir", str(run_dir), "--input", str(rgb_tiff), "--output", str(out)]) == 0
+    assert tifffile.imread(out / "b_prob.tif").shape == (72, 72)
+
+
+def test_training_refuses_data_prepared_for_other_channels(tmp_path, capsys):
+    write_image_folder(tmp_path / "data")
+    run_dir = tmp_path / "run"
+    args = ["--preset", "smoke", "--run-dir", str(run_dir), "--dataset", "image_folder",
+            "--data-dir", str(tmp_path / "data")]
+    assert main(["--stage", "prepare", *args]) == 0
+    assert main(["--stage", "train", *args, "--set", "model.input_channels=3"]) == 2
+    assert capsys.readouterr().err == (f"error: {run_dir / 'prepared' / 'train.npz'}: images of 1 channel(s) were "
+                                       "prepared, but model.input_channels=3; run --stage prepare again\n")
 
 
 def test_trains_from_isbi2012_files(tmp_path):

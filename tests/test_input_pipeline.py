@@ -1,10 +1,11 @@
-"""Training tiles: shapes, image/label alignment under augmentation, seeded reproducibility."""
+"""Training tiles: shapes, image/label alignment under augmentation, seeded reproducibility, colour."""
 
 import numpy as np
 import pytest
 
 from pipeline import input_pipeline
 from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.normalization import normalize
 from pipeline.sizes import output_size
 
 DEPTH, TILE = 3, 92
@@ -21,8 +22,14 @@ def _data(count=3, size=100, seed=0):
     return images, labels, weights
 
 
-def _batches(augment: AugmentConfig, seed=0, count=3, batch_size=4, first_batch=0):
+def _colour(images: np.ndarray) -> np.ndarray:
+    """RGB of grey `_data` images: red where they are bright, green where dark, no blue."""
+    return np.concatenate([images, 255 - images, np.zeros_like(images)], axis=-1)
+
+
+def _batches(augment: AugmentConfig, seed=0, count=3, batch_size=4, first_batch=0, colour=False):
     images, labels, weights = _data()
+    images = _colour(images) if colour else images
     train = TrainConfig(seed=seed, tile_size=TILE, batch_size=batch_size)
     dataset = input_pipeline.training_dataset(images, labels, weights, DEPTH, train, augment, first_batch)
     return [tuple(part.numpy() for part in batch) for batch in dataset.take(count)]
@@ -70,3 +77,25 @@ def test_first_batch_resumes_the_stream_where_it_left_off():
     stream, resumed = _batches(AugmentConfig(), count=3), _batches(AugmentConfig(), count=1, first_batch=2)
     for part, repeated in zip(stream[2], resumed[0]):
         np.testing.assert_array_equal(part, repeated)
+
+
+def test_colour_tiles_move_all_channels_with_the_labels():
+    geometric = AugmentConfig(**NO_GRAY)  # flips, turns, rotation and elastic deformation
+    tiles, labels, weights = (np.concatenate(parts) for parts in zip(*_batches(geometric, count=2, colour=True)))
+    assert tiles.shape == (8, TILE, TILE, 3) and tiles.dtype == np.float32
+    margin = (TILE - OUT) // 2
+    red, green, blue = np.moveaxis(tiles[:, margin : margin + OUT, margin : margin + OUT], -1, 0)
+    assert ((red > green) == (labels == 1)).mean() > 0.97
+    # Normalised over all channels at once (mean 85, standard deviation 85 * sqrt(2) for
+    # every image), the empty blue channel is -1/sqrt(2) like every zero of red and green;
+    # normalised per channel, a constant channel would be 0.
+    np.testing.assert_allclose(blue, -1 / np.sqrt(2), atol=1e-4)
+
+
+def test_normalisation_is_one_per_image_over_all_channels():
+    images, _, _ = _data(count=2)
+    colour = _colour(images).astype(np.float32)
+    normalised = normalize(colour).numpy()
+    for image, original in zip(normalised, colour):
+        assert abs(image.mean()) < 1e-5 and abs(image.std() - 1) < 1e-3
+        np.testing.assert_allclose(image, (original - original.mean()) / original.std(), atol=1e-5)

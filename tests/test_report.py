@@ -141,7 +141,7 @@ def test_panel_shows_input_truth_prediction_and_errors():
     probability[1, 1] = 0.0  # a false membrane inside the left cell
     probability[4, 4] = 1.0  # a missed membrane pixel that joins the cells: a merger
     image = np.arange(72, dtype=np.uint8).reshape(8, 9)
-    picture = panel(probability, truth, 0.5, image)
+    picture = panel(probability, truth, 0.5, image[..., None])
     tiles = [picture[:, i * 13:i * 13 + 9] for i in range(4)]  # each tile 9 wide, then a 4-pixel gap
     assert picture.shape == (8, 4 * 9 + 3 * 4, 3) and (picture[:, 9:13] == 128).all()
     grey_input, grey_truth, grey_prediction, errors = tiles

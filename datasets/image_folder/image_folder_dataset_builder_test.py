@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from fakes import write_image_folder
+from fakes import write_colour_folder, write_image_folder
 from pipeline import data as pipeline_data
 from pipeline.errors import PipelineError
 from pipeline.weight_map import separate_instances
@@ -43,6 +43,17 @@ def test_image_folder_builder(tmp_path):
         np.testing.assert_array_equal(example["instances"], source.instances)
         np.testing.assert_array_equal(example["label"][..., 0] == 255, separate_instances(source.instances) > 0)
     assert [e["image"].shape for e in examples] == [(72, 72, 1), (72, 72, 1), (64, 70, 1)]
+
+
+def test_image_folder_builder_keeps_the_channels_of_the_files(tmp_path):
+    written = write_colour_folder(tmp_path / "manual")
+    builder = image_folder_dataset_builder.Builder(data_dir=str(tmp_path / "out"))
+    builder.download_and_prepare(download_config=manual_config(tmp_path / "manual"))
+    assert builder.info.features["image"].shape == (None, None, None)
+    examples = read_split(builder, "train")
+    assert [e["image"].shape for e in examples] == [(72, 72, 3), (72, 72, 3), (64, 70, 3)]
+    np.testing.assert_array_equal(examples[0]["image"], written["a.png"])  # R, G, B as in the file
+    assert [e["label"].shape for e in examples] == [(72, 72, 1), (72, 72, 1), (64, 70, 1)]
 
 
 def test_image_folder_builder_errors_name_the_file(tmp_path):

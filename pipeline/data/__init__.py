@@ -33,13 +33,19 @@ def register(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def load(config: DataConfig) -> dict[str, Split]:
-    """Loads the configured data set as train, val and test splits."""
+def load(config: DataConfig, channels: int = 1) -> dict[str, Split]:
+    """Loads the configured data set as train, val and test splits of `channels`-channel images."""
     dataset = DATASETS.get(config.dataset)
     if dataset is None:
         raise PipelineError(f"unknown data set {config.dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset.needs_data_dir and not config.data_dir:
         raise PipelineError(f"the {dataset.name} data set needs --data-dir ({dataset.data_dir})")
+    if dataset.multichannel:
+        return dataset.read(config, channels)
+    if channels != 1:
+        colour = ", ".join(name for name, other in DATASETS.items() if other.multichannel)
+        raise PipelineError(f"the {dataset.name} data set has grey images: it needs model.input_channels=1, "
+                            f"not {channels} (data sets of colour images: {colour})")
     return dataset.read(config)
 
 

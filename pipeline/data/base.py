@@ -1,7 +1,9 @@
 """What a data set is (`Dataset`, its description) and what it yields (`Split`s of `Example`s).
 
-Every split holds images [N, H, W, C] and, where labelled, instance labels [N, H, W]
-(0 = membrane/background, 1.. = cells; the semantic label is instances > 0).
+Every split holds images [N, H, W, C] uint8 and, where labelled, instance labels
+[N, H, W] (0 = membrane/background, 1.. = cells; the semantic label is instances > 0).
+C is 1 for the grey data sets; a `multichannel` one reads its files with the model's
+channel count (`model.input_channels`), e.g. 3 for RGB images.
 
 Images of different sizes within a split are padded at the bottom and right to the
 largest one (images by mirroring, labels with background); `Split.sizes` keeps each
@@ -26,7 +28,7 @@ LABELS = ("binary", "instances", "either")
 
 @dataclasses.dataclass
 class Example:
-    """One image [H, W, 1] uint8 with its instance labels [H, W] int32 (None: unlabelled)."""
+    """One image [H, W, C] uint8 with its instance labels [H, W] int32 (None: unlabelled)."""
 
     id: str
     image: np.ndarray
@@ -69,8 +71,13 @@ class Dataset:
     """
 
     name: str  # what data.dataset and --dataset say
-    read: Callable[[DataConfig], dict[str, Split]]  # the SPLITS, from a checked configuration
+    # The SPLITS, from a checked configuration: read(config), or for a `multichannel`
+    # data set read(config, channels), its images with the model's channel count.
+    read: Callable[..., dict[str, Split]]
     labels: str  # LABELS
+    # Whether its images may have any number of channels (the user's own files: grey,
+    # RGB, fluorescence composites), so that `read` takes the model's; else they are grey.
+    multichannel: bool = False
     data_dir: str | None = None  # what --data-dir holds; None: nothing is read from it
     needs_data_dir: bool = False  # else --data-dir is optional (ctc2d downloads without it)
     # Its own DataConfig fields and their allowed values; validate checks those of every
@@ -117,18 +124,21 @@ def _pad(array: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
     return np.pad(array, pads, mode=mode)
 
 
-def tfds_features(docs: dict[str, str], size: int | None = None, **extra) -> "tfds.features.FeaturesDict":
+def tfds_features(
+    docs: dict[str, str], size: int | None = None, channels: int | None = 1, **extra
+) -> "tfds.features.FeaturesDict":
     """The features every TFDS builder's examples share, plus a builder's `extra` ones.
 
-    `image` and `label` (uint8, 255 = cell) are [H, W, 1] images, `instances` int32
-    [H, W], `id` a stable text id; `docs` gives each its description, `size` fixes the
-    side where all images have one. The builders in `datasets/` call this.
+    `image` is a uint8 [H, W, `channels`] image (None: each example's own, as its file
+    has them), `label` (uint8, 255 = cell) an [H, W, 1] image, `instances` int32 [H, W],
+    `id` a stable text id; `docs` gives each its description, `size` fixes the side where
+    all images have one. The builders in `datasets/` call this.
     """
     import tensorflow_datasets as tfds  # only the builders need TFDS
 
     shape = (size, size)
     return tfds.features.FeaturesDict({
-        "image": tfds.features.Image(shape=shape + (1,), dtype=np.uint8, doc=docs["image"]),
+        "image": tfds.features.Image(shape=shape + (channels,), dtype=np.uint8, doc=docs["image"]),
         "label": tfds.features.Image(shape=shape + (1,), dtype=np.uint8, doc=docs["label"]),
         "instances": tfds.features.Tensor(shape=shape, dtype=np.int32, encoding="zlib", doc=docs["instances"]),
         "id": tfds.features.Text(doc=docs["id"]),

@@ -1,8 +1,11 @@
 """The user's own images (`--dataset image_folder --data-dir DIR`).
 
 DIR holds `images/NAME.{png,tif}` with `masks/NAME.{png,tif}`, binary or instance masks.
-The last `data.val_images` names (sorted) are held out for validation, which is also the
-test split. Its TFDS builder is `datasets/image_folder/`.
+Images are read with the model's channels (`model.input_channels`: 1 for grey, 3 for RGB
+such as H&E or fluorescence composites), as their files declare them; a colour image for a
+1-channel model follows `io.COLOUR_AS_GREY`. The last `data.val_images` names (sorted) are
+held out for validation, which is also the test split. Its TFDS builder is
+`datasets/image_folder/`.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ import numpy as np
 from pipeline import io
 from pipeline.config import DataConfig, Range
 from pipeline.data.base import Dataset, Example, Split, stack_examples
-from pipeline.data.image_files import read_grey_image, read_label_image
+from pipeline.data.image_files import read_image, read_label_image
 from pipeline.errors import PipelineError
 from pipeline.weight_map import instances_from_binary
 
 
-def read(config: DataConfig) -> dict[str, Split]:
-    """Train: the pairs but the last `val_images` (sorted by name); val = test: those."""
-    examples = read_pairs(Path(config.data_dir))
+def read(config: DataConfig, channels: int) -> dict[str, Split]:
+    """Train: the pairs but the last `val_images` (sorted by name); val = test: those.
+
+    Images have `channels` channels, the model's (see `read_pairs`).
+    """
+    examples = read_pairs(Path(config.data_dir), channels)
     if not 0 < config.val_images < len(examples):
         raise PipelineError(
             f"data.val_images={config.val_images} must leave training images among the {len(examples)} "
@@ -32,12 +38,14 @@ def read(config: DataConfig) -> dict[str, Split]:
     return {"train": stack_examples(examples[:cut]), "val": val, "test": val}
 
 
-def read_pairs(folder: Path) -> list[Example]:
+def read_pairs(folder: Path, channels: int | None = 1) -> list[Example]:
     """Pairs `folder/images/NAME.{png,tif}` with `folder/masks/NAME.{png,tif}`, sorted by NAME.
 
-    A mask with exactly one non-zero value (e.g. 0/255 or 0/1) is binary: its instances
-    are the 4-connected components. Any other mask is an instance label image
-    (0 = background, k > 0 = object k). Example ids are the NAMEs.
+    Images are [H, W, `channels`] uint8 (`image_files.read_image`: a file with other
+    channels is refused, a grey one stored as colour read as grey for `channels=1`), or
+    with None each as many as its file has. A mask with exactly one non-zero value (e.g.
+    0/255 or 0/1) is binary: its instances are the 4-connected components. Any other mask
+    is an instance label image (0 = background, k > 0 = object k). Example ids are the NAMEs.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -51,7 +59,7 @@ def read_pairs(folder: Path) -> list[Example]:
         raise PipelineError(f"{images[name]}: image with no mask {name}.* in {folder / 'masks'}")
     examples = []
     for name in sorted(images):
-        image = read_grey_image(images[name])
+        image = read_image(images[name], channels)
         labels = read_label_image(masks[name], image.shape)
         instances = instances_from_binary(labels) if len(np.unique(labels)) <= 2 else labels
         examples.append(Example(name, image, instances))
@@ -77,5 +85,6 @@ DATASET = Dataset(
     labels="either",
     data_dir="the folder with images/ and masks/",
     needs_data_dir=True,
+    multichannel=True,
     settings={"val_images": Range(1)},
 )
