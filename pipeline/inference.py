@@ -44,8 +44,8 @@ def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
         channel_axis | (channels == 1),
         tf.reduce_all(shape > 0),
     ])
-    layouts = (f"[H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour: [H, W, 3|4] "
-               f"or [B, H, W, 3|4])" if channels == 1 else f"[H, W, {channels}] or [B, H, W, {channels}]")
+    layouts = ("[H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour: [H, W, 3|4] "
+               "or [B, H, W, 3|4])" if channels == 1 else f"[H, W, {channels}] or [B, H, W, {channels}]")
     check = tf.debugging.Assert(valid, [f"image must be {layouts}, with no empty dimension; got shape", shape])
     with tf.control_dependencies([check]):
         leading = tf.cast(batch_axis, tf.int32)

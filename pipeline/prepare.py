@@ -13,7 +13,6 @@ examples, the names are stored as `ids` (text).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import keras
 import numpy as np

@@ -1,10 +1,7 @@
 """Fine-tuning (`--init-from`): training starts from another model's weights, or is refused in one line."""
 
-import json
 import re
 import shutil
-import signal
-import time
 import zipfile
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from pipeline import config as configuration
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.train import compiled_model, copy_weights, initial_weights_file, load_initial_model
-from test_training import finished, pipeline_process, weights
+from test_training import finished, kill_after_epochs, pipeline_process, weights
 
 # The user's own images: another data seed and only two training images.
 OWN = ["--preset", "smoke", "--set", "data.seed=1", "--set", "data.num_train=2"]
@@ -147,13 +144,7 @@ def test_an_interrupted_fine_tuning_resumes_from_its_backup_not_from_init_from(s
 
     killed = shutil.copytree(own_images, tmp_path / "killed")
     process = pipeline_process(["--stage", "train", "--run-dir", str(killed), *args])
-    record = killed / "train" / "backup" / "training_metadata.json"
-    deadline = time.time() + 180
-    while not (record.exists() and json.loads(record.read_text() or "{}").get("epoch", 0) >= 2):
-        assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_epochs(process, killed, 2)
     # Were init_from read again, the resumed run would start from these weights (or stop).
     source.write_bytes((smoke_run["run_dir"] / "train" / "best.keras").read_bytes()[:100])
 
@@ -161,7 +152,6 @@ def test_an_interrupted_fine_tuning_resumes_from_its_backup_not_from_init_from(s
     assert f"from the weights of {source} on " in output and "resuming after epoch" in output
     for a, b in zip(weights(straight / "train" / "last.keras"), weights(killed / "train" / "last.keras")):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
-
 
 
 def test_stage_all_refuses_weights_that_do_not_fit_before_preparing(smoke_run, tmp_path, capsys):

@@ -5,7 +5,6 @@ import pytest
 import tifffile
 
 from pipeline.instances import cell_instances
-from pipeline.metrics import ctc
 from pipeline.metrics.ctc import seg
 
 

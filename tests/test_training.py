@@ -35,6 +35,17 @@ def finished(process: subprocess.Popen, timeout: float = 240) -> str:
     return output
 
 
+def kill_after_epochs(process: subprocess.Popen, run_dir: Path, epochs: int) -> None:
+    """Kills a training process (SIGKILL) once its backup holds `epochs` finished epochs."""
+    record = run_dir / "train" / "backup" / "training_metadata.json"
+    deadline = time.time() + 180
+    while not (record.exists() and json.loads(record.read_text() or "{}").get("epoch", 0) >= epochs):
+        assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A prepared smoke run directory, copied by each test that trains in it."""
@@ -120,13 +131,7 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(prepared, tm
     killed = copy_of(prepared, tmp_path / "killed")
     args = ["--stage", "train", "--run-dir", str(killed), *QUICK, *epochs]
     process = pipeline_process(args)
-    record = killed / "train" / "backup" / "training_metadata.json"
-    deadline = time.time() + 180
-    while not (record.exists() and json.loads(record.read_text() or "{}").get("epoch", 0) >= 2):
-        assert process.poll() is None and time.time() < deadline, "training ended before it could be killed"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_epochs(process, killed, 2)
     assert not (killed / "train" / "last.keras").exists()
 
     output = finished(pipeline_process(args))
