@@ -1,3 +1,9 @@
 """U-Net (Ronneberger, Fischer and Brox, 2015) as a Keras/TensorFlow pipeline."""
 
+import os
+
 __version__ = "0.1.0"
+
+# Every module runs TensorFlow ops on Keras tensors, so Keras must use its TensorFlow
+# backend whatever KERAS_BACKEND says (bioimageio.core, for one, sets it to "torch").
+os.environ["KERAS_BACKEND"] = "tensorflow"
