@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.config import DataConfig
 from pipeline.data.base import Dataset, Example, Split, stack_examples
-from pipeline.data.image_files import read_grey_image, read_label_image
+from pipeline.data.image_files import read_image, read_label_image
 from pipeline.errors import PipelineError
 
 # The sets the U-Net paper segmented; any other 2-D set is one more name.
@@ -105,7 +105,7 @@ def read_sequence(root: Path, sequence: str) -> list[Example]:
         frame = frames_dir / f"t{match.group(1)}.tif"
         if not frame.is_file():
             raise PipelineError(f"{truth}: ground-truth frame with no matching image {frame}")
-        image = read_grey_image(frame)
+        image = read_image(frame)
         examples.append(Example(f"{sequence}_t{match.group(1)}", image, read_label_image(truth, image.shape)))
     return examples
 

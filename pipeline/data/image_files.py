@@ -49,11 +49,6 @@ def read_image(path: Path, channels: int | None = 1) -> np.ndarray:
     return to_uint8(_one_image(path, channels))
 
 
-def read_grey_image(path: Path) -> np.ndarray:
-    """One grey image file as [H, W, 1] uint8: `read_image` for a 1-channel model."""
-    return read_image(path, 1)
-
-
 def _one_image(path: Path, channels: int | None) -> np.ndarray:
     """The one [H, W, C] image of a file (see `read_image`); a stack is refused."""
     stack = io.read_stack(path, channels)
