@@ -1,4 +1,4 @@
-"""The BioImage Model Zoo package of an export version: the network for Fiji, ilastik, napari, QuPath.
+"""The BioImage Model Zoo package of an export version: the network for the zoo's tools.
 
 One zip, `bioimage.io` model description format 0.5 (FORMAT_VERSION):
 
@@ -21,8 +21,8 @@ Conventions of the description:
   `normalize` divides by max(std, 1 / sqrt(values in the image)), the spec by std + eps
   (eps = 1e-6, its default and what bioimageio.core applies whatever the file says): the
   two agree to a relative 1e-6 / std, so to 1e-6 for grey-value images (std >= 1), and
-  part only for an image flatter than 1 / sqrt(values), which `normalize` leaves nearly
-  flat and the spec stretches.
+  differ only for an image flatter than 1 / sqrt(values), which `normalize` leaves
+  nearly flat and the spec stretches.
 - The output is the network's softmax as it is: no post-processing.
 
 Written as plain YAML, so that exporting needs no `bioimageio` package; the tests check
