@@ -281,3 +281,35 @@ def write_package(
         for name, data in files.items():
             archive.writestr(name, data)
     return target
+
+
+def keras_weights(package: Path) -> bytes:
+    """The keras_v3 weights file that a package's rdf.yaml names (fine-tuning reads them).
+
+    One line for a file that is no package of ours: not a zip, no rdf.yaml, no keras_v3
+    weights, or weights the zip does not hold.
+    """
+    if not zipfile.is_zipfile(package):
+        raise PipelineError(f"{package}: not a zip archive, so not a bioimage.io package")
+    with zipfile.ZipFile(package) as archive:
+        if RDF not in archive.namelist():
+            raise PipelineError(f"{package}: holds no {RDF}, so not a bioimage.io package")
+        try:
+            description = yaml.safe_load(archive.read(RDF))
+        except yaml.YAMLError as error:
+            raise PipelineError(f"{package}: {RDF} is not valid YAML ({str(error).splitlines()[0]})") from None
+        source = _keras_weights_entry(description)
+        if source is None:
+            raise PipelineError(f"{package}: {RDF} lists no keras_v3 weights (weights: keras_v3: source)")
+        if source not in archive.namelist():
+            raise PipelineError(f"{package}: {RDF} names keras_v3 weights {source!r}, which the zip does not hold")
+        return archive.read(source)
+
+
+def _keras_weights_entry(description: object) -> str | None:
+    """rdf.yaml's `weights: keras_v3: source` as a name in the zip, or None where it has none."""
+    weights = description.get("weights") if isinstance(description, dict) else None
+    keras_v3 = weights.get("keras_v3") if isinstance(weights, dict) else None
+    source = keras_v3.get("source") if isinstance(keras_v3, dict) else None
+    # bioimage.io writes sources relative to the package: "./model.keras" is "model.keras".
+    return source.removeprefix("./") if isinstance(source, str) else None

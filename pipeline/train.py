@@ -29,9 +29,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-import yaml
 
-from pipeline import input_pipeline, io, rundir
+from pipeline import bioimageio, input_pipeline, io, rundir
 from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
@@ -75,7 +74,6 @@ def compiled_model(config: Config) -> keras.Model:
     return model
 
 
-PACKAGE_DESCRIPTION = "rdf.yaml"  # a bioimage.io package's description, at the root of its zip
 # The `model` settings that fix a U-Net's weights, in the order a mismatch is reported:
 # another depth changes the layers themselves, so it is named before the channel counts.
 ARCHITECTURE = ("depth", "input_channels", "base_filters", "num_classes", "padding")
@@ -113,37 +111,12 @@ def _load_keras(path: Path, named: Path) -> keras.Model:
 
 
 def _load_package(path: Path) -> keras.Model:
-    """The Keras model of a bioimage.io package: rdf.yaml's `weights: keras_v3: source` in the zip."""
-    if not zipfile.is_zipfile(path):
-        raise PipelineError(f"{path}: not a zip archive, so not a bioimage.io package")
-    with zipfile.ZipFile(path) as package:
-        if PACKAGE_DESCRIPTION not in package.namelist():
-            raise PipelineError(f"{path}: holds no {PACKAGE_DESCRIPTION}, so not a bioimage.io package")
-        try:
-            description = yaml.safe_load(package.read(PACKAGE_DESCRIPTION))
-        except yaml.YAMLError as error:
-            raise PipelineError(f"{path}: {PACKAGE_DESCRIPTION} is not valid YAML "
-                                f"({str(error).splitlines()[0]})") from None
-        source = _keras_weights_entry(description)
-        if source is None:
-            raise PipelineError(f"{path}: {PACKAGE_DESCRIPTION} lists no keras_v3 weights (weights: keras_v3: source)")
-        if source not in package.namelist():
-            raise PipelineError(f"{path}: {PACKAGE_DESCRIPTION} names keras_v3 weights {source!r}, "
-                                "which the zip does not hold")
-        with tempfile.TemporaryDirectory() as folder:
-            # Keras reads a path; the model is in memory once loaded, so the copy can go.
-            extracted = Path(folder) / "model.keras"
-            extracted.write_bytes(package.read(source))
-            return _load_keras(extracted, path)
-
-
-def _keras_weights_entry(description: object) -> str | None:
-    """rdf.yaml's `weights: keras_v3: source` as a name in the zip, or None where it has none."""
-    weights = description.get("weights") if isinstance(description, dict) else None
-    keras_v3 = weights.get("keras_v3") if isinstance(weights, dict) else None
-    source = keras_v3.get("source") if isinstance(keras_v3, dict) else None
-    # bioimage.io writes sources relative to the package: "./model.keras" is "model.keras".
-    return source.removeprefix("./") if isinstance(source, str) else None
+    """The Keras model of a bioimage.io package, from the keras_v3 weights it names."""
+    with tempfile.TemporaryDirectory() as folder:
+        # Keras reads a path; the model is in memory once loaded, so the copy can go.
+        extracted = Path(folder) / "model.keras"
+        extracted.write_bytes(bioimageio.keras_weights(path))
+        return _load_keras(extracted, path)
 
 
 def architecture(model: keras.Model, named: Path) -> dict[str, int | str]:
