@@ -1,14 +1,8 @@
 """Shared fixtures: one trained smoke run that the end-to-end tests look at."""
 
-import os
+import pytest
 
-# Before any test module imports bioimageio.core, which otherwise sets KERAS_BACKEND to
-# "torch" for this process and so for every subprocess a later test starts.
-os.environ["KERAS_BACKEND"] = "tensorflow"
-
-import pytest  # noqa: E402
-
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import main
 
 
 @pytest.fixture(scope="session")
