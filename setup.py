@@ -1,6 +1,9 @@
 from setuptools import find_packages, setup
 
-TFDS_CLI = ["apache-beam>=2.72", "mlcroissant>=1.0.9"]
+# apache-beam 2.72 is the first release whose protobuf, grpcio and numpy ranges admit
+# TensorFlow 2.21 and TensorBoard 2.21.
+BEAM = ["apache-beam>=2.72"]
+TFDS_CLI = [*BEAM, "mlcroissant>=1.0.9"]
 # The BioImage Model Zoo's validator and model test, which the tests run on an exported
 # package (the export writes the package without it). bioimageio.core 0.11 pins
 # bioimageio.spec 0.5.12, whose file serializer calls pydantic's handler with two
@@ -33,13 +36,15 @@ setup(
         "opencv-python-headless>=4.9",
         "tifffile>=2024.1.30",
         "pyyaml>=6.0",
+        # Images larger than memory: tiled TIFFs through tifffile's zarr store, OME-Zarr.
+        "zarr>=3.0",
     ],
     extras_require={
         # What tensorflow-datasets' own `tfds` command (`tfds build datasets/<name>`) imports
         # at start-up but tensorflow-datasets does not install (see datasets/README.md).
-        # apache-beam 2.72 is the first release whose protobuf, grpcio and numpy ranges admit
-        # TensorFlow 2.21 and TensorBoard 2.21.
         "tfds-cli": TFDS_CLI,
+        # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
+        "beam": BEAM,
         "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI, *BIOIMAGEIO],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},

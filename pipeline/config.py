@@ -135,6 +135,13 @@ class PredictConfig:
     # membranes, while the smallest cells of the data sets here are 20 px (synthetic) or
     # hundreds (ISBI 2012, CTC). 16 px is a 4 x 4 square.
     min_size: int = 16
+    # Images of more pixels are never read whole: they are predicted chunk by chunk from
+    # a lazily read tiled TIFF or OME-Zarr and written chunk by chunk (docs/user-guide.md,
+    # "Images larger than memory"). 4096 x 4096 by default.
+    max_whole_pixels: int = 16_777_216
+    # Output side of one chunk (rounded down to whole prediction tiles): bounds the memory
+    # of chunked prediction and is the unit of work that Beam hands to its workers.
+    chunk_size: int = 2048
 
 
 @dataclasses.dataclass
@@ -368,6 +375,8 @@ _RANGES: dict[str, Range] = {
     "predict.tiles_per_batch": Range(1),
     "predict.threshold": Range(0, 1),
     "predict.min_size": Range(1),  # 1 keeps every object
+    "predict.max_whole_pixels": Range(1),
+    "predict.chunk_size": Range(1),
     "export.version": Range(0),
 }
 
