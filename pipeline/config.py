@@ -53,7 +53,8 @@ class DataConfig:
     num_train: int = 6  # synthetic: number of images per split
     num_val: int = 2
     num_test: int = 2
-    val_slices: int = 4  # isbi2012: last labelled slices held out for validation
+    val_slices: int = 4  # isbi2012: last labelled slices held out for validation (model selection)
+    test_slices: int = 4  # isbi2012: first labelled slices held out for the score; 0 = none
     val_images: int = 1  # image_folder: last images (sorted by name) held out for validation
 
 

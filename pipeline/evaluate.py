@@ -80,7 +80,8 @@ def run(config: Config, run: RunDir) -> dict:
 
     report = evaluate(config)
     probabilities = report.pop("probabilities")
-    report = {"split": split_name, "dataset": config.data.dataset} | report
+    report = {"split": split_name, "dataset": config.data.dataset,
+              "model_selection": _selection(split_name, dataset.held_out_test(config.data))} | report
     if config.predict.test_time_augmentation:
         plain = dataclasses.replace(config, predict=dataclasses.replace(config.predict, test_time_augmentation=False))
         report["without_test_time_augmentation"] = summary(evaluate(plain))
@@ -93,6 +94,14 @@ def run(config: Config, run: RunDir) -> dict:
         picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width])
         io.write_png(run.panel(index), picture, overwrite=True)
     return report
+
+
+def _selection(split_name: str, held_out: bool) -> str:
+    """Whether the scored images chose the model, in words for the report."""
+    if split_name == "test" and held_out:
+        return "held out: the test split never chose the model (the validation split did)"
+    return (f"not held out: the {split_name} images scored here also chose the model, a flattering score "
+            "(docs/evaluation.md, 'Model selection and the score')")
 
 
 def score_files(prediction: Path, ground_truth: Path, output: Path | None = None, threshold: float = 0.5) -> dict:

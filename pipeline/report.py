@@ -172,6 +172,8 @@ def table(report: dict) -> str:
     source = f"{report['dataset']} {report['split']} split" if "dataset" in report else report.get("prediction", "")
     title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy, SEG and object matching at "
              f"threshold {report['threshold']}")
+    if "model_selection" in report:
+        notes.append(f"model selection: {report['model_selection']}")
     notes += [f"! {warning}" for warning in report["warnings"]]
     return "\n".join([title, header, *rows, *notes])
 

@@ -52,7 +52,7 @@ def test_saved_config_reproduces_the_run(tmp_path):
 def test_the_data_section_of_an_earlier_run_loads_as_it_was_saved(tmp_path):
     # As runs saved it before the data sets' own settings were described in pipeline.data.
     saved = {"dataset": "isbi2012", "data_dir": "/data/isbi", "seed": 0, "image_size": 128, "num_train": 4,
-             "num_val": 1, "num_test": 2, "val_slices": 3, "val_images": 1}
+             "num_val": 1, "num_test": 2, "val_slices": 3, "test_slices": 4, "val_images": 1}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"preset": "smoke", "data": saved}))
     config = configuration.load(tmp_path / "config.yaml")
     assert dataclasses.asdict(config.data) == saved

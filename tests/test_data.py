@@ -12,7 +12,7 @@ from pipeline.data.image_files import PERCENTILES, to_uint8
 from pipeline.errors import PipelineError
 
 
-def isbi_folder(tmp_path, slices=5, labels=None, size=32):
+def isbi_folder(tmp_path, slices=5, labels=None, size=32, test_slices=0):
     tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     imwrite(tmp_path / "train-volume.tif", rng.integers(0, 255, (slices, size, size), dtype=np.uint8))
@@ -20,7 +20,7 @@ def isbi_folder(tmp_path, slices=5, labels=None, size=32):
         labels = np.where(rng.uniform(size=(slices, size, size)) > 0.3, 255, 0).astype(np.uint8)
     imwrite(tmp_path / "train-labels.tif", labels)
     imwrite(tmp_path / "test-volume.tif", rng.integers(0, 255, (3, size, size), dtype=np.uint8))
-    return DataConfig(dataset="isbi2012", data_dir=str(tmp_path), val_slices=2)
+    return DataConfig(dataset="isbi2012", data_dir=str(tmp_path), val_slices=2, test_slices=test_slices)
 
 
 def test_isbi2012_holds_out_the_last_slices(tmp_path):
@@ -31,6 +31,24 @@ def test_isbi2012_holds_out_the_last_slices(tmp_path):
     np.testing.assert_array_equal(splits["val"].images[..., 0], volume[3:])
     labels = tifffile.imread(tmp_path / "train-labels.tif")
     np.testing.assert_array_equal(splits["train"].labels, labels[:3] == 255)
+
+
+def test_isbi2012_test_slices_are_the_first_ones_apart_from_validation(tmp_path):
+    splits = data.load(isbi_folder(tmp_path, slices=6, test_slices=1))
+    assert [len(splits[s].images) for s in data.SPLITS] == [3, 2, 1]
+    volume, labels = tifffile.imread(tmp_path / "train-volume.tif"), tifffile.imread(tmp_path / "train-labels.tif")
+    np.testing.assert_array_equal(splits["test"].images[..., 0], volume[:1])
+    np.testing.assert_array_equal(splits["test"].labels, labels[:1] == 255)
+    np.testing.assert_array_equal(splits["train"].images[..., 0], volume[1:4])
+    np.testing.assert_array_equal(splits["val"].images[..., 0], volume[4:])
+    assert data.DATASETS["isbi2012"].held_out_test(isbi_folder(tmp_path, slices=6, test_slices=1))
+    assert not data.DATASETS["isbi2012"].held_out_test(isbi_folder(tmp_path, slices=6, test_slices=0))
+
+
+def test_isbi2012_held_out_parts_must_leave_training_slices(tmp_path):
+    with pytest.raises(PipelineError, match=r"^data.val_slices=2 and data.test_slices=3 must leave training "
+                                            r"slices among 5$"):
+        data.load(isbi_folder(tmp_path, test_slices=3))
 
 
 def test_missing_and_empty_data_folders(tmp_path):

@@ -102,7 +102,11 @@ def test_training_refuses_data_prepared_for_other_channels(tmp_path, capsys):
 
 def test_trains_from_isbi2012_files(tmp_path):
     isbi_folder(tmp_path / "data", slices=5, size=96)
-    prepare_and_train(tmp_path / "run", "isbi2012", tmp_path / "data", "--set", "data.val_slices=2")
+    args = ["--set", "data.val_slices=2", "--set", "data.test_slices=1"]
+    prepare_and_train(tmp_path / "run", "isbi2012", tmp_path / "data", *args)
+    assert main(["--stage", "evaluate", "--run-dir", str(tmp_path / "run")]) == 0
+    report = json.loads((tmp_path / "run" / "evaluation" / "report.json").read_text())
+    assert report["split"] == "test" and report["model_selection"].startswith("held out")
 
 
 def test_changed_weight_map_settings_need_a_new_prepare(tmp_path):

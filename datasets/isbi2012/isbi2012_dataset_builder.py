@@ -24,7 +24,8 @@ from etils import epath
 from pipeline import data as pipeline_data
 from pipeline.config import DataConfig
 
-# The last VAL_SLICES labelled sections form the validation split (as in the pipeline).
+# The last VAL_SLICES labelled sections form the validation split (as in the pipeline);
+# the test split is the challenge's test volume, so no labelled section is held out for it.
 VAL_SLICES = DataConfig().val_slices
 # `instances` value of every pixel of an unlabelled (test) example.
 UNLABELLED_INSTANCE = -1
@@ -89,7 +90,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         # pipeline.data checks the files and raises a one-line PipelineError naming the bad one.
         splits = pipeline_data.load(
             DataConfig(
-                dataset="isbi2012", data_dir=os.fspath(dl_manager.manual_dir), val_slices=VAL_SLICES
+                dataset="isbi2012", data_dir=os.fspath(dl_manager.manual_dir), val_slices=VAL_SLICES,
+                test_slices=0,
             )
         )
         num_train = len(splits["train"].images)

@@ -87,6 +87,9 @@ class Dataset:
     # training tile; the other data sets' sizes are checked once read (input_pipeline).
     image_size_setting: str | None = None
     sequence_of: Callable[[str], str] | None = None  # example id -> its sequence (time-lapse data)
+    # Whether, with these settings, its labelled test split is kept apart from the
+    # validation split that chooses the model; else evaluate's score is a flattering one.
+    held_out_test: Callable[[DataConfig], bool] = lambda config: False
     reference: Reference | None = None
     # Preset name -> {section: {field: value}}, applied when a new run picks both.
     recipes: Mapping[str, Mapping[str, Mapping[str, Any]]] = dataclasses.field(default_factory=dict)

@@ -1,10 +1,12 @@
 """The ISBI 2012 EM segmentation challenge (`--dataset isbi2012 --data-dir DIR`).
 
 DIR holds the challenge's three TIFF stacks (`FILES`): the labelled training sections
-(255 = cell, 0 = membrane) and the test sections, whose labels are secret. The last
-`data.val_slices` labelled sections are held out for validation; the test split is
-unlabelled, so evaluate scores the validation split, beside the paper's numbers on the
-hidden test labels. Its TFDS builder is `datasets/isbi2012/`.
+(255 = cell, 0 = membrane) and the test sections, whose labels are secret. The first
+`data.test_slices` labelled sections are the test split, which evaluate scores and which
+model selection never sees; the last `data.val_slices` choose the model (validation).
+With `data.test_slices=0` the test split is the challenge's unlabelled test volume, and
+evaluate can only score the validation slices, which chose the model: a flattering score.
+Its TFDS builder is `datasets/isbi2012/`.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ FILES = {"train": "train-volume.tif", "labels": "train-labels.tif", "test": "tes
 
 
 def read(config: DataConfig) -> dict[str, Split]:
-    """Train: the labelled sections but the last `val_slices`; val: those; test: the test stack."""
+    """Test: the first `test_slices` labelled sections (or, with none, the unlabelled test
+    stack); val: the last `val_slices`; train: those between."""
     folder = Path(config.data_dir)
     if not folder.is_dir():
         raise PipelineError(f"{folder}: data folder does not exist")
@@ -45,18 +48,19 @@ def read(config: DataConfig) -> dict[str, Split]:
     if not np.isin(values, (0, 255)).all():
         shown = ", ".join(str(v) for v in values[:6]) + (", ..." if len(values) > 6 else "")
         raise PipelineError(f"{paths['labels']}: labels must be binary (0 = membrane, 255 = cell), found {shown}")
-    if not 0 < config.val_slices < len(volume):
-        raise PipelineError(
-            f"data.val_slices={config.val_slices} must leave training slices among {len(volume)}"
-        )
+    first, cut = config.test_slices, len(volume) - config.val_slices
+    if not first < cut:
+        raise PipelineError(f"data.val_slices={config.val_slices} and data.test_slices={config.test_slices} must "
+                            f"leave training slices among {len(volume)}")
     instances = np.stack([instances_from_binary(label) for label in labels])
     # Consecutive sections are nearly alike: a random hold-out, flanked by training
-    # sections, would score optimistically, so the last ones are held out.
-    cut = len(volume) - config.val_slices
+    # sections, would score optimistically, so the held-out parts are the two ends of the
+    # stack, as far from each other as they can be.
+    held_out = Split(volume[:first, ..., None], instances[:first]) if first else Split(test[..., None])
     return {
-        "train": Split(volume[:cut, ..., None], instances[:cut]),
+        "train": Split(volume[first:cut, ..., None], instances[first:cut]),
         "val": Split(volume[cut:, ..., None], instances[cut:]),
-        "test": Split(test[..., None]),
+        "test": held_out,
     }
 
 
@@ -73,7 +77,8 @@ DATASET = Dataset(
     labels="binary",
     data_dir=f"the folder with {', '.join(FILES.values())}",
     needs_data_dir=True,
-    settings={"val_slices": Range(1)},
+    settings={"val_slices": Range(1), "test_slices": Range(0)},
+    held_out_test=lambda config: config.test_slices > 0,
     reference=Reference(
         values={"warping_error": 0.000353, "rand_error": 0.0382, "pixel_error": 0.0611},
         note="the paper's numbers are on the ISBI 2012 test set (30 slices, hidden labels); "

@@ -37,6 +37,7 @@ DATASET = Dataset(
         "num_val": Range(1),
         "num_test": Range(1),
     },
+    held_out_test=lambda config: True,  # its own images, from their own seeds
     image_size_setting="image_size",
     recipes={
         # 512 px, the size of the ISBI 2012 sections that the paper trained on.
