@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 
 import cv2
@@ -12,8 +14,13 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import io
+from pipeline.config import Config
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
+from pipeline.inference import Segmenter
+from pipeline.metrics.common import Sweep
+from pipeline.metrics.isbi import rand_error_sweep
+from pipeline.metrics.warping import warping_error_sweep
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -55,6 +62,44 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             with io.atomic_path(self.path, overwrite=True) as temporary:
                 self.model.save(temporary)
             io.atomic_write_text(self.record, json.dumps({self.monitor: value, "epoch": epoch + 1}))
+
+
+class ChallengeScores(keras.callbacks.Callback):
+    """Adds the ISBI challenge's Rand and warping errors of the whole validation images to
+    every epoch's logs, as `val_rand_error` and `val_warping_error`.
+
+    The weighted loss on validation tiles is what training minimises, not what the
+    challenge ranks: this lets `train.select_by` keep the epoch the challenge would rank
+    best. The images are predicted as `evaluate` predicts them (overlap-tile, without
+    test-time augmentation, which would cost 8 passes) and each error is the best over
+    the challenge's thresholds, as `evaluate` reports it.
+    """
+
+    def __init__(self, images: np.ndarray, cells: np.ndarray, sizes: np.ndarray | None, config: Config):
+        super().__init__()
+        sizes = [image.shape[:2] for image in images] if sizes is None else sizes
+        self.images = [image[:height, :width] for image, (height, width) in zip(images, sizes)]
+        self.cells = [truth[:height, :width] for truth, (height, width) in zip(cells, sizes)]
+        self.config = config
+        self.segment = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.segment is None:  # built once: its graph reads the weights as they are at each call
+            plain = dataclasses.replace(self.config.predict, test_time_augmentation=False)
+            self.segment = Segmenter(self.model, dataclasses.replace(self.config, predict=plain))
+        probabilities = [self.segment(image) for image in self.images]
+        if logs is not None:
+            logs["val_rand_error"] = _best(rand_error_sweep, probabilities, self.cells)
+            logs["val_warping_error"] = _best(warping_error_sweep, probabilities, self.cells)
+
+
+def _best(sweep: typing.Callable[[np.ndarray, np.ndarray], Sweep], probabilities: list[np.ndarray],
+          cells: list[np.ndarray]) -> float:
+    """The lowest error over the thresholds: of the stack (the challenge's sums over slices)
+    or, for images of different sizes, of the mean per threshold."""
+    if len({p.shape for p in probabilities}) == 1:
+        return sweep(np.stack(probabilities), np.stack(cells)).error
+    return float(np.min(np.mean([sweep(p, c).errors for p, c in zip(probabilities, cells)], axis=0)))
 
 
 class ValidationImages(keras.callbacks.Callback):

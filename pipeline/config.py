@@ -32,6 +32,12 @@ if typing.TYPE_CHECKING:
 # Image sampling of rotations and elastic deformations (labels are always sampled nearest).
 IMAGE_INTERPOLATIONS = ("bicubic", "bilinear")
 OPTIMIZERS = ("sgd", "adam")
+# How the learning rate falls from train.learning_rate to 0 over the run (after the warm-up):
+# not at all, along half a cosine, or as (1 - progress)^0.9, nnU-Net's "poly" schedule.
+LR_SCHEDULES = ("constant", "cosine", "polynomial")
+# What chooses train/best.keras among the epochs: the weighted loss on the validation
+# tiles, or the challenge's own Rand or warping error on the whole validation images.
+SELECTIONS = ("val_loss", "val_rand_error", "val_warping_error")
 STRATEGIES = ("mirrored", "multi_worker")  # this machine's devices, or the TF_CONFIG cluster
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -110,10 +116,13 @@ class TrainConfig:
     epochs: int = 100
     steps_per_epoch: int = 200
     optimizer: str = "sgd"  # OPTIMIZERS
-    learning_rate: float = 0.001
+    learning_rate: float = 0.001  # the peak, reached after the warm-up
+    lr_schedule: str = "constant"  # LR_SCHEDULES
+    warmup_steps: int = 0  # steps of linear warm-up from 0 to learning_rate
     momentum: float = 0.99  # sgd only
     val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
-    early_stopping_patience: int = 0  # epochs without val_loss improvement; 0 = off
+    select_by: str = "val_loss"  # SELECTIONS: what picks the best epoch (and early stopping watches)
+    early_stopping_patience: int = 0  # epochs without improvement of select_by; 0 = off
     jit_compile: bool = False  # XLA; slower for this network on CPU
     strategy: str = "mirrored"  # STRATEGIES
     precision: str = "float32"  # PRECISIONS
@@ -370,6 +379,7 @@ _RANGES: dict[str, Range] = {
     "train.epochs": Range(1),
     "train.steps_per_epoch": Range(1),
     "train.learning_rate": Range(0, open_low=True),
+    "train.warmup_steps": Range(0),
     "train.momentum": Range(0, 1, open_high=True),
     "train.val_tiles_per_image": Range(1),
     "train.early_stopping_patience": Range(0),
@@ -385,6 +395,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.padding": PADDINGS,
     "augment.interpolation": IMAGE_INTERPOLATIONS,
     "train.optimizer": OPTIMIZERS,
+    "train.lr_schedule": LR_SCHEDULES,
+    "train.select_by": SELECTIONS,
     "train.strategy": STRATEGIES,
     "train.precision": PRECISIONS,
     "predict.instances": INSTANCE_METHODS,
@@ -454,5 +466,9 @@ def validate(config: Config) -> None:
     for field, choices in _CHOICES.items():
         value = _field(config, field)
         _refuse(field, value, _choice_problem(value, choices))
+    total = config.train.epochs * config.train.steps_per_epoch
+    _refuse("train.warmup_steps", config.train.warmup_steps,
+            f"must be less than the run's {total} steps (train.epochs x train.steps_per_epoch)"
+            if config.train.warmup_steps >= total else None)
     _check_tile_sizes(config, datasets[config.data.dataset].image_size_setting)
     _refuse("export.name", config.export.name, _folder_name_problem(config.export.name))

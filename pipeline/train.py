@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import bioimageio, input_pipeline, io, rundir
-from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnNaN, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
@@ -39,11 +39,43 @@ from pipeline.metrics.training import training_metrics
 from pipeline.model import unet
 from pipeline.rundir import RunDir
 
+@keras.saving.register_keras_serializable(package="unet_pipeline")
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """A linear warm-up from 0 to `peak` over `warmup_steps`, then `peak` held or decayed
+    to 0 at `total_steps` (`config.LR_SCHEDULES`).
+
+    Keras' CosineDecay has a warm-up but PolynomialDecay has none, and nnU-Net's "poly"
+    schedule is the polynomial one: one schedule here gives each shape the same warm-up.
+    """
+
+    def __init__(self, peak: float, total_steps: int, shape: str = "constant", warmup_steps: int = 0):
+        self.peak, self.total_steps, self.shape, self.warmup_steps = peak, total_steps, shape, warmup_steps
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        warming = self.peak * (step + 1) / max(self.warmup_steps, 1)
+        progress = keras.ops.clip((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 0, 1)
+        if self.shape == "cosine":
+            decayed = self.peak * 0.5 * (1 + keras.ops.cos(np.pi * progress))
+        elif self.shape == "polynomial":
+            decayed = self.peak * (1 - progress) ** 0.9
+        else:
+            decayed = self.peak * keras.ops.ones_like(progress)
+        return keras.ops.where(step < self.warmup_steps, warming, decayed)
+
+    def get_config(self) -> dict:
+        return {"peak": self.peak, "total_steps": self.total_steps, "shape": self.shape,
+                "warmup_steps": self.warmup_steps}
+
+
 def optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
-    """SGD with the paper's high momentum, or Adam for fast convergence on a CPU."""
+    """SGD with the paper's high momentum, or Adam for fast convergence on a CPU, on `LearningRate`."""
+    rate = train.learning_rate
+    if train.lr_schedule != "constant" or train.warmup_steps:
+        rate = LearningRate(rate, train.epochs * train.steps_per_epoch, train.lr_schedule, train.warmup_steps)
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(train.learning_rate, momentum=train.momentum)
-    return keras.optimizers.Adam(train.learning_rate)
+        return keras.optimizers.SGD(rate, momentum=train.momentum)
+    return keras.optimizers.Adam(rate)
 
 
 def strategy(train: TrainConfig) -> tf.distribute.Strategy:
@@ -182,21 +214,27 @@ def resumed_epoch(backup_dir: Path) -> int:
 
 
 def callbacks(
-    config: Config, run: RunDir, task_id: int | None, val_tile: tuple[np.ndarray, ...]
+    config: Config, run: RunDir, task_id: int | None, val_tile: tuple[np.ndarray, ...], val_split: dict
 ) -> list[keras.callbacks.Callback]:
-    """Backup and NaN guard on every worker; checkpoints and logs on the chief only."""
+    """Backup and NaN guard on every worker; checkpoints and logs on the chief only.
+
+    The challenge scores, when they choose the model, come first: the callbacks after
+    them read them from the same epoch's logs (every worker, as early stopping needs them).
+    """
     chosen = [StopOnNaN(), keras.callbacks.BackupAndRestore(str(run.backup(task_id)), double_checkpoint=True)]
+    if config.train.select_by != "val_loss":
+        chosen.insert(0, ChallengeScores(val_split["images"], val_split["instances"] > 0, val_split.get("sizes"),
+                                         config))
     if task_id is None:
         chosen += [
-            BestModelCheckpoint(run.best_model, run.best_record),
+            BestModelCheckpoint(run.best_model, run.best_record, config.train.select_by),
             keras.callbacks.CSVLogger(str(run.history), append=True),
             keras.callbacks.TensorBoard(log_dir=str(run.logs)),
             ValidationImages(run.logs, *val_tile),
         ]
     if config.train.early_stopping_patience:
-        chosen.append(
-            keras.callbacks.EarlyStopping(patience=config.train.early_stopping_patience, restore_best_weights=True)
-        )
+        chosen.append(keras.callbacks.EarlyStopping(
+            config.train.select_by, patience=config.train.early_stopping_patience, restore_best_weights=True))
     return chosen
 
 
@@ -299,7 +337,7 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
         for stale in (run.best_record, run.history):
             stale.unlink(missing_ok=True)
     run.worker(task_id).mkdir(parents=True, exist_ok=True)
-    callback_list = callbacks(config, run, task_id, tuple(part[0] for part in val_tiles))
+    callback_list = callbacks(config, run, task_id, tuple(part[0] for part in val_tiles), val_split)
 
     resuming = f", resuming after epoch {initial_epoch}" if initial_epoch else ""
     starting = f" from the weights of {source or train.init_from}" if train.init_from else ""
@@ -326,13 +364,13 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     with io.atomic_path(run.last_model(task_id), overwrite=True) as temporary:
         model.save(temporary)
     if task_id is None:
-        _summary(run)
+        _summary(run, train.select_by)
     return history
 
 
-def _summary(run: RunDir) -> None:
+def _summary(run: RunDir, monitor: str) -> None:
     record = json.loads(run.best_record.read_text())
     print(
-        f"best val_loss {record['val_loss']:.4f} (epoch {record['epoch']}) -> {run.best_model}; "
+        f"best {monitor} {record[monitor]:.6g} (epoch {record['epoch']}) -> {run.best_model}; "
         f"TensorBoard: tensorboard --logdir {run.logs}"
     )

@@ -1,5 +1,5 @@
 """The training callbacks, on tiny Keras models: the best model is kept, a NaN loss stops at once,
-validation pictures reach TensorBoard, in colour for RGB inputs."""
+validation pictures reach TensorBoard, in colour for RGB inputs, the challenge's errors are evaluate's."""
 
 import json
 
@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.callbacks import BestModelCheckpoint, StopOnNaN, ValidationImages
+from pipeline import config as configuration
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnNaN, ValidationImages
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate_model
+from pipeline.model import unet
+from pipeline.synthetic import synthetic_em_stack
 
 
 def tiny_model() -> keras.Model:
@@ -87,3 +91,16 @@ def test_validation_input_is_shown_in_colour_for_rgb_and_by_its_first_channel_el
     else:
         assert shown.shape == (8, 8, 1)
         np.testing.assert_array_equal(shown[..., 0], 255 * tile[2:10, 2:10, 0])  # white square on black
+
+
+def test_challenge_scores_are_the_errors_evaluate_reports():
+    config = configuration.preset("smoke")
+    keras.utils.set_random_seed(3)
+    model = unet(config.model)
+    images, instances = synthetic_em_stack(2, 96, seed=1)
+    images, cells = images[..., None], instances > 0
+    scores, logs = ChallengeScores(images, cells, None, config), {}
+    scores.set_model(model)
+    scores.on_epoch_end(0, logs)
+    report = evaluate_model(model, images, cells, config)
+    assert logs == {"val_rand_error": report["rand_error"], "val_warping_error": report["warping_error"]}

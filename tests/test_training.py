@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import config as configuration
 from pipeline.cli import main
-from pipeline.train import compiled_model
+from pipeline.train import LearningRate, compiled_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
@@ -72,7 +72,7 @@ def test_gradients_do_not_depend_on_the_number_of_replicas():
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import config as configuration
-        from pipeline.train import compiled_model
+        from pipeline.train import LearningRate, compiled_model
         config = configuration.apply_overrides(configuration.preset("smoke"), {
             "train": {"optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5}, "model": {"dropout": 0.0}}, "t")
         rng = np.random.default_rng(0)
@@ -169,3 +169,38 @@ def test_mixed_precision_keeps_softmax_and_loss_in_float32(precision):
                                 rng.integers(0, 2, (2, 52, 52)), sample_weight=np.ones((2, 52, 52), "float32"),
                                 return_dict=True)
     assert np.isfinite(logs["loss"])
+
+
+@pytest.mark.parametrize("shape,expected", [
+    # steps 0..9 of 10, 2 of them warming up: 0.5, 1, then the shape from the peak to 0 at step 10.
+    ("constant", [0.5, 1, 1, 1, 1, 1, 1, 1, 1, 1]),
+    ("cosine", [0.5, 1] + [0.5 * (1 + np.cos(np.pi * k / 8)) for k in range(8)]),
+    ("polynomial", [0.5, 1] + [(1 - k / 8) ** 0.9 for k in range(8)]),
+])
+def test_learning_rate_warms_up_then_follows_its_shape(shape, expected):
+    schedule = LearningRate(2e-3, total_steps=10, shape=shape, warmup_steps=2)
+    np.testing.assert_allclose([float(schedule(step)) for step in range(10)], np.array(expected) * 2e-3, rtol=1e-5)
+    assert LearningRate.from_config(schedule.get_config()).get_config() == schedule.get_config()
+
+
+def test_the_optimizer_follows_the_configured_schedule():
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"train": {
+        "lr_schedule": "cosine", "epochs": 2, "steps_per_epoch": 5, "learning_rate": 0.01}}, "test")
+    model = compiled_model(config)
+    model.optimizer.iterations.assign(5)  # half way through 10 steps: half the peak
+    np.testing.assert_allclose(float(model.optimizer.learning_rate), 0.005, rtol=1e-5)
+
+
+def test_the_challenge_metric_chooses_the_best_model(prepared, tmp_path, capsys):
+    run_dir = copy_of(prepared, tmp_path / "run")
+    args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=2",
+            "--set", "train.select_by=val_rand_error"]
+    assert main(args) == 0
+    history = (run_dir / "train" / "history.csv").read_text().splitlines()
+    columns = history[0].split(",")
+    rows = [dict(zip(columns, line.split(","))) for line in history[1:]]
+    errors = [float(row["val_rand_error"]) for row in rows]
+    assert all(0 <= error <= 1 for error in errors) and all("val_warping_error" in row for row in rows)
+    record = json.loads((run_dir / "train" / "best.json").read_text())
+    assert record == {"val_rand_error": min(errors), "epoch": 1 + int(np.argmin(errors))}
+    assert f"best val_rand_error {min(errors):.6g}" in capsys.readouterr().out
