@@ -9,6 +9,11 @@ batch of tiles.
 
 Only TensorFlow ops run at prediction time (no numpy, no Python loop over tiles), so the
 function traces into a `tf.function` / SavedModel signature with dynamic height and width.
+
+The tile loop itself, `predict_padded`, runs over any region of the padded image whose
+origin is a multiple of the step: the whole padded image here, one chunk of an image
+larger than memory in `large_image`, which reads the same padded pixels (`padding` says
+how far the whole image is padded) and so gets the same output.
 """
 
 from __future__ import annotations
@@ -70,21 +75,38 @@ def overlap_tile_predict(
     return tf.add_n(outputs) / len(outputs)
 
 
+def padding(size: int | tf.Tensor, out: int, margin: int, step: int) -> tuple[int, int | tf.Tensor]:
+    """(before, after): how far overlap-tile prediction mirror-pads an axis of `size` pixels.
+
+    `margin` before; after, the margin and whatever completes the last tile's window, so
+    that the padded side is tile_size + (tiles - 1) * step, itself a valid input size.
+    `size` may be a Python int or a scalar int32 tensor.
+    """
+    tiles = (size + step - 1) // step
+    return margin, margin + tiles * step - size + out - step
+
+
 def _stitched_tiles(
     model: keras.Model, image: tf.Tensor, tile_size: int, out: int, margin: int, step: int, tiles_per_batch: int
 ) -> tf.Tensor:
     """The overlap-tile pass proper, for one orientation of the image."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
-    rows, cols = (height + step - 1) // step, (width + step - 1) // step
-    # The far sides get whatever completes the last tile's window: the padded side is
-    # tile_size + (tiles - 1) * step, itself a valid input size.
-    padded = mirror_pad(
-        image,
-        margin,
-        margin + rows * step - height + out - step,
-        margin,
-        margin + cols * step - width + out - step,
-    )
+    padded = mirror_pad(image, *padding(height, out, margin, step), *padding(width, out, margin, step))
+    mosaic = predict_padded(model, padded, tile_size, step, tiles_per_batch)
+    # The reshapes lose the static class count, which serving signatures should advertise.
+    return tf.ensure_shape(mosaic[:height, :width], [None, None, model.output_shape[-1]])
+
+
+def predict_padded(model: keras.Model, padded: tf.Tensor, tile_size: int, step: int, tiles_per_batch: int) -> tf.Tensor:
+    """The tile loop: the network's output for a mirror-padded region, [rows * step, cols * step, K].
+
+    `padded` is [tile_size + (rows - 1) * step, tile_size + (cols - 1) * step, C] of
+    normalised input; tiles are cut at every multiple of `step` and each keeps the
+    [:step, :step] corner of its output, so the result for a region whose origin is a
+    multiple of `step` in the whole padded image equals that part of the whole image's.
+    """
+    rows = (tf.shape(padded)[0] - tile_size) // step + 1
+    cols = (tf.shape(padded)[1] - tile_size) // step + 1
     count = rows * cols
 
     def cut(origin: tf.Tensor) -> tf.Tensor:
@@ -105,6 +127,4 @@ def _stitched_tiles(
     )
     # Kept blocks form a regular grid: [rows, cols, step, step, K] -> [rows*step, cols*step, K].
     grid = tf.reshape(outputs.stack(), [rows, cols, step, step, -1])
-    mosaic = tf.reshape(tf.transpose(grid, [0, 2, 1, 3, 4]), [rows * step, cols * step, -1])
-    # The reshapes lose the static class count, which serving signatures should advertise.
-    return tf.ensure_shape(mosaic[:height, :width], [None, None, model.output_shape[-1]])
+    return tf.reshape(tf.transpose(grid, [0, 2, 1, 3, 4]), [rows * step, cols * step, -1])
