@@ -2,8 +2,11 @@ from setuptools import find_packages, setup
 
 # apache-beam 2.72 is the first release whose protobuf, grpcio and numpy ranges admit
 # TensorFlow 2.21 and TensorBoard 2.21.
-BEAM = ["apache-beam>=2.72"]
-TFDS_CLI = [*BEAM, "mlcroissant>=1.0.9"]
+BEAM_SDK = "apache-beam>=2.72"
+TFDS_CLI = [BEAM_SDK, "mlcroissant>=1.0.9"]
+# Beam's TensorFlow model handler (apache_beam.ml.inference.tensorflow_inference) imports
+# tensorflow_hub at start-up but does not install it.
+BEAM = [BEAM_SDK, "tensorflow-hub>=0.16"]
 # The BioImage Model Zoo's validator and model test, which the tests run on an exported
 # package (the export writes the package without it). bioimageio.core 0.11 pins
 # bioimageio.spec 0.5.12, whose file serializer calls pydantic's handler with two
@@ -17,7 +20,7 @@ setup(
     description="U-Net (Ronneberger, Fischer and Brox, 2015) for microscopy segmentation in Keras/TensorFlow",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # tifffile 2025.5.21
     # Only `pipeline` is installed: the top-level `datasets/` folder must never shadow the
     # popular `datasets` package of the same name.
     packages=find_packages(include=["pipeline", "pipeline.*"]),
@@ -34,7 +37,7 @@ setup(
         "tensorflow-serving-api>=2.21",  # PredictionLog protos for the export's warm-up file
         "numpy>=1.26",
         "opencv-python-headless>=4.9",
-        "tifffile>=2024.1.30",
+        "tifffile>=2025.5.21",  # zarr 3 stores: tiled TIFFs read lazily
         "pyyaml>=6.0",
         # Images larger than memory: tiled TIFFs through tifffile's zarr store, OME-Zarr.
         "zarr>=3.0",
@@ -45,7 +48,7 @@ setup(
         "tfds-cli": TFDS_CLI,
         # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
         "beam": BEAM,
-        "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI, *BIOIMAGEIO],
+        "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
 )

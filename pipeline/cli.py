@@ -15,6 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
+RUNNERS = ("local", "beam")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,12 +38,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="PATH", help="train: start from these weights instead of random ones "
                    "(fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
                    "bioimage.io package (.zip); sets train.init_from")
-    p.add_argument("--input", type=Path, help="predict: an image, a stack or a folder of them (TIFF/PNG)")
+    p.add_argument("--input", type=Path, help="predict: an image, a stack, a folder, a quoted glob pattern, a .txt "
+                   "list of paths (TIFF/PNG), or an OME-Zarr image")
     p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions); "
                    "evaluate with --prediction: the JSON report to write")
     p.add_argument("--prediction", type=Path, help="evaluate: score this probability-of-cell TIFF (image or stack) "
                    "instead of a run's model; needs --ground-truth")
     p.add_argument("--ground-truth", type=Path, help="evaluate: binary labels for --prediction (255 or 1 = cell)")
+    p.add_argument("--runner", choices=RUNNERS, default="local",
+                   help="predict: in this process (default), or as an Apache Beam pipeline, whose options "
+                   "follow a bare --, e.g. -- --direct_num_workers=2 or -- --runner=FlinkRunner ...")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing trained model, prepared data, predictions or export version")
     return p
@@ -102,7 +107,8 @@ def run_stage(stage: str, config: configuration.Config, run: RunDir, args: argpa
         root = run.export_root if args.stage == "all" else Path(config.export.root)
         export.run(config, run, root, overwrite=args.overwrite)
     elif stage == "predict":
-        predict.run(config, run, args.input, args.output, overwrite=args.overwrite)
+        predict.run(config, run, args.input, args.output, overwrite=args.overwrite, runner=args.runner,
+                    beam_options=args.beam_options)
 
 
 def _score_files(args: argparse.Namespace) -> int:
@@ -115,11 +121,24 @@ def _score_files(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """Our arguments, and in `beam_options` the Beam pipeline options after a bare `--`."""
+    separated = "--" in argv
+    cut = argv.index("--") if separated else len(argv)
+    args = parser().parse_args(argv[:cut])
+    args.beam_options = argv[cut + 1:]
+    if separated and (args.runner != "beam" or args.stage != "predict"):
+        raise PipelineError("options after -- are Beam pipeline options: they need --stage predict --runner beam")
+    if args.runner == "beam" and args.stage != "predict":
+        raise PipelineError("--runner beam runs the predict stage: use it with --stage predict")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of run_pipeline.py and the `unet-pipeline` command."""
-    args = parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
     try:
+        args = parse(sys.argv[1:] if argv is None else list(argv))
         if args.prediction or args.ground_truth:
             return _score_files(args)
         config, run = resolve(args)

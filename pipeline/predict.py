@@ -2,42 +2,34 @@
 
 Per input NAME: the probability of cell, the mask at `predict.threshold`, the cell
 instances (`pipeline.instances`, by `predict.instances` and `predict.min_size`) as a label
-image and a CSV of their measurements, and overlays with each cell outlined in its colour.
+image and a CSV of their measurements, and overlays with each cell outlined in its colour
+(`pipeline.outputs` writes them).
+
+Two runners predict the same inputs into the same files. `local` (the default) reads and
+checks every input before it writes anything, then segments them one after another in
+this process. `beam` hands them to the Apache Beam pipeline of `pipeline.beam` (on this
+machine or on a Flink, Spark or Dataflow cluster): an input that cannot be read or
+segmented is listed in `failures.csv` while the others are written, and the command
+fails at the end.
 """
 
 from __future__ import annotations
 
-import csv
-import re
+import glob
 from pathlib import Path
 
 import keras
 import numpy as np
 
-from pipeline import instances, io, rundir
+from pipeline import io, large_image, outputs, rundir
 from pipeline.config import Config
 from pipeline.console import progress_bar
-from pipeline.display import bgr8
+from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter, load_model
 from pipeline.rundir import RunDir
 
-
-# Outline colours (BGR), cell k in OUTLINE_COLOURS[(k - 1) % 9]: matplotlib's "tab10"
-# without its grey, which would vanish in the grey picture. Cells are numbered in raster
-# order, so neighbours along a row get different colours.
-OUTLINE_COLOURS = np.array([(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
-                            (75, 86, 140), (194, 119, 227), (34, 189, 188), (207, 190, 23)], np.uint8)
-
-
-def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """BGR picture of the image (in colour where it is RGB) with each cell of `labels` outlined in its colour.
-
-    Only the outlines are drawn, so the membranes the segmentation is judged by stay visible.
-    """
-    picture = bgr8(image)
-    edge = instances.outlines(labels)
-    picture[edge] = OUTLINE_COLOURS[(labels[edge] - 1) % len(OUTLINE_COLOURS)]
-    return picture
+# A file of input paths, one a line, rather than an image.
+LIST_SUFFIX = ".txt"
 
 
 def run(
@@ -46,70 +38,159 @@ def run(
     input_path: Path | None = None,
     output_dir: Path | None = None,
     overwrite: bool = False,
+    runner: str = "local",
+    beam_options: list[str] | None = None,
 ) -> list[Path]:
     """Writes NAME_prob.tif, NAME_mask.tif, NAME_labels.tif, NAME_instances.csv and
     NAME_overlay*.png per input image or stack; the TIFFs keep the input's pixel size.
 
-    Without an input, predicts the prepared test split of the run. The output folder,
-    every input, existing outputs (refused unless `overwrite`) and the free space are
-    checked before anything is written; an input's files appear together or not at all.
+    `input_path` is an image, a folder of images, a glob pattern or a list file (see
+    `input_files`); without it, the local runner predicts the prepared test split of the
+    run. The output folder, the inputs' names and existing outputs (refused unless
+    `overwrite`) are checked before anything is written; an input's files appear
+    together or not at all. `runner="beam"` runs `pipeline.beam` with the Beam pipeline
+    options `beam_options` (e.g. ["--direct_num_workers=2"]); the local runner returns
+    the files written, the Beam runner the files of the inputs it segmented.
     """
+    if runner not in ("local", "beam"):
+        raise ValueError(f"runner must be 'local' or 'beam', not {runner!r}")
+    if beam_options and runner != "beam":
+        raise PipelineError("Beam pipeline options need the Beam runner (--runner beam)")
     output_dir = Path(output_dir or run.predictions)
     io.check_output_folder(output_dir)
-    stacks = _inputs(config, run, input_path)
-    outputs = {name: _outputs(output_dir, name, len(stack)) for name, stack in stacks.items()}
-    io.refuse_existing([path for paths in outputs.values() for path in paths], overwrite)
+    if runner == "beam":
+        return _run_beam(config, run, input_path, output_dir, overwrite, beam_options or [])
+    return _run_local(config, run, input_path, output_dir, overwrite)
+
+
+def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir: Path,
+               overwrite: bool) -> list[Path]:
+    """Every input read (or, if large, opened) and checked first, then segmented one after
+    another in this process; a large input chunk by chunk (`large_image.segment_large`)."""
+    files = [] if input_path is None else input_files(input_path)
+    large = [file for file in files if large_image.is_large(file, config)]
+    _check_large(large, output_dir, config, overwrite)
+    stacks = _test_split(config, run) if input_path is None else _read(
+        [file for file in files if file not in large], config.model.input_channels)
+    for name in stacks:
+        io.refuse_existing(outputs.existing(output_dir, name), overwrite)
     # float32 probabilities, uint8 mask, uint16 (rarely uint32) labels, at most 3 bytes per
     # pixel of overlay PNG; the CSV, a line per cell, is small beside them.
-    io.check_free_space(output_dir, sum(12 * stack[..., 0].size for stack in stacks.values()))
-    segment = Segmenter(load_model(run), config)
+    io.check_free_space(output_dir, sum(12 * stack[..., 0].size for stack, _ in stacks.values()))
+    model = load_model(run)
+    segment = Segmenter(model, config)
     run.save_config(config)
-    calibrations = _calibrations(input_path)
-    progress = progress_bar(sum(len(stack) for stack in stacks.values()), "image")
-    for name, stack in stacks.items():
+    progress = progress_bar(sum(len(stack) for stack, _ in stacks.values()), "image")
+    written = []
+    for name, (stack, calibration) in stacks.items():
         probability = np.stack([_progress(segment(image), progress) for image in stack])
-        # Slice by slice: comparing in double precision makes a float64 copy of what it compares.
-        mask = np.stack([instances.cell_mask(p, config.predict.threshold) for p in probability]).astype(np.uint8) * 255
-        labels = instances.cell_instances(probability, config.predict.threshold, config.predict.instances,
-                                          config.predict.min_size)
-        with io.atomic_paths(outputs[name], overwrite) as (prob_path, mask_path, labels_path, csv_path,
-                                                           *overlay_paths):
-            # A single image keeps its 2-D shape; a stack stays a stack.
-            single, calibration = len(stack) == 1, calibrations.get(name)
-            io.encode_tiff(prob_path, probability[0] if single else probability, calibration)
-            io.encode_tiff(mask_path, mask[0] if single else mask, calibration)
-            io.encode_tiff(labels_path, instances.label_image(labels[0] if single else labels), calibration)
-            _write_measurements(csv_path, labels, probability, single)
-            for image, image_labels, path in zip(stack, labels, overlay_paths):
-                io.encode_png(path, overlay(image, image_labels))
-        _remove_stale_overlays(output_dir, name, outputs[name])
-    written = [path for paths in outputs.values() for path in paths]
-    print(f"predicted {len(stacks)} input(s) -> {output_dir} ({len(written)} files)")
+        written += outputs.write(output_dir, name, stack, probability, config, calibration, overwrite)
+    for file in large:
+        written += large_image.segment_large(model, file, output_dir, large_image.image_name(file), config, overwrite)
+    print(f"predicted {len(stacks) + len(large)} input(s) -> {output_dir} ({len(written)} files)")
     return written
 
 
-def _remove_stale_overlays(output_dir: Path, name: str, current: list[Path]) -> None:
-    """Removes the overlays of an earlier input of this name (a longer stack, or a single
-    image where there is now a stack) that `--overwrite` replaced."""
-    pattern = re.compile(re.escape(name) + r"_overlay(_\d{3})?\.png")
-    for path in output_dir.iterdir():
-        if pattern.fullmatch(path.name) and path not in current:
-            path.unlink()
+def _check_large(files: list[Path], output_dir: Path, config: Config, overwrite: bool) -> None:
+    """Refuses, before anything is written, a large input that cannot be opened as one 2-D
+    image with the model's channels, or whose outputs exist (unless `overwrite`)."""
+    for file in files:
+        io.refuse_existing(large_image.output_paths(file, output_dir, large_image.image_name(file)), overwrite)
+        large_image.open_lazy(file, config.model.input_channels).close()
 
 
-def _write_measurements(path: Path, labels: np.ndarray, probability: np.ndarray, single: bool) -> None:
-    """Writes each cell's `instances.COLUMNS` as CSV into `path`, for a stack with its slice first."""
-    rows = []
-    for index, (slice_labels, slice_probability) in enumerate(zip(labels, probability)):
-        for label, area, y, x, first_row, first_col, last_row, last_col, mean in instances.measure(
-                slice_labels, slice_probability):
-            row = [int(label), int(area), f"{y:.3f}", f"{x:.3f}", int(first_row), int(first_col), int(last_row),
-                   int(last_col), f"{mean:.6f}"]
-            rows.append(row if single else [index, *row])
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(instances.COLUMNS if single else ("slice", *instances.COLUMNS))
-        writer.writerows(rows)
+def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: Path, overwrite: bool,
+              beam_options: list[str]) -> list[Path]:
+    """The inputs as a Beam pipeline; fails, after the good ones are written, if any input failed."""
+    if input_path is None:
+        raise PipelineError("--runner beam predicts files: give --input (an image, a folder, a glob pattern "
+                            f"or a {LIST_SUFFIX} list of paths)")
+    files = input_files(input_path)
+    for file in files:
+        io.refuse_existing(_existing(file, output_dir, config), overwrite)
+    io.refuse_existing([outputs.failures_path(output_dir)], overwrite)
+    model_path = rundir.require(run.best_model, "train")
+    run.save_config(config)
+    from pipeline import beam  # Apache Beam: only for this runner (the `beam` extra)
+
+    failures = beam.predict(files, output_dir, model_path, config, beam_options)
+    failed = {file for file, _ in failures}
+    print(f"segmented {len(files) - len(failed)}, failed {len(failed)} (see {outputs.FAILURES})")
+    if failed:
+        raise PipelineError(f"{outputs.failures_path(output_dir)}: {len(failed)} of {len(files)} input(s) failed; "
+                            f"the other {len(files) - len(failed)} are written")
+    return [path for file in files for path in _existing(file, output_dir, config)]
+
+
+def _existing(file: Path, output_dir: Path, config: Config) -> list[Path]:
+    """The outputs of an input that are in `output_dir` already: a large input's (`large_image`),
+    else those `outputs` writes."""
+    if large_image.is_large(file, config):
+        return [path for path in large_image.output_paths(file, output_dir, large_image.image_name(file))
+                if path.exists()]
+    return outputs.existing(output_dir, large_image.image_name(file))
+
+
+def input_files(input_path: Path) -> list[Path]:
+    """The images an input names, for both runners.
+
+    An image file or an OME-Zarr image (NAME.zarr, NAME.ome.zarr); a folder (its TIFF and
+    PNG files, `io.image_files`); a glob pattern (quoted on the command line, e.g.
+    'data/*/em_*.tif'; the images it matches, sorted); or a list file (`LIST_SUFFIX`: a
+    path a line, of an image or a folder, relative ones relative to the list file; blank
+    lines and lines starting with # skipped). Two inputs with one name are refused: their
+    outputs would overwrite each other.
+    """
+    path = Path(input_path)
+    if not path.exists() and any(character in str(path) for character in "*?["):
+        files = _glob(str(path))
+    elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:
+        files = [file for entry in _listed(path) for file in _named(entry)]
+    else:
+        files = _named(path)
+    _refuse_same_names(files)
+    return files
+
+
+def _named(path: Path) -> list[Path]:
+    """An image file or OME-Zarr image itself, or a folder's image files (`io.image_files`)."""
+    return [path] if large_image.is_ome_zarr(path) else io.image_files(path)
+
+
+def _is_image(path: Path) -> bool:
+    """A TIFF or PNG file, or an OME-Zarr image (a folder)."""
+    return large_image.is_ome_zarr(path) or path.is_file() and path.suffix.lower() in io.IMAGE_SUFFIXES
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The image files a glob pattern matches (`**` spans folders), sorted."""
+    files = sorted(path for path in map(Path, glob.glob(pattern, recursive=True)) if _is_image(path))
+    if not files:
+        raise PipelineError(f"{pattern}: matches no {'/'.join(io.IMAGE_SUFFIXES)} images or OME-Zarr images")
+    return files
+
+
+def _listed(list_file: Path) -> list[Path]:
+    """The paths a list file names, relative ones resolved against the list file's folder."""
+    try:
+        lines = list_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{list_file}: cannot read the list of inputs ({error})") from None
+    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not entries:
+        raise PipelineError(f"{list_file}: lists no inputs")
+    return [list_file.parent / entry for entry in entries]  # an absolute entry stays as it is
+
+
+def _refuse_same_names(files: list[Path]) -> None:
+    """Refuses two inputs with one name, case-blind as the output folder may be."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        name = large_image.image_name(file)
+        first = seen.setdefault(name.casefold(), file)
+        if first != file:
+            raise PipelineError(f"{file}: two inputs named {name} ({first} and {file}); "
+                                "their outputs would overwrite each other, so rename one")
 
 
 def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
@@ -117,26 +198,14 @@ def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
     return result
 
 
-def _inputs(config: Config, run: RunDir, input_path: Path | None) -> dict[str, np.ndarray]:
-    """Named [N, H, W, C] stacks: the given file or folder, else the run's test split."""
-    if input_path is None:
-        test = rundir.load_split(run, "test", config)
-        # Prepared images of different sizes are padded to the largest: crop them back.
-        return {f"test_{i:03d}": image[None, :height, :width]
-                for i, (image, (height, width)) in enumerate(zip(test["images"], test["sizes"]))}
-    channels = config.model.input_channels
-    return {path.stem: io.read_stack(path, channels) for path in io.image_files(input_path)}
+def _test_split(config: Config, run: RunDir) -> dict[str, tuple[np.ndarray, io.Calibration | None]]:
+    """Named ([N, H, W, C] stack, no pixel size) of the run's prepared test split."""
+    test = rundir.load_split(run, "test", config)
+    # Prepared images of different sizes are padded to the largest: crop them back.
+    return {f"test_{i:03d}": (image[None, :height, :width], None)
+            for i, (image, (height, width)) in enumerate(zip(test["images"], test["sizes"]))}
 
 
-def _calibrations(input_path: Path | None) -> dict[str, io.Calibration | None]:
-    """The pixel size each input file declares, which its TIFF outputs keep."""
-    if input_path is None:  # the prepared test split keeps none
-        return {}
-    return {path.stem: io.read_calibration(path) for path in io.image_files(input_path)}
-
-
-def _outputs(output_dir: Path, name: str, count: int) -> list[Path]:
-    """[probability TIFF, mask TIFF, labels TIFF, measurements CSV, one overlay PNG per slice]."""
-    overlays = [f"{name}_overlay.png"] if count == 1 else [f"{name}_overlay_{i:03d}.png" for i in range(count)]
-    files = [f"{name}_prob.tif", f"{name}_mask.tif", f"{name}_labels.tif", f"{name}_instances.csv", *overlays]
-    return [output_dir / file for file in files]
+def _read(files: list[Path], channels: int) -> dict[str, tuple[np.ndarray, io.Calibration | None]]:
+    """Named ([N, H, W, C] stack, the pixel size its file declares) of each file, read whole."""
+    return {file.stem: (io.read_stack(file, channels), io.read_calibration(file)) for file in files}

@@ -102,6 +102,9 @@ BAD_INVOCATIONS = [
     ("existing export version", ["--stage", "export", "--set", "export.version=1"], "export version 1 already exists"),
     ("export name with a slash", ["--stage", "export", "--set", "export.name=../elsewhere"], "export.name"),
     ("missing config file", ["--stage", "evaluate", "--config", "IN/missing.yaml"], "missing.yaml"),
+    ("beam runner for training", ["--stage", "train", "--runner", "beam"], "--runner beam"),
+    ("beam options without the beam runner", ["--stage", "predict", "--", "--direct_num_workers=2"],
+     "Beam pipeline options"),
 ]
 
 

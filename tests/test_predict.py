@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline import predict
 from pipeline.cli import main
+from pipeline.config import preset
+from pipeline.errors import PipelineError
 from pipeline.instances import COLUMNS, cell_instances, measure
 from pipeline.io import read_calibration
-from pipeline.predict import OUTLINE_COLOURS
+from pipeline.outputs import OUTLINE_COLOURS
+from pipeline.predict import input_files
+from pipeline.rundir import RunDir
 from pipeline.synthetic import synthetic_em_image, synthetic_em_stack
 
 
@@ -118,3 +123,46 @@ def test_every_tiff_output_keeps_the_inputs_pixel_size(smoke_run, tmp_path):
         calibration = read_calibration(out / f"calibrated_{kind}.tif")
         assert calibration.unit == "um" and calibration.x == pytest.approx(0.2), kind
         assert tifffile.imread(out / f"calibrated_{kind}.tif").shape == (2, 40, 50)
+
+
+def test_inputs_are_a_file_a_folder_a_glob_pattern_or_a_list_file(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    for path in ("a/x.tif", "a/y.png", "b/z.tif", "b/notes.md"):
+        (tmp_path / path).write_bytes(b"")  # only names count here
+    assert input_files(tmp_path / "a" / "x.tif") == [tmp_path / "a/x.tif"]
+    assert input_files(tmp_path / "a") == [tmp_path / "a/x.tif", tmp_path / "a/y.png"]
+    assert input_files(tmp_path / "**" / "*") == [tmp_path / "a/x.tif", tmp_path / "a/y.png", tmp_path / "b/z.tif"]
+    listing = tmp_path / "b" / "inputs.txt"
+    listing.write_text(f"# relative to this file\nz.tif\n\n  ../a  \n{tmp_path / 'a/x.tif'}\n")
+    with pytest.raises(PipelineError, match="two inputs named x"):  # the folder a holds x.tif too
+        input_files(listing)
+    listing.write_text("z.tif\n../a/y.png\n")
+    assert input_files(listing) == [tmp_path / "b/z.tif", tmp_path / "b/../a/y.png"]
+
+
+@pytest.mark.parametrize("input_path, problem", [
+    ("none/*.tif", "matches no .tif/.tiff/.png images"),
+    ("empty.txt", "lists no inputs"),
+    ("missing.txt", "no such file or folder"),
+    ("listed.txt", "gone.tif: no such file or folder"),
+])
+def test_inputs_that_name_no_images_are_refused(tmp_path, input_path, problem):
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    (tmp_path / "listed.txt").write_text("gone.tif\n")
+    with pytest.raises(PipelineError, match=problem):
+        input_files(tmp_path / input_path)
+
+
+def test_a_large_inputs_existing_outputs_are_refused_before_anything_is_written(tmp_path):
+    config = preset("smoke")
+    config.predict.max_whole_pixels = 1000  # 40 x 50 is large
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    out.mkdir()
+    tifffile.imwrite(folder / "a_small.tif", np.zeros((20, 20), np.uint8))
+    tifffile.imwrite(folder / "big.tif", np.zeros((40, 50), np.uint8), tile=(16, 16))
+    (out / "big_labels.tif").write_bytes(b"earlier")
+    with pytest.raises(PipelineError, match="big_labels.tif: already exists"):
+        predict.run(config, RunDir(tmp_path / "run"), folder, out)  # refused before the model is needed
+    assert [path.name for path in out.iterdir()] == ["big_labels.tif"]
