@@ -29,6 +29,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
 from pipeline import bioimageio, input_pipeline, io, rundir
 from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnNaN, ValidationImages
@@ -85,6 +86,20 @@ def strategy(train: TrainConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy()
 
 
+def set_determinism(train: TrainConfig) -> None:
+    """TensorFlow's deterministic ops, unless XLA compiles the training step.
+
+    Keras will not compile with XLA under op determinism: it would train without XLA and
+    only warn. So `train.jit_compile` turns determinism off, in this process, and says so.
+    """
+    if train.jit_compile:
+        tf_framework_config.disable_op_determinism()  # a process may train more than once
+        print("notice: train.jit_compile=true trains without TensorFlow's op determinism (XLA needs that)",
+              flush=True)
+    else:
+        tf.config.experimental.enable_op_determinism()
+
+
 def compiled_model(config: Config) -> keras.Model:
     """The U-Net compiled with the weighted loss; call inside a strategy scope.
 
@@ -103,6 +118,9 @@ def compiled_model(config: Config) -> keras.Model:
         metrics=training_metrics(config.model.num_classes),
         jit_compile=config.train.jit_compile,
     )
+    if config.train.jit_compile and not model.jit_compile:  # Keras falls back without XLA, with a warning
+        raise PipelineError("train.jit_compile=true: Keras cannot compile this model with XLA here (is TensorFlow's "
+                            "op determinism on?)")
     return model
 
 
@@ -312,7 +330,7 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     initial = load_initial_model(source) if source else None
 
     keras.utils.set_random_seed(train.seed)
-    tf.config.experimental.enable_op_determinism()
+    set_determinism(train)
     train_data = input_pipeline.training_dataset(
         train_split["images"], train_split["instances"] > 0, train_split["weights"], depth, train, config.augment,
         first_batch=initial_epoch * train.steps_per_epoch, padding=config.model.padding,

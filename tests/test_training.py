@@ -16,7 +16,8 @@ import pytest
 
 from pipeline import config as configuration
 from pipeline.cli import main
-from pipeline.train import LearningRate, compiled_model
+from pipeline.errors import PipelineError
+from pipeline.train import LearningRate, compiled_model, set_determinism
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
@@ -72,7 +73,8 @@ def test_gradients_do_not_depend_on_the_number_of_replicas():
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import config as configuration
-        from pipeline.train import LearningRate, compiled_model
+        from pipeline.errors import PipelineError
+from pipeline.train import LearningRate, compiled_model, set_determinism
         config = configuration.apply_overrides(configuration.preset("smoke"), {
             "train": {"optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5}, "model": {"dropout": 0.0}}, "t")
         rng = np.random.default_rng(0)
@@ -204,3 +206,15 @@ def test_the_challenge_metric_chooses_the_best_model(prepared, tmp_path, capsys)
     record = json.loads((run_dir / "train" / "best.json").read_text())
     assert record == {"val_rand_error": min(errors), "epoch": 1 + int(np.argmin(errors))}
     assert f"best val_rand_error {min(errors):.6g}" in capsys.readouterr().out
+
+
+def test_xla_is_never_dropped_silently():
+    import tensorflow as tf
+
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"train": {"jit_compile": True}}, "test")
+    tf.config.experimental.enable_op_determinism()  # what a run without XLA leaves in the process
+    with pytest.raises(PipelineError, match="^train.jit_compile=true: Keras cannot compile this model with XLA"):
+        compiled_model(config)
+    set_determinism(config.train)
+    assert compiled_model(config).jit_compile
+    set_determinism(configuration.preset("smoke").train)  # as the other tests expect it
