@@ -48,7 +48,7 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import io, large_image, outputs
+from pipeline import chunk_grid, io, large_image, outputs
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter
@@ -133,7 +133,7 @@ def _read_whole(pipeline: beam.Pipeline, files: Sequence[Path], config: Config) 
 def _chunk_jobs(pipeline: beam.Pipeline, large: Sequence[LargeInput], config: Config) -> beam.PCollection:
     """(LargeInput, ChunkJob) for every chunk of every large input, spread over the workers."""
     jobs = [(each, ChunkJob(each.path, chunk, each.stats))
-            for each in large for chunk in large_image.chunks(each.outputs.height, each.outputs.width, config)]
+            for each in large for chunk in chunk_grid.chunks(each.outputs.height, each.outputs.width, config)]
     return pipeline | "chunks" >> beam.Create(jobs) | "spread chunks" >> beam.Reshuffle()
 
 
@@ -167,7 +167,7 @@ def plan_large(files: Sequence[Path], output_dir: Path, config: Config) -> tuple
     planned, refused = [], []
     for file in files:
         try:
-            plan = large_image.plan(file, output_dir, large_image.image_name(file), config, overwrite=True)
+            plan = large_image.plan(file, output_dir, io.image_name(file), config, overwrite=True)
         except PipelineError as error:
             refused.append(failure(str(file), error))
             continue
@@ -221,7 +221,7 @@ class ReadInput(beam.DoFn):
         except (PipelineError, OSError) as error:
             yield beam.pvalue.TaggedOutput(FAILED, failure(path, error))
             return
-        yield Input(Path(path).stem, path, calibration), stack
+        yield Input(io.image_name(Path(path)), path, calibration), stack
 
 
 class Predict:
@@ -297,7 +297,7 @@ class ChunkJob:
     """What a worker needs to predict one chunk of a large image."""
 
     path: str
-    chunk: large_image.Chunk
+    chunk: chunk_grid.Chunk
     stats: tuple[float, float]
 
 
@@ -329,7 +329,7 @@ class FinishLarge(beam.DoFn):
     def process(self, element: tuple[str, int]) -> Iterator[Any]:
         path, written = element
         planned = self._large[path]
-        expected = len(large_image.chunks(planned.outputs.height, planned.outputs.width, self._config))
+        expected = len(chunk_grid.chunks(planned.outputs.height, planned.outputs.width, self._config))
         if written < expected:  # the failed chunks are listed already
             large_image.discard(planned.outputs)
             return

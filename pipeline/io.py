@@ -8,7 +8,9 @@ one line naming the target. `check_output_folder`, `check_output_file` and
 
 Images are read with the axes their file declares, never guessed from the shape (see
 `read_stack`); a colour image meets a 1-channel model through one rule, `COLOUR_AS_GREY`,
-which the serving signature applies too.
+which the serving signature applies too. Which paths are images, and the NAME their outputs
+are named after, is decided here too (`image_files`, `image_name`), so that every reader
+and both runners of the predict stage agree.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import tifffile
 from pipeline.errors import PipelineError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
+ZARR_SUFFIXES = (".ome.zarr", ".zarr")  # an OME-Zarr image: a folder, read by `lazy_image` only
 COLOUR_AS_GREY = (
     "a 1-channel model reads a colour image (3 channels, or 4 with alpha) as grey only when its R, G and B "
     "channels are identical in every pixel and its alpha channel, if any, is constant in each image"
@@ -75,7 +78,7 @@ def atomic_paths(targets: Sequence[Path], overwrite: bool = False) -> Iterator[l
             for current in targets:
                 if current.is_dir():  # found now, not after other targets were renamed
                     raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-                for folder in _missing_folders(current.parent):
+                for folder in missing_folders(current.parent):
                     os.mkdir(folder)
                     folders.append(folder)
                 temporary = _create_temporary(current)
@@ -140,7 +143,7 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def _missing_folders(folder: Path) -> list[Path]:
+def missing_folders(folder: Path) -> list[Path]:
     """The folders to create, outermost first, so that `folder` exists; raises if a file is in the way."""
     existing = _nearest_existing(folder)
     if not existing.is_dir():
@@ -248,9 +251,20 @@ def _calibration_tags(array: np.ndarray, calibration: Calibration | None) -> dic
         if calibration.z is not None:
             metadata["spacing"] = calibration.z
         return {"imagej": True, "resolution": resolution, "metadata": metadata}
+    return resolution_tags(calibration)
+
+
+def resolution_tags(calibration: Calibration | None) -> dict:
+    """tifffile.imwrite's keywords for the pixel size as TIFF resolution tags, in pixels per centimetre.
+
+    What a TIFF carries where ImageJ's own metadata does not go: other pixel types, and
+    tiled BigTIFFs (which ImageJ reads through Bio-Formats, from these tags).
+    """
+    if calibration is None:
+        return {}
     per_cm = _CENTIMETRES.get(calibration.unit)
     if per_cm is None:  # a unit TIFF's tags cannot name: the numbers without it
-        return {"resolution": resolution}
+        return {"resolution": (1 / calibration.x, 1 / calibration.y)}
     return {"resolution": (per_cm / calibration.x, per_cm / calibration.y), "resolutionunit": "CENTIMETER"}
 
 
@@ -398,27 +412,54 @@ def read_stack(path: Path, channels: int | None = 1) -> np.ndarray:
     return stack if channels is None else as_model_channels(stack, channels, path)
 
 
-def image_files(path: Path) -> list[Path]:
-    """The image files a path names: the file itself, or a folder's images (sorted).
+def is_ome_zarr(path: Path) -> bool:
+    """Whether `path` names an OME-Zarr image (NAME.zarr or NAME.ome.zarr)."""
+    return Path(path).name.lower().endswith(ZARR_SUFFIXES)
 
-    Two images of a folder with one name (x.tif and x.png, x.tif and X.TIFF) are refused:
-    their outputs, named after the image, would overwrite each other.
+
+def is_image(path: Path) -> bool:
+    """A TIFF or PNG file, or an OME-Zarr image (a folder)."""
+    path = Path(path)
+    return is_ome_zarr(path) or path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_name(path: Path) -> str:
+    """NAME of NAME.tif, NAME.png, NAME.zarr or NAME.ome.zarr: what its outputs are named after."""
+    name = Path(path).name
+    for suffix in ZARR_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
+def image_files(path: Path) -> list[Path]:
+    """The images a path names: the file or OME-Zarr image itself, or a folder's images, sorted:
+    its TIFF and PNG files and its OME-Zarr images (NAME.zarr, NAME.ome.zarr; not their contents).
+
+    Two images of a folder with one name are refused (`refuse_same_names`).
     """
     path = Path(path)
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.is_dir() and not is_ome_zarr(path):
+        files = sorted(p for p in path.iterdir() if is_image(p))
         if not files:
-            raise PipelineError(f"{path}: folder contains no {'/'.join(IMAGE_SUFFIXES)} images")
-        by_name: dict[str, Path] = {}
-        for file in files:
-            # Case-blind, as the output folder may be on a case-insensitive file system.
-            first = by_name.setdefault(file.stem.casefold(), file)
-            if first != file:
-                raise PipelineError(
-                    f"{file}: two images named {file.stem} ({first.name} and {file.name}); "
-                    "their outputs would overwrite each other, so rename one"
-                )
+            raise PipelineError(f"{path}: folder contains no {'/'.join(IMAGE_SUFFIXES)} images or OME-Zarr images")
+        refuse_same_names(files)
         return files
     if not path.exists():
         raise PipelineError(f"{path}: no such file or folder")
     return [path]
+
+
+def refuse_same_names(files: Sequence[Path]) -> None:
+    """Refuses two images with one name (`image_name`: x.tif and x.png, x.tif and X.TIFF, x.tif
+    and x.ome.zarr): their outputs, named after the image, would overwrite each other."""
+    seen: dict[str, Path] = {}
+    for file in files:
+        name = image_name(file)
+        # Case-blind, as the output folder may be on a case-insensitive file system.
+        first = seen.setdefault(name.casefold(), file)
+        if first != file:
+            # Two of one folder by their names, others by their paths.
+            shown = (first.name, file.name) if first.parent == file.parent else (first, file)
+            raise PipelineError(f"{file}: two images named {name} ({shown[0]} and {shown[1]}); "
+                                "their outputs would overwrite each other, so rename one")

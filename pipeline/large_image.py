@@ -1,24 +1,22 @@
 """Chunked prediction of an image read lazily: images larger than memory.
 
 An image of more than `predict.max_whole_pixels` pixels is never held whole. It is read
-box by box from a tiled (or striped) TIFF through tifffile's zarr store, or from an
-OME-Zarr image (NGFF 0.4 or 0.5, its first multiscale level), and predicted in chunks:
-output boxes of `chunk_side` pixels, a whole number of prediction tile steps, aligned to
-the tile grid of the whole image. A chunk reads exactly the mirror-padded pixels that the
-whole-image pass (`tiling`) would give its tiles (real neighbours inside the image,
-mirror extrapolation only at its borders), so chunked outputs equal whole-image ones up
-to the float rounding of the normalisation constants, which `statistics` computes in
-one streaming pass. Test-time augmentation is exact too: each of its eight views
-predicts the chunk on that view's own tile grid.
+box by box (`lazy_image`: a tiled or striped TIFF, or an OME-Zarr image) and predicted
+in the chunks of `chunk_grid`: output boxes of `chunk_side` pixels, a whole number of
+prediction tile steps, aligned to the tile grid of the whole image. A chunk reads exactly
+the mirror-padded pixels that the whole-image pass (`tiling`) would give its tiles (real
+neighbours inside the image, mirror extrapolation only at its borders), so chunked
+outputs equal whole-image ones up to the float rounding of the normalisation constants,
+which `statistics` computes in one streaming pass. Test-time augmentation is exact too:
+each of its eight views predicts the chunk on that view's own tile grid.
 
-The work is split so that a Beam pipeline can hand chunks to workers: `plan` makes the
-hidden scratch folder with zarr arrays chunked like the chunks, `predict_chunk` and
+The work is split so that a Beam pipeline can hand chunks to workers: `check` refuses
+what cannot be done before anything is written, `plan` checks and makes the hidden
+scratch folder with zarr arrays chunked like the chunks, `predict_chunk` and
 `write_chunk` do one chunk (a retried chunk rewrites the same bytes), and `finish` labels
-the cells chunk by chunk (4-connected components joined across chunk borders by a
-union-find, numbered as `instances.cell_instances` numbers them on the whole image),
-writes their measurements and the final files, and renames them into place.
-`segment_large` is the same in one process. Everything passed between these functions
-is a plain dataclass of paths and numbers.
+the cells chunk by chunk (`chunked_labels`), writes their measurements and the final
+files, and renames them into place. `segment_large` is the same in one process.
+Everything passed between these functions is a plain dataclass of paths and numbers.
 
 Outputs, named as the predict stage names them: for a TIFF input NAME_prob.tif,
 NAME_mask.tif, NAME_labels.tif (tiled BigTIFFs streamed tile by tile, with the input's
@@ -32,7 +30,6 @@ cells, never on the image's size.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import math
 import os
@@ -43,26 +40,22 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import keras
 import numpy as np
 import tensorflow as tf
 import tifffile
 import zarr
 
-from pipeline import instances, io
+from pipeline import chunked_labels, instances, io
+from pipeline.chunk_grid import Chunk, chunk_side, chunks, geometry, grid
 from pipeline.config import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
+from pipeline.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel_size_and_format
 from pipeline.mirror import mirror_pad
-from pipeline.tiling import padding, predict_padded, tile_geometry
+from pipeline.tiling import padding, predict_padded
 
-TIFF_SUFFIXES = (".tif", ".tiff")
-ZARR_SUFFIXES = (".ome.zarr", ".zarr")
 TIFF_TILE = 256  # side of the output TIFFs' tiles: what viewers of tiled TIFFs read well
-# The most values of one compressed strip or tile of an input that may be decoded at once
-# (a 64 MB strip of 8-bit pixels): larger ones are refused instead of filling the memory.
-_LARGEST_STRIP = 2**26
 # Output TIFF compression (measured on an untrained network's speckled 1664 px masks):
 # zlib at level 1 shrinks masks 6x and labels 9x at 230 and 135 Mpx/s, almost as much as
 # its default level 6 at a fifth of the speed; float probabilities shrink by 10% at a
@@ -76,16 +69,6 @@ _KINDS = ("prob", "mask", "labels")
 # (transpose, reverse rows, reverse columns) of the image: view[i, j] = image'[i', j'].
 _VIEWS = ((False, False, False), (False, False, True), (True, True, False), (True, True, True),
           (False, True, True), (False, True, False), (True, False, True), (True, False, False))
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """One output box, aligned to the tile grid of the whole image, clipped to the image (pixels)."""
-
-    row: int
-    col: int
-    height: int
-    width: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,68 +87,9 @@ class LargeOutputs:
     created: tuple[Path, ...] = ()  # output folders that `plan` created, removed again by `discard`
 
 
-# --- reading ------------------------------------------------------------------------------
-
-
-class LazyImage:
-    """One 2-D image file as an [H, W, C] array whose boxes are read on demand: `image[rows, cols]`.
-
-    Like a zarr array, indexing with slices reads only the file's tiles or strips that the
-    box touches. Holds the file open until `close`.
-    """
-
-    def __init__(self, path: Path, source: zarr.Array | np.memmap, layout: str, channels: slice, closing: list):
-        self.path = path
-        self._source = source
-        self._layout = layout  # per source axis: Y, X, C (the channels) or 1 (length 1, read at 0)
-        self._channels = channels
-        self._closing = closing
-        have = source.shape[layout.index("C")] if "C" in layout else 1
-        self.shape = (source.shape[layout.index("Y")], source.shape[layout.index("X")],
-                      len(range(*channels.indices(have))))
-        self.dtype = source.dtype
-        self.ndim = 3
-
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        rows, cols, *channels = key
-        index = tuple({"Y": rows, "X": cols, "C": self._channels}.get(axis, 0) for axis in self._layout)
-        try:
-            block = np.array(self._source[index])  # a copy, also of a memory-mapped file's pixels
-        except Exception as error:  # tifffile, codecs and zarr raise many types for damaged data
-            raise PipelineError(f"{self.path}: corrupt or unreadable image data ({error})") from None
-        kept = [axis for axis in self._layout if axis in "YXC"]
-        block = np.transpose(block, [kept.index(axis) for axis in "YXC" if axis in kept])
-        block = block if "C" in kept else block[..., None]
-        return block[..., channels[0]] if channels else block
-
-    def close(self) -> None:
-        for resource in self._closing:
-            resource.close()
-
-    def __enter__(self) -> LazyImage:
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.close()
-
-
-def is_ome_zarr(path: Path) -> bool:
-    """Whether `path` names an OME-Zarr image (NAME.zarr or NAME.ome.zarr)."""
-    return Path(path).name.lower().endswith(ZARR_SUFFIXES)
-
-
-def image_name(path: Path) -> str:
-    """NAME of NAME.tif, NAME.zarr or NAME.ome.zarr: what its outputs are named after."""
-    name = Path(path).name
-    for suffix in ZARR_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
-
-
 def output_paths(path: Path, output_dir: Path, name: str) -> list[Path]:
     """[probability, mask, labels, measurements CSV] of a large image: OME-Zarr for an OME-Zarr input, else TIFF."""
-    suffix = ".ome.zarr" if is_ome_zarr(path) else ".tif"
+    suffix = ".ome.zarr" if io.is_ome_zarr(path) else ".tif"
     return [Path(output_dir) / f"{name}_{kind}{suffix}" for kind in _KINDS] + [
         Path(output_dir) / f"{name}_instances.csv"]
 
@@ -175,12 +99,12 @@ def is_large(path: Path, config: Config) -> bool:
     `predict.max_whole_pixels` pixels (from its header only), or any OME-Zarr image,
     which only this module reads.
 
-    A stack of such images is large too, so that `open_lazy` refuses it in one line
+    A stack of such images is large too, so that `lazy_image.open_lazy` refuses it in one line
     instead of reading it whole. A PNG cannot be read in parts, and a file that cannot
     be read is not large: the whole-image reader reports it.
     """
     path = Path(path)
-    if is_ome_zarr(path):
+    if io.is_ome_zarr(path):
         return True
     if path.suffix.lower() not in TIFF_SUFFIXES or not path.is_file():
         return False
@@ -193,165 +117,7 @@ def is_large(path: Path, config: Config) -> bool:
     return sizes.get("Y", 1) * sizes.get("X", 1) > config.predict.max_whole_pixels
 
 
-def open_lazy(path: Path, channels: int) -> LazyImage:
-    """A tiled or striped TIFF, or an OME-Zarr image, as a lazily read [H, W, channels] array.
-
-    The channels follow `io.read_stack`'s rules: a grey image stored as colour is read as
-    its first channel for a 1-channel model (with `io`'s notice; `statistics`, which reads
-    every pixel, refuses it if it is not grey after all), any other mismatch is refused.
-    One 2-D image only; stacks, unreadable files and unsupported pixel types are refused
-    with one line naming the file. Close it (or use `with`) to release the file.
-    """
-    image, have = _open(path, channels)
-    if have != channels:
-        io.as_model_channels(np.zeros((1, 1, 1, have), np.uint8), channels, path)  # io's notice
-    return image
-
-
-def _open(path: Path, channels: int | None) -> tuple[LazyImage, int]:
-    """(the image with `channels` channels, or the file's own with None; the file's channel count), quietly."""
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"{path}: file not found")
-    if is_ome_zarr(path):
-        source, letters, closing = _open_ome_zarr(path)
-    elif path.suffix.lower() in TIFF_SUFFIXES:
-        source, letters, closing = _open_tiff(path)
-    else:
-        raise PipelineError(f"{path}: unsupported file type for an image larger than memory; "
-                            f"use {', '.join(TIFF_SUFFIXES + ZARR_SUFFIXES)}")
-    try:
-        layout = _layout(letters, source.shape, path)
-        if source.dtype.kind not in "uif" or source.dtype == np.float16:
-            raise PipelineError(f"{path}: unsupported pixel type {source.dtype}")
-        have = source.shape[layout.index("C")] if "C" in layout else 1
-        return LazyImage(path, source, layout, _selected_channels(have, channels, path), closing), have
-    except BaseException:
-        for resource in closing:
-            resource.close()
-        raise
-
-
-def _open_tiff(path: Path) -> tuple[zarr.Array | np.memmap, str, list]:
-    """The first image series of a TIFF, read lazily; its axes; what to close.
-
-    Uncompressed contiguous data (tifffile's and ImageJ's default: one strip for the whole
-    image) is memory-mapped, so a box reads only the pages it touches; anything else is a
-    zarr array over the file's tiles or strips, which are read whole.
-    """
-    tiff = None
-    try:
-        tiff = tifffile.TiffFile(path)
-        if not tiff.series:
-            raise ValueError("no image data")
-        series = tiff.series[0]
-        if series.dataoffset is not None:
-            tiff.close()
-            return tifffile.memmap(path, series=0, mode="r"), series.axes, []
-        source = zarr.open_array(series.aszarr(level=0), mode="r")
-    except Exception as error:  # tifffile raises many types for damaged files
-        if tiff is not None:
-            tiff.close()
-        raise PipelineError(f"{path}: corrupt or unreadable TIFF ({error})") from None
-    if math.prod(source.chunks) > _LARGEST_STRIP:
-        tiff.close()
-        raise PipelineError(f"{path}: compressed in strips or tiles of {' x '.join(map(str, source.chunks))} values, "
-                            "which can only be read whole; write it as a tiled TIFF, e.g. with tifffile.imwrite(..., "
-                            "tile=(256, 256))")
-    return source, series.axes, [tiff]
-
-
-def _open_ome_zarr(path: Path) -> tuple[zarr.Array, str, list]:
-    """The first multiscale level of an OME-Zarr image, its axes as letters, nothing to close."""
-    try:
-        group = zarr.open_group(path, mode="r")
-        multiscale = _multiscale(group)
-        source = group[multiscale["datasets"][0]["path"]]
-        axes = [_axis_letter(axis) for axis in multiscale["axes"]]
-    except (KeyError, IndexError, TypeError):
-        raise PipelineError(f"{path}: not an OME-Zarr image (no multiscales with axes and datasets)") from None
-    except Exception as error:  # zarr raises many types for what is not a zarr group
-        raise PipelineError(f"{path}: unreadable OME-Zarr ({error})") from None
-    if not isinstance(source, zarr.Array) or len(axes) != source.ndim:
-        raise PipelineError(f"{path}: not an OME-Zarr image (its first level is not an array of its axes)")
-    return source, "".join(axes), []
-
-
-def _multiscale(group: zarr.Group) -> dict:
-    """The first `multiscales` entry: under "ome" in NGFF 0.5, at the top in 0.4."""
-    attributes = group.attrs.asdict()
-    return attributes.get("ome", attributes)["multiscales"][0]
-
-
-def _axis_letter(axis: dict | str) -> str:
-    """An NGFF axis as tifffile names axes: Y, X, C (channel), or another letter for the rest."""
-    name = (axis["name"] if isinstance(axis, dict) else axis).lower()
-    kind = axis.get("type") if isinstance(axis, dict) else None
-    if kind == "channel" or name == "c":
-        return "C"
-    return {"y": "Y", "x": "X", "z": "Z"}.get(name, "T")
-
-
-def _layout(letters: str, shape: tuple[int, ...], path: Path) -> str:
-    """Each source axis as Y, X, C (the channels) or 1 (length 1, read at index 0); refuses stacks."""
-    if 0 in shape:
-        raise PipelineError(f"{path}: the image is empty (shape {shape})")
-    layout = "".join(letter if letter in "YX" else "1" if size == 1 else "C" if letter in "SC" else "Z"
-                     for letter, size in zip(letters, shape))
-    if layout.count("Y") != 1 or layout.count("X") != 1 or layout.count("C") > 1:
-        raise PipelineError(f"{path}: axes {letters} of shape {shape} are not one image: expected Y and X "
-                            "and at most one channel axis (C or S)")
-    if "Z" in layout:
-        slices = math.prod(size for axis, size in zip(layout, shape) if axis == "Z")
-        raise PipelineError(f"{path}: a stack of {slices} images (axes {letters}, shape {shape}); an image "
-                            "larger than memory must be one 2-D image per file")
-    return layout
-
-
-def _selected_channels(have: int, channels: int | None, path: Path) -> slice:
-    """The file's channels that the model reads: all, or the first of a grey image stored as colour."""
-    if channels is None or have == channels:
-        return slice(None)
-    if channels == 1 and have in (3, 4):
-        return slice(0, 1)  # io.COLOUR_AS_GREY; `statistics` checks every pixel
-    io.as_model_channels(np.zeros((1, 1, 1, have), np.uint8), channels, path)  # raises io's one line
-    raise AssertionError("io.as_model_channels accepted a channel mismatch")
-
-
-def _pixel_size(path: Path) -> tuple[io.Calibration | None, int | None]:
-    """(the input's pixel size, the zarr format of its OME-Zarr outputs or None for TIFFs)."""
-    if not is_ome_zarr(path):
-        return io.read_calibration(path), None
-    group = zarr.open_group(path, mode="r")
-    multiscale = _multiscale(group)
-    letters = [_axis_letter(axis) for axis in multiscale["axes"]]
-    scale = next((transform["scale"] for transform in multiscale["datasets"][0].get("coordinateTransformations", [])
-                  if transform.get("type") == "scale"), None)
-    if scale is None:
-        return None, group.metadata.zarr_format
-    unit = next((axis.get("unit", "") for axis in multiscale["axes"] if isinstance(axis, dict)
-                 and _axis_letter(axis) == "X"), "")
-    return io.Calibration(scale[letters.index("X")], scale[letters.index("Y")], unit), group.metadata.zarr_format
-
-
-# --- the chunk grid and the normalisation ---------------------------------------------------
-
-
-def chunk_side(config: Config) -> int:
-    """The side of a chunk: `predict.chunk_size` rounded down to whole tile steps, at least one step."""
-    step = _geometry(config)[2]
-    return max(step, config.predict.chunk_size // step * step)
-
-
-def chunks(height: int, width: int, config: Config) -> list[Chunk]:
-    """The chunks of an image of `height` x `width` pixels, in raster order."""
-    return _grid(height, width, chunk_side(config))
-
-
-def _grid(height: int, width: int, side: int) -> list[Chunk]:
-    """The chunks of `side` pixels of an image, in raster order."""
-    return [Chunk(row, col, min(side, height - row), min(side, width - col))
-            for row in range(0, height, side) for col in range(0, width, side)]
+# --- the normalisation ----------------------------------------------------------------------
 
 
 def statistics(path: Path, config: Config) -> tuple[float, float]:
@@ -364,11 +130,11 @@ def statistics(path: Path, config: Config) -> tuple[float, float]:
     """
     channels = config.model.input_channels
     count, mean, squares, invalid = 0, 0.0, 0.0, 0
-    with contextlib.closing(_open(path, None)[0]) as image:
+    with contextlib.closing(open_lazy(path, None)) as image:
         as_grey = channels == 1 and image.shape[2] in (3, 4)
         first = image[0:1, 0:1][0, 0]
         for chunk in chunks(*image.shape[:2], config):
-            block = image[chunk.row:chunk.row + chunk.height, chunk.col:chunk.col + chunk.width]
+            block = image[chunk.box]
             if as_grey:
                 _check_grey(block, first, path)
                 block = block[..., :1]
@@ -411,18 +177,13 @@ def predict_chunk(model: keras.Model, path: Path, chunk: Chunk, stats: tuple[flo
     with `stats` (from `statistics`) and runs the tiles `predict.tiles_per_batch` at a time.
     With test-time augmentation, each of the eight views is predicted on its own tile grid.
     """
-    with contextlib.closing(_open(path, config.model.input_channels)[0]) as image:
+    with contextlib.closing(open_lazy(path, config.model.input_channels, notice=False)) as image:
         if not config.predict.test_time_augmentation:
             return _predict_view(model, image, chunk, _VIEWS[0], stats, config)
         total = np.zeros((chunk.height, chunk.width), np.float32)
         for view in _VIEWS:  # summed as they come, not held eight at a time
             total += _predict_view(model, image, chunk, view, stats, config)
         return total / np.float32(len(_VIEWS))
-
-
-def _geometry(config: Config) -> tuple[int, int, int]:
-    """(output side, margin, step) of the prediction tiles."""
-    return tile_geometry(config.predict.tile_size, config.model.depth, config.model.padding)
 
 
 def _predict_view(model: keras.Model, image: LazyImage, chunk: Chunk, view: tuple[bool, bool, bool],
@@ -442,7 +203,7 @@ def _predict_view(model: keras.Model, image: LazyImage, chunk: Chunk, view: tupl
     mean, scale = stats
     # As tf.image.per_image_standardization computes it: in float32, subtract, then divide.
     normalised = (region.astype(np.float32) - np.float32(mean)) / np.float32(scale)
-    tile, step = config.predict.tile_size, _geometry(config)[2]
+    tile, step = config.predict.tile_size, geometry(config)[2]
     output = _predict(model, tf.constant(normalised), tile, step, config.predict.tiles_per_batch)
     output = output[row_skip:row_skip + along_rows[1], col_skip:col_skip + along_cols[1], 1].numpy()
     output = output[::-1] if reverse_rows else output
@@ -456,7 +217,7 @@ def _window(start: int, count: int, size: int, reverse: bool, config: Config) ->
     The box [start, start + count) of an axis of `size` pixels, in a view that reverses
     the axis or not; the tiles are those of the view's whole-image grid that cover it.
     """
-    out, margin, step = _geometry(config)
+    out, margin, step = geometry(config)
     first = size - start - count if reverse else start  # the box in the view
     origin = first // step * step
     tiles = -(-(first + count - origin) // step)
@@ -487,31 +248,48 @@ def _predict(model: keras.Model, padded: tf.Tensor, tile_size: int, step: int, t
     return predict_padded(model, padded, tile_size, step, tiles_per_batch)
 
 
-# --- outputs: plan, write, finish ---------------------------------------------------------
+# --- outputs: check, plan, write, finish ---------------------------------------------------
 
 
-def plan(path: Path, output_dir: Path, name: str, config: Config, overwrite: bool = False) -> LargeOutputs:
-    """Checks everything that can be checked before predicting, and makes the scratch arrays.
+def check(path: Path, output_dir: Path, name: str, config: Config, overwrite: bool = False) -> tuple[int, int]:
+    """Checks everything that can be checked before predicting; writes nothing. Returns the
+    image's (height, width).
 
     Refuses (one line each) what chunked prediction cannot do, an unreadable input, an
     output folder that takes no files, existing outputs unless `overwrite` and too little
-    free space. The probability (float32) and mask (uint8) arrays are made in a hidden
-    scratch folder in `output_dir`, chunked like the chunks, so that every chunk writes
-    whole files of its own.
+    free space (`space_needed`). The predict stage calls it for every large input before
+    it writes anything; `plan` calls it again.
     """
     path, output_dir = Path(path), Path(output_dir)
     _refuse_unsupported(path, config)
     io.check_output_folder(output_dir)
     with open_lazy(path, config.model.input_channels) as image:
         height, width = image.shape[:2]
-    targets = output_paths(path, output_dir, name)
-    _refuse_existing(targets, overwrite)
+    _refuse_existing(output_paths(path, output_dir, name), overwrite)
+    io.check_free_space(output_dir, space_needed(path, height, width))
+    return height, width
+
+
+def space_needed(path: Path, height: int, width: int) -> int:
+    """Bytes a large input of `height` x `width` pixels needs in its output folder at the most."""
     # float32 probability, uint8 mask, at most uint32 labels: as scratch, and again as TIFFs.
-    io.check_free_space(output_dir, height * width * 9 * (1 if is_ome_zarr(path) else 2))
-    calibration, zarr_format = _pixel_size(path)
+    return height * width * 9 * (1 if io.is_ome_zarr(path) else 2)
+
+
+def plan(path: Path, output_dir: Path, name: str, config: Config, overwrite: bool = False) -> LargeOutputs:
+    """Checks everything that can be checked before predicting (`check`), and makes the scratch arrays.
+
+    The probability (float32) and mask (uint8) arrays are made in a hidden scratch folder
+    in `output_dir`, chunked like the chunks, so that every chunk writes whole files of
+    its own.
+    """
+    path, output_dir = Path(path), Path(output_dir)
+    height, width = check(path, output_dir, name, config, overwrite)
+    targets = output_paths(path, output_dir, name)
+    calibration, zarr_format = pixel_size_and_format(path)
     print(f"notice: {path}: predicted chunk by chunk (more than predict.max_whole_pixels="
           f"{config.predict.max_whole_pixels} pixels); no overlay picture", file=sys.stderr)
-    created = tuple(_missing_folders(output_dir))
+    created = tuple(io.missing_folders(output_dir))
     outputs = LargeOutputs(path, tuple(targets), output_dir / f".{name}.large.{secrets.token_hex(6)}.tmp",
                            height, width, chunk_side(config), zarr_format, calibration, overwrite, created)
     try:
@@ -543,15 +321,6 @@ def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
         if target.exists() and target.is_dir() != folder:
             found, wanted = ("file", "folder") if folder else ("folder", "file")
             raise PipelineError(f"{target}: is a {found}, not a {wanted}")
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """The folders to create, outermost first, so that `folder` exists."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        folder = folder.parent
-    return missing[::-1]
 
 
 def _array_path(outputs: LargeOutputs, kind: str) -> Path:
@@ -614,31 +383,33 @@ def write_chunk(outputs: LargeOutputs, chunk: Chunk, probability: np.ndarray, co
     """
     if probability.shape != (chunk.height, chunk.width):
         raise ValueError(f"probability of shape {probability.shape} for a chunk of {chunk.height} x {chunk.width}")
-    box = (slice(chunk.row, chunk.row + chunk.height), slice(chunk.col, chunk.col + chunk.width))
     mask = instances.cell_mask(probability, config.predict.threshold).astype(np.uint8) * 255
     for kind, values in (("prob", probability.astype(np.float32)), ("mask", mask)):
         with _writing(outputs.targets[_KINDS.index(kind)]):
-            zarr.open_array(_array_path(outputs, kind), mode="r+")[box] = values
+            zarr.open_array(_array_path(outputs, kind), mode="r+")[chunk.box] = values
 
 
 def finish(outputs: LargeOutputs, config: Config) -> list[Path]:
     """Labels the cells, writes their measurements and the final files, and renames them into place.
 
     Labels as `instances.cell_instances(probability, threshold, "components", min_size)`
-    would on the whole image, in two passes over the chunks: 4-connected components per
-    chunk, joined across chunk borders and measured, then relabelled. The outputs appear
-    together or not at all; the scratch folder is removed when they are in place, and
-    kept if this fails (`discard` removes it).
+    would on the whole image, in two passes over the chunks (`chunked_labels`): 4-connected
+    components per chunk, joined across chunk borders and measured, then relabelled. The
+    outputs appear together or not at all; the scratch folder is removed when they are in
+    place, and kept if this fails (`discard` removes it).
     """
     _refuse_unsupported(outputs.source, config)
-    grid = _grid(outputs.height, outputs.width, outputs.side)  # the scratch arrays' chunks
-    fragments = _fragments(outputs, grid, config.predict.threshold, config.predict.min_size)
-    cells = _cells(fragments, config.predict.min_size)
+    min_size = config.predict.min_size
+    scratch_grid = grid(outputs.height, outputs.width, outputs.side)  # the scratch arrays' chunks
+    probability = zarr.open_array(_array_path(outputs, "prob"), mode="r")
+    cells = chunked_labels.find_cells(probability, scratch_grid, config.predict.threshold, min_size)
     dtype = instances.label_image(np.array([len(cells.area)])).dtype  # its type for labels up to N
     labels_target, csv_target = outputs.targets[2], outputs.targets[3]
     with _writing(labels_target):
         _create_array(outputs, "labels", dtype)
-        _write_labels(outputs, grid, fragments.offsets, cells.lookup.astype(dtype), config.predict.min_size)
+        chunked_labels.write_labels(zarr.open_array(_array_path(outputs, "mask"), mode="r"),
+                                    zarr.open_array(_array_path(outputs, "labels"), mode="r+"), scratch_grid, cells,
+                                    min_size)
     made = [_array_path(outputs, kind).parent for kind in _KINDS]
     if outputs.zarr_format is None:
         made = [outputs.scratch / target.name for target in outputs.targets[:3]]
@@ -648,7 +419,7 @@ def finish(outputs: LargeOutputs, config: Config) -> list[Path]:
                             outputs.calibration)
     made.append(outputs.scratch / csv_target.name)
     with _writing(csv_target):
-        _write_measurements(made[-1], cells)
+        chunked_labels.write_measurements(made[-1], cells)
     _publish(made, outputs)
     shutil.rmtree(outputs.scratch, ignore_errors=True)
     return list(outputs.targets)
@@ -683,218 +454,15 @@ def segment_large(model: keras.Model, path: Path, output_dir: Path, name: str, c
         raise
 
 
-# --- labels of a large image ----------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Fragments:
-    """The kept 4-connected components of every chunk (fragments of cells), numbered chunk after chunk."""
-
-    offsets: list[int]  # per chunk, the number of its first fragment
-    first: np.ndarray  # raster index (row * width + col) of each fragment's first pixel
-    area: np.ndarray
-    top: np.ndarray  # bounding box, last row and column included
-    left: np.ndarray
-    bottom: np.ndarray
-    right: np.ndarray
-    row_sum: np.ndarray  # sums of the pixels' rows and columns (exact integers) and probabilities
-    col_sum: np.ndarray
-    probability_sum: np.ndarray
-    touching: np.ndarray  # [E, 2] fragments of one cell: 4-neighbours across a chunk border
-
-
-@dataclasses.dataclass
-class _Cells:
-    """The cells kept, numbered 1..N, and the label of every fragment (0: dropped)."""
-
-    lookup: np.ndarray
-    area: np.ndarray
-    row_sum: np.ndarray
-    col_sum: np.ndarray
-    top: np.ndarray
-    left: np.ndarray
-    bottom: np.ndarray
-    right: np.ndarray
-    probability_sum: np.ndarray
-
-
-def _fragments(outputs: LargeOutputs, grid: list[Chunk], threshold: float, min_size: int) -> _Fragments:
-    """First pass: every chunk's components, measured, and which of them touch across chunk borders.
-
-    Holds one chunk, the fragments' measurements and the border lines of one row of
-    chunks (the bottom rows of the chunks above): memory of a chunk, the perimeters and
-    the cells. Specks under `min_size` that lie whole in their chunk are dropped at once.
-    """
-    probability = zarr.open_array(_array_path(outputs, "prob"), mode="r")
-    parts: list[dict[str, np.ndarray]] = []
-    touching: list[np.ndarray] = []
-    offsets: list[int] = []
-    above: dict[int, np.ndarray] = {}  # chunk column -> fragments along the bottom row of the chunk above
-    right_edge = np.empty(0, np.int64)  # fragments along the right column of the chunk to the left
-    total = 0
-    for chunk in grid:
-        block = probability[chunk.row:chunk.row + chunk.height, chunk.col:chunk.col + chunk.width]
-        count, local, stats, centroids = _components(instances.cell_mask(block, threshold))
-        kept = _kept(chunk, stats, min_size, outputs.height, outputs.width)
-        numbers = _fragment_numbers(kept, total)
-        if chunk.col > 0:
-            touching.append(_touching(right_edge, numbers[local[:, 0]]))
-        if chunk.row > 0:
-            touching.append(_touching(above[chunk.col], numbers[local[0]]))
-        above[chunk.col], right_edge = numbers[local[-1]], numbers[local[:, -1]]
-        measured = _measured(chunk, local, count, stats, centroids, block, outputs.width)
-        parts.append({key: values[kept] for key, values in measured.items()})
-        offsets.append(total)
-        total += np.count_nonzero(kept)
-    joined = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    pairs = np.concatenate(touching) if touching else np.empty((0, 2), np.int64)
-    return _Fragments(offsets=offsets, touching=pairs, **joined)
-
-
-def _components(cells: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-    """The 4-connected components of a boolean chunk: (count with the background, labels, stats, centroids)."""
-    return cv2.connectedComponentsWithStats(cells.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-
-
-def _kept(chunk: Chunk, stats: np.ndarray, min_size: int, height: int, width: int) -> np.ndarray:
-    """Which components 1..count-1 of a chunk are fragments to keep: those of `min_size` pixels or
-    more, and those on a border shared with another chunk, where they may continue."""
-    top, left = stats[1:, cv2.CC_STAT_TOP], stats[1:, cv2.CC_STAT_LEFT]
-    bottom, right = top + stats[1:, cv2.CC_STAT_HEIGHT], left + stats[1:, cv2.CC_STAT_WIDTH]
-    shared = (((top == 0) & (chunk.row > 0)) | ((left == 0) & (chunk.col > 0))
-              | ((bottom == chunk.height) & (chunk.row + chunk.height < height))
-              | ((right == chunk.width) & (chunk.col + chunk.width < width)))
-    return shared | (stats[1:, cv2.CC_STAT_AREA] >= min_size)
-
-
-def _fragment_numbers(kept: np.ndarray, first: int) -> np.ndarray:
-    """The fragment number of each component 0..count-1 of a chunk (the kept ones from `first` on), else -1."""
-    numbers = np.full(len(kept) + 1, -1, np.int64)
-    numbers[1:][kept] = first + np.arange(np.count_nonzero(kept))
-    return numbers
-
-
-def _touching(before: np.ndarray, after: np.ndarray) -> np.ndarray:
-    """[E, 2] distinct pairs of fragments facing each other along two border lines (-1: no cell)."""
-    both = (before >= 0) & (after >= 0)
-    return np.unique(np.stack([before[both], after[both]], axis=1), axis=0)
-
-
-def _measured(chunk: Chunk, local: np.ndarray, count: int, stats: np.ndarray, centroids: np.ndarray,
-              block: np.ndarray, width: int) -> dict[str, np.ndarray]:
-    """The measurements of one chunk's components 1..count-1, in image coordinates."""
-    area = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
-    top = stats[1:, cv2.CC_STAT_TOP].astype(np.int64) + chunk.row
-    left = stats[1:, cv2.CC_STAT_LEFT].astype(np.int64) + chunk.col
-    first = _first_pixels(local, count)
-    return {
-        "first": (chunk.row + first // chunk.width) * width + chunk.col + first % chunk.width,
-        "area": area, "top": top, "left": left,
-        "bottom": top + stats[1:, cv2.CC_STAT_HEIGHT] - 1, "right": left + stats[1:, cv2.CC_STAT_WIDTH] - 1,
-        # OpenCV's centroids are exact integer sums over the area in double precision: rounded
-        # back to those sums, chunks add up without rounding, as instances.measure's sums are exact.
-        "row_sum": np.rint(centroids[1:, 1] * area).astype(np.int64) + chunk.row * area,
-        "col_sum": np.rint(centroids[1:, 0] * area).astype(np.int64) + chunk.col * area,
-        "probability_sum": np.bincount(local.ravel(), block.ravel(), count)[1:],
-    }
-
-
-def _first_pixels(local: np.ndarray, count: int) -> np.ndarray:
-    """Position in the flattened chunk of the first pixel of each component 1..count-1."""
-    flat = local.ravel()
-    # OpenCV numbers components in raster order of their first pixels, so each first pixel
-    # raises the running maximum of the labels; checked, with a sort if it ever does not.
-    first = np.flatnonzero(np.diff(np.maximum.accumulate(flat), prepend=0) > 0)
-    if len(first) == count - 1:
-        return first
-    labels, positions = np.unique(flat, return_index=True)
-    return positions[labels > 0]
-
-
-def _cells(fragments: _Fragments, min_size: int) -> _Cells:
-    """Joins touching fragments into cells, drops those under `min_size` pixels, numbers the rest
-    1..N in raster order of their first pixels, and sums their measurements."""
-    count = len(fragments.area)
-    roots = _roots(count, fragments.touching)
-    area = np.bincount(roots, fragments.area, count).astype(np.int64)  # float64 sums of integers: exact
-    first = _reduced(np.minimum, roots, fragments.first, count)
-    kept = np.flatnonzero((roots == np.arange(count)) & (area >= min_size))
-    kept = kept[np.argsort(first[kept], kind="stable")]
-    number = np.zeros(count, np.int64)
-    number[kept] = np.arange(1, len(kept) + 1)
-    return _Cells(
-        lookup=number[roots], area=area[kept],
-        # Sums of integers below 2**53 in float64 are exact.
-        row_sum=np.bincount(roots, fragments.row_sum, count)[kept].astype(np.int64),
-        col_sum=np.bincount(roots, fragments.col_sum, count)[kept].astype(np.int64),
-        top=_reduced(np.minimum, roots, fragments.top, count)[kept],
-        left=_reduced(np.minimum, roots, fragments.left, count)[kept],
-        bottom=_reduced(np.maximum, roots, fragments.bottom, count)[kept],
-        right=_reduced(np.maximum, roots, fragments.right, count)[kept],
-        probability_sum=np.bincount(roots, fragments.probability_sum, count)[kept])
-
-
-def _reduced(ufunc: np.ufunc, roots: np.ndarray, values: np.ndarray, count: int) -> np.ndarray:
-    """`ufunc` (np.minimum or np.maximum) of `values` over the fragments of each root."""
-    result = values.copy()  # each root is its own fragment, so it starts from its own value
-    ufunc.at(result, roots, values)
-    return result
-
-
-def _roots(count: int, pairs: np.ndarray) -> np.ndarray:
-    """The root (smallest member) of every fragment's cell: union-find over the touching pairs.
-
-    Vectorised as in `inference.connected_components`: each round hooks the larger root of
-    every pair under the smaller one and compresses every path by pointer jumping, until
-    no pair joins two trees. Parents only ever decrease, so no cycle can form.
-    """
-    parent = np.arange(count)
-    while True:
-        ends = parent[pairs[:, 0]], parent[pairs[:, 1]]
-        if np.array_equal(*ends):
-            return parent
-        np.minimum.at(parent, np.maximum(*ends), np.minimum(*ends))
-        while not np.array_equal(parent[parent], parent):
-            parent = parent[parent]
-
-
-def _write_labels(outputs: LargeOutputs, grid: list[Chunk], offsets: list[int], lookup: np.ndarray,
-                  min_size: int) -> None:
-    """Second pass: each chunk's components again (the same, from the same mask), relabelled as cells."""
-    mask = zarr.open_array(_array_path(outputs, "mask"), mode="r")
-    labels = zarr.open_array(_array_path(outputs, "labels"), mode="r+")
-    ends = [*offsets[1:], len(lookup)]
-    for chunk, offset, end in zip(grid, offsets, ends):
-        box = (slice(chunk.row, chunk.row + chunk.height), slice(chunk.col, chunk.col + chunk.width))
-        _, local, stats, _ = _components(mask[box] > 0)
-        kept = _kept(chunk, stats, min_size, outputs.height, outputs.width)
-        if np.count_nonzero(kept) != end - offset:  # the first pass saw another mask: a bug, not the user's
-            raise RuntimeError(f"{chunk}: {np.count_nonzero(kept)} fragments, {end - offset} in the first pass")
-        numbers = _fragment_numbers(kept, offset)
-        table = np.zeros(len(numbers), lookup.dtype)  # background and dropped specks: 0
-        table[numbers >= 0] = lookup[numbers[numbers >= 0]]
-        labels[box] = table[local]
-
-
-def _write_measurements(path: Path, cells: _Cells) -> None:
-    """Each cell's `instances.COLUMNS` as CSV, formatted as the predict stage formats a single image's."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(instances.COLUMNS)
-        columns = (cells.area, cells.row_sum / cells.area, cells.col_sum / cells.area, cells.top, cells.left,
-                   cells.bottom, cells.right, cells.probability_sum / cells.area)
-        for label, (area, y, x, top, left, bottom, right, mean) in enumerate(zip(*columns), start=1):
-            writer.writerow([label, int(area), f"{y:.3f}", f"{x:.3f}", int(top), int(left), int(bottom), int(right),
-                             f"{mean:.6f}"])
-
-
 # --- final files ----------------------------------------------------------------------------
 
 
 def _write_tiff(path: Path, array: zarr.Array, compression: dict, calibration: io.Calibration | None) -> None:
     """Writes a 2-D zarr array as a tiled BigTIFF, streamed tile by tile (`compression`: tifffile's keywords)."""
+    # The pixel size as resolution tags: ImageJ's own metadata (what `io.encode_tiff` writes
+    # for small images) does not go with tiled BigTIFFs, which ImageJ reads through Bio-Formats.
     tifffile.imwrite(path, _tiles(array), shape=array.shape, dtype=array.dtype, tile=(TIFF_TILE, TIFF_TILE),
-                     bigtiff=True, photometric="minisblack", **compression, **_resolution_tags(calibration))
+                     bigtiff=True, photometric="minisblack", **compression, **io.resolution_tags(calibration))
 
 
 def _tiles(array: zarr.Array) -> Iterator[np.ndarray]:
@@ -906,20 +474,6 @@ def _tiles(array: zarr.Array) -> Iterator[np.ndarray]:
             band = array[row:row + TIFF_TILE, start:start + across]
             for col in range(0, band.shape[1], TIFF_TILE):
                 yield band[:, col:col + TIFF_TILE]
-
-
-def _resolution_tags(calibration: io.Calibration | None) -> dict:
-    """tifffile.imwrite's keywords for the pixel size: TIFF resolution tags in pixels per centimetre.
-
-    ImageJ's own metadata (what `io.encode_tiff` writes for small images) does not go with
-    tiled BigTIFFs, which ImageJ reads through Bio-Formats, from these tags.
-    """
-    if calibration is None:
-        return {}
-    per_cm = io._CENTIMETRES.get(calibration.unit)  # io's table of units; see io._calibration_tags
-    if per_cm is None:  # a unit TIFF's tags cannot name: the numbers without it
-        return {"resolution": (1 / calibration.x, 1 / calibration.y)}
-    return {"resolution": (per_cm / calibration.x, per_cm / calibration.y), "resolutionunit": "CENTIMETER"}
 
 
 def _publish(made: list[Path], outputs: LargeOutputs) -> None:

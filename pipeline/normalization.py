@@ -4,7 +4,9 @@ A network's outputs mean something only for inputs scaled as in its training, so
 training tiles (`input_pipeline`) and every whole-image prediction (`inference`: the
 predict and evaluate stages and the exported SavedModel) normalise with `normalize`.
 Each image is normalised whole, before mirror padding and tiling, so that a pixel gets
-the same value in every tile that contains it.
+the same value in every tile that contains it. An image larger than memory is never held
+whole: `large_image.statistics` computes the same mean and scale (this function's rule)
+in one streaming pass, and each chunk is normalised with them.
 
 A multi-channel image is normalised with one mean and one standard deviation over all
 its pixels and channels, not per channel: the channels keep their ratios (the hue of an

@@ -105,15 +105,21 @@ def write_measurements(path: Path, labels: np.ndarray, probability: np.ndarray, 
     """Writes each cell's `instances.COLUMNS` as CSV into `path`, for a stack with its slice first."""
     rows = []
     for index, (slice_labels, slice_probability) in enumerate(zip(labels, probability)):
-        for label, area, y, x, first_row, first_col, last_row, last_col, mean in instances.measure(
-                slice_labels, slice_probability):
-            row = [int(label), int(area), f"{y:.3f}", f"{x:.3f}", int(first_row), int(first_col), int(last_row),
-                   int(last_col), f"{mean:.6f}"]
+        for cell in instances.measure(slice_labels, slice_probability):
+            row = measurement_row(*cell)
             rows.append(row if single else [index, *row])
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(instances.COLUMNS if single else ("slice", *instances.COLUMNS))
         writer.writerows(rows)
+
+
+def measurement_row(label: float, area: float, y: float, x: float, first_row: float, first_col: float,
+                    last_row: float, last_col: float, mean: float) -> list[int | str]:
+    """One cell's `instances.COLUMNS` as NAME_instances.csv holds them: whole numbers, the centroid
+    to 3 decimals, the mean probability to 6; for images read whole and chunk by chunk alike."""
+    return [int(label), int(area), f"{y:.3f}", f"{x:.3f}", int(first_row), int(first_col), int(last_row),
+            int(last_col), f"{mean:.6f}"]
 
 
 def failures_path(output_dir: Path) -> Path:

@@ -69,14 +69,14 @@ def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir:
     another in this process; a large input chunk by chunk (`large_image.segment_large`)."""
     files = [] if input_path is None else input_files(input_path)
     large = [file for file in files if large_image.is_large(file, config)]
-    _check_large(large, output_dir, config, overwrite)
+    large_space = _check_large(large, output_dir, config, overwrite)
     stacks = _test_split(config, run) if input_path is None else _read(
         [file for file in files if file not in large], config.model.input_channels)
     for name in stacks:
         io.refuse_existing(outputs.existing(output_dir, name), overwrite)
     # float32 probabilities, uint8 mask, uint16 (rarely uint32) labels, at most 3 bytes per
     # pixel of overlay PNG; the CSV, a line per cell, is small beside them.
-    io.check_free_space(output_dir, sum(12 * stack[..., 0].size for stack, _ in stacks.values()))
+    io.check_free_space(output_dir, large_space + sum(12 * stack[..., 0].size for stack, _ in stacks.values()))
     model = load_model(run)
     segment = Segmenter(model, config)
     run.save_config(config)
@@ -86,17 +86,21 @@ def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir:
         probability = np.stack([_progress(segment(image), progress) for image in stack])
         written += outputs.write(output_dir, name, stack, probability, config, calibration, overwrite)
     for file in large:
-        written += large_image.segment_large(model, file, output_dir, large_image.image_name(file), config, overwrite)
+        written += large_image.segment_large(model, file, output_dir, io.image_name(file), config, overwrite)
     print(f"predicted {len(stacks) + len(large)} input(s) -> {output_dir} ({len(written)} files)")
     return written
 
 
-def _check_large(files: list[Path], output_dir: Path, config: Config, overwrite: bool) -> None:
-    """Refuses, before anything is written, a large input that cannot be opened as one 2-D
-    image with the model's channels, or whose outputs exist (unless `overwrite`)."""
+def _check_large(files: list[Path], output_dir: Path, config: Config, overwrite: bool) -> int:
+    """Refuses, before anything is written, a large input that cannot be segmented chunk by
+    chunk (`large_image.check`: settings, the file, existing outputs unless `overwrite`, free
+    space); returns the bytes they need together, which the free space must hold besides the
+    other inputs'."""
+    needed = 0
     for file in files:
-        io.refuse_existing(large_image.output_paths(file, output_dir, large_image.image_name(file)), overwrite)
-        large_image.open_lazy(file, config.model.input_channels).close()
+        height, width = large_image.check(file, output_dir, io.image_name(file), config, overwrite)
+        needed += large_image.space_needed(file, height, width)
+    return needed
 
 
 def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: Path, overwrite: bool,
@@ -126,45 +130,34 @@ def _existing(file: Path, output_dir: Path, config: Config) -> list[Path]:
     """The outputs of an input that are in `output_dir` already: a large input's (`large_image`),
     else those `outputs` writes."""
     if large_image.is_large(file, config):
-        return [path for path in large_image.output_paths(file, output_dir, large_image.image_name(file))
-                if path.exists()]
-    return outputs.existing(output_dir, large_image.image_name(file))
+        return [path for path in large_image.output_paths(file, output_dir, io.image_name(file)) if path.exists()]
+    return outputs.existing(output_dir, io.image_name(file))
 
 
 def input_files(input_path: Path) -> list[Path]:
     """The images an input names, for both runners.
 
     An image file or an OME-Zarr image (NAME.zarr, NAME.ome.zarr); a folder (its TIFF and
-    PNG files, `io.image_files`); a glob pattern (quoted on the command line, e.g.
-    'data/*/em_*.tif'; the images it matches, sorted); or a list file (`LIST_SUFFIX`: a
-    path a line, of an image or a folder, relative ones relative to the list file; blank
-    lines and lines starting with # skipped). Two inputs with one name are refused: their
-    outputs would overwrite each other.
+    PNG files and OME-Zarr images, `io.image_files`); a glob pattern (quoted on the command
+    line, e.g. 'data/*/em_*.tif'; the images it matches, sorted); or a list file
+    (`LIST_SUFFIX`: a path a line, of an image or a folder, relative ones relative to the
+    list file; blank lines and lines starting with # skipped). Two inputs with one name are
+    refused (`io.refuse_same_names`): their outputs would overwrite each other.
     """
     path = Path(input_path)
     if not path.exists() and any(character in str(path) for character in "*?["):
         files = _glob(str(path))
     elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:
-        files = [file for entry in _listed(path) for file in _named(entry)]
+        files = [file for entry in _listed(path) for file in io.image_files(entry)]
     else:
-        files = _named(path)
-    _refuse_same_names(files)
+        files = io.image_files(path)
+    io.refuse_same_names(files)
     return files
-
-
-def _named(path: Path) -> list[Path]:
-    """An image file or OME-Zarr image itself, or a folder's image files (`io.image_files`)."""
-    return [path] if large_image.is_ome_zarr(path) else io.image_files(path)
-
-
-def _is_image(path: Path) -> bool:
-    """A TIFF or PNG file, or an OME-Zarr image (a folder)."""
-    return large_image.is_ome_zarr(path) or path.is_file() and path.suffix.lower() in io.IMAGE_SUFFIXES
 
 
 def _glob(pattern: str) -> list[Path]:
     """The image files a glob pattern matches (`**` spans folders), sorted."""
-    files = sorted(path for path in map(Path, glob.glob(pattern, recursive=True)) if _is_image(path))
+    files = sorted(path for path in map(Path, glob.glob(pattern, recursive=True)) if io.is_image(path))
     if not files:
         raise PipelineError(f"{pattern}: matches no {'/'.join(io.IMAGE_SUFFIXES)} images or OME-Zarr images")
     return files
@@ -182,17 +175,6 @@ def _listed(list_file: Path) -> list[Path]:
     return [list_file.parent / entry for entry in entries]  # an absolute entry stays as it is
 
 
-def _refuse_same_names(files: list[Path]) -> None:
-    """Refuses two inputs with one name, case-blind as the output folder may be."""
-    seen: dict[str, Path] = {}
-    for file in files:
-        name = large_image.image_name(file)
-        first = seen.setdefault(name.casefold(), file)
-        if first != file:
-            raise PipelineError(f"{file}: two inputs named {name} ({first} and {file}); "
-                                "their outputs would overwrite each other, so rename one")
-
-
 def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
     progress.add(1)
     return result
@@ -208,4 +190,4 @@ def _test_split(config: Config, run: RunDir) -> dict[str, tuple[np.ndarray, io.C
 
 def _read(files: list[Path], channels: int) -> dict[str, tuple[np.ndarray, io.Calibration | None]]:
     """Named ([N, H, W, C] stack, the pixel size its file declares) of each file, read whole."""
-    return {file.stem: (io.read_stack(file, channels), io.read_calibration(file)) for file in files}
+    return {io.image_name(file): (io.read_stack(file, channels), io.read_calibration(file)) for file in files}

@@ -12,7 +12,7 @@ import pytest
 import tifffile
 
 from pipeline import config as configuration
-from pipeline import large_image, outputs
+from pipeline import chunk_grid, large_image, outputs
 from pipeline import model as unet_model
 from pipeline import predict
 from pipeline.cli import main
@@ -141,7 +141,7 @@ def test_two_worker_processes_write_what_the_local_runner_writes_large_images_in
     rows, cols = np.mgrid[:290, :250]
     big = (100 + 60 * np.sin(rows / 9.0) * np.cos(cols / 13.0)).astype(np.uint8)
     tifffile.imwrite(images / "big.tif", big, tile=(64, 64), photometric="minisblack")
-    assert large_image.is_large(images / "big.tif", config) and len(large_image.chunks(290, 250, config)) == 9
+    assert large_image.is_large(images / "big.tif", config) and len(chunk_grid.chunks(290, 250, config)) == 9
     predict.run(config, run, images, tmp_path / "local")
     predict.run(config, run, images, tmp_path / "beam", runner="beam",
                 beam_options=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])

@@ -292,18 +292,39 @@ def test_nan_and_infinite_pixels_are_refused(tmp_path):
 # --- input folders -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("names", [("x.tif", "x.png"), ("x.tif", "x.tiff"), ("x.TIF", "x.tif")])
+@pytest.mark.parametrize("names", [("x.tif", "x.png"), ("x.tif", "x.tiff"), ("x.TIF", "x.tif"),
+                                   ("x.ome.zarr", "x.tif"), ("X.zarr", "x.png")])
 def test_two_images_with_one_name_are_refused(tmp_path, names):
     for name in names:
         if name.endswith(".png"):
             cv2.imwrite(str(tmp_path / name), grey())
+        elif name.endswith(".zarr"):
+            (tmp_path / name).mkdir()  # only names count here
         else:
             tifffile.imwrite(tmp_path / name, grey())
     first, second = sorted(names)
+    name = io.image_name(tmp_path / second)
     assert refusal(io.image_files, tmp_path) == (
-        f"{tmp_path / second}: two images named x ({first} and {second}); "
+        f"{tmp_path / second}: two images named {name} ({first} and {second}); "
         "their outputs would overwrite each other, so rename one"
     )
+
+
+def test_a_folder_lists_its_images_and_ome_zarr_images_without_entering_them(tmp_path):
+    ome = tmp_path / "b.ome.zarr"
+    (ome / "0").mkdir(parents=True)
+    tifffile.imwrite(ome / "0" / "inside.tif", grey())  # an OME-Zarr image's contents are not inputs
+    (tmp_path / "c.zarr").mkdir()
+    (tmp_path / "sub").mkdir()
+    tifffile.imwrite(tmp_path / "sub" / "nested.tif", grey())  # nor are sub-folders'
+    tifffile.imwrite(tmp_path / "a.tif", grey())
+    (tmp_path / "notes.md").write_text("not an image")
+    assert io.image_files(tmp_path) == [tmp_path / "a.tif", ome, tmp_path / "c.zarr"]
+    assert io.image_files(ome) == [ome]  # named itself, an OME-Zarr image is one input
+    assert [io.image_name(path) for path in io.image_files(tmp_path)] == ["a", "b", "c"]
+    (tmp_path / "empty").mkdir()
+    assert refusal(io.image_files, tmp_path / "empty").endswith("folder contains no .tif/.tiff/.png images or "
+                                                              "OME-Zarr images")
 
 
 # --- pixel size -------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ measurements equal the whole image's, outputs are all-or-nothing, reads stay nea
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import stat
@@ -16,11 +15,11 @@ import tensorflow as tf
 import tifffile
 import zarr
 
-from pipeline import instances, io, large_image
+from pipeline import chunk_grid, instances, io, large_image, lazy_image, outputs
+from pipeline.chunk_grid import Chunk
 from pipeline.config import preset
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter
-from pipeline.large_image import Chunk
 from pipeline.model import unet
 
 HEIGHT, WIDTH = 290, 250  # chunks of 100: 3 x 3, the last row 90 high (not whole steps) and column 50 wide
@@ -79,11 +78,12 @@ def read_output(path: Path) -> np.ndarray:
 
 def test_chunks_are_whole_steps_in_raster_order_clipped_at_the_borders():
     config = small_config()
-    assert large_image.chunk_side(config) == 100
-    grid = large_image.chunks(HEIGHT, WIDTH, config)
+    assert chunk_grid.chunk_side(config) == 100
+    grid = chunk_grid.chunks(HEIGHT, WIDTH, config)
     assert grid[:4] == [Chunk(0, 0, 100, 100), Chunk(0, 100, 100, 100), Chunk(0, 200, 100, 50), Chunk(100, 0, 100, 100)]
     assert grid[-1] == Chunk(200, 200, 90, 50) and len(grid) == 9
-    assert large_image.chunk_side(small_config(chunk_size=7)) == 20  # at least one step
+    assert grid[4].box == (slice(100, 200), slice(100, 200))
+    assert chunk_grid.chunk_side(small_config(chunk_size=7)) == 20  # at least one step
 
 
 @pytest.mark.parametrize("kind", ["tiff", "striped tiff", "ome-zarr 0.4", "ome-zarr 0.5"])
@@ -133,9 +133,8 @@ def test_test_time_augmentation_is_exact_chunk_by_chunk(tmp_path, model, image):
     source = write_tiled_tiff(tmp_path / "big.tif", part)
     stats = large_image.statistics(source, config)
     chunked = np.zeros(part.shape, np.float32)
-    for chunk in large_image.chunks(*part.shape, config):
-        box = (slice(chunk.row, chunk.row + chunk.height), slice(chunk.col, chunk.col + chunk.width))
-        chunked[box] = large_image.predict_chunk(model, source, chunk, stats, config)
+    for chunk in chunk_grid.chunks(*part.shape, config):
+        chunked[chunk.box] = large_image.predict_chunk(model, source, chunk, stats, config)
     np.testing.assert_allclose(chunked, Segmenter(model, config)(part[..., None]), atol=1e-5)
 
 
@@ -174,26 +173,16 @@ def cells_across_chunks() -> np.ndarray:
     return probability
 
 
-def predict_stage_measurements(labels: np.ndarray, probability: np.ndarray) -> list[list[str]]:
-    """The predict stage's NAME_instances.csv of a single image, as rows of strings."""
-    rows = [list(instances.COLUMNS)]
-    for label, area, y, x, top, left, bottom, right, mean in instances.measure(labels, probability):
-        rows.append([str(int(label)), str(int(area)), f"{y:.3f}", f"{x:.3f}", str(int(top)), str(int(left)),
-                     str(int(bottom)), str(int(right)), f"{mean:.6f}"])
-    return rows
-
-
 def write_probability(tmp_path: Path, probability: np.ndarray, config, overwrite: bool = False) -> list[Path]:
     """plan, write_chunk per chunk, finish: the large-image outputs of a given probability."""
     source = tmp_path / "big.tif"
     if not source.exists():
         write_tiled_tiff(source, np.zeros(probability.shape, np.uint8))
-    outputs = large_image.plan(source, tmp_path / "out", "big", config, overwrite)
-    for chunk in large_image.chunks(*probability.shape, config):
-        box = (slice(chunk.row, chunk.row + chunk.height), slice(chunk.col, chunk.col + chunk.width))
-        large_image.write_chunk(outputs, chunk, probability[box], config)
-    large_image.write_chunk(outputs, chunk, probability[box], config)  # a retried chunk changes nothing
-    return large_image.finish(outputs, config)
+    planned = large_image.plan(source, tmp_path / "out", "big", config, overwrite)
+    for chunk in chunk_grid.chunks(*probability.shape, config):
+        large_image.write_chunk(planned, chunk, probability[chunk.box], config)
+    large_image.write_chunk(planned, chunk, probability[chunk.box], config)  # a retried chunk changes nothing
+    return large_image.finish(planned, config)
 
 
 def test_labels_and_measurements_equal_those_of_the_whole_image(tmp_path):
@@ -207,8 +196,9 @@ def test_labels_and_measurements_equal_those_of_the_whole_image(tmp_path):
     assert labels[60, 20] == labels[60, 60] != labels[60, 40]  # the U is one cell
     assert labels[99, 180] == labels[250, 5] == 0  # specks dropped
     np.testing.assert_array_equal(tifffile.imread(written[0]), probability)
-    with open(written[3], newline="") as handle:
-        assert list(csv.reader(handle)) == predict_stage_measurements(expected, probability)
+    # The file the predict stage writes for the same labels of an image read whole.
+    outputs.write_measurements(tmp_path / "whole.csv", expected[None], probability[None], single=True)
+    assert written[3].read_bytes() == (tmp_path / "whole.csv").read_bytes()
 
 
 def test_more_than_65535_cells_take_32_bit_labels(tmp_path):
@@ -266,16 +256,15 @@ def test_a_failure_while_publishing_restores_what_was_there(tmp_path):
     probability = cells_across_chunks()
     first = write_probability(tmp_path, probability, config)
     before = {path: path.read_bytes() for path in first}
-    outputs = large_image.plan(tmp_path / "big.tif", tmp_path / "out", "big", config, overwrite=True)
-    for chunk in large_image.chunks(*probability.shape, config):
-        box = (slice(chunk.row, chunk.row + chunk.height), slice(chunk.col, chunk.col + chunk.width))
-        large_image.write_chunk(outputs, chunk, probability[box] * 0.5, config)
+    planned = large_image.plan(tmp_path / "big.tif", tmp_path / "out", "big", config, overwrite=True)
+    for chunk in chunk_grid.chunks(*probability.shape, config):
+        large_image.write_chunk(planned, chunk, probability[chunk.box] * 0.5, config)
     # Where the old CSV would wait while the new one takes its place, a folder: moving it
     # there fails after the three TIFFs were renamed into place.
-    (outputs.scratch / "replaced-3" / "x").mkdir(parents=True)
+    (planned.scratch / "replaced-3" / "x").mkdir(parents=True)
     with pytest.raises(PipelineError, match="big_instances.csv"):
-        large_image.finish(outputs, config)
-    large_image.discard(outputs)
+        large_image.finish(planned, config)
+    large_image.discard(planned)
     for path in first[:3]:
         assert path.read_bytes() == before[path]
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(path.name for path in first)
@@ -284,9 +273,12 @@ def test_a_failure_while_publishing_restores_what_was_there(tmp_path):
 def test_the_watershed_is_refused(tmp_path, image):
     source = write_tiled_tiff(tmp_path / "big.tif", image)
     message = r"big\.tif: predict\.instances=watershed cannot label .* use predict\.instances=components"
-    with pytest.raises(PipelineError, match=message):
-        large_image.plan(source, tmp_path / "out", "big", small_config(instances="watershed"))
+    for step in (large_image.check, large_image.plan):
+        with pytest.raises(PipelineError, match=message):
+            step(source, tmp_path / "out", "big", small_config(instances="watershed"))
     assert not (tmp_path / "out").exists()
+    assert large_image.check(source, tmp_path / "out", "big", small_config()) == (HEIGHT, WIDTH)
+    assert not (tmp_path / "out").exists()  # checking writes nothing
 
 
 def test_unreadable_inputs_are_refused_in_one_line(tmp_path, image, monkeypatch):
@@ -315,13 +307,13 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path, image, monkeypatch)
     with pytest.raises(PipelineError, match=r"colour\.tif: colour image \(3 channels\) but the model takes 1"):
         large_image.statistics(colour, config)
     with pytest.raises(PipelineError, match=r"grey image \(1 channel\) but the model takes 3 channels"):
-        large_image.open_lazy(write_tiled_tiff(tmp_path / "grey.tif", image), 3)
+        lazy_image.open_lazy(write_tiled_tiff(tmp_path / "grey.tif", image), 3)
     assert not large_image.is_large(text, config)  # the whole-image reader names its problem
-    monkeypatch.setattr(large_image, "_LARGEST_STRIP", 100 * WIDTH)  # strips of 290 rows are too large
+    monkeypatch.setattr(lazy_image, "_LARGEST_STRIP", 100 * WIDTH)  # strips of 290 rows are too large
     one_strip = tmp_path / "one-strip.tif"
     tifffile.imwrite(one_strip, image, compression="zlib", rowsperstrip=HEIGHT)
     with pytest.raises(PipelineError, match=r"one-strip\.tif: compressed in strips or tiles of 290 x 250 values"):
-        large_image.open_lazy(one_strip, 1)
+        lazy_image.open_lazy(one_strip, 1)
     assert not (tmp_path / "out").exists()
 
 
@@ -345,15 +337,13 @@ def test_a_chunk_reads_only_its_box_and_margins(tmp_path, model, image, monkeypa
     stats = large_image.statistics(source, config)
     opened = []
 
-    def recording_open(path, channels):
-        image, have = original(path, channels)
-        opened.append(RecordingImage(image))
-        return opened[-1], have
+    def recording_open(path, channels, notice=True):
+        opened.append(RecordingImage(lazy_image.open_lazy(path, channels, notice)))
+        return opened[-1]
 
-    original = large_image._open
-    monkeypatch.setattr(large_image, "_open", recording_open)
+    monkeypatch.setattr(large_image, "open_lazy", recording_open)
     tile = config.predict.tile_size
-    for chunk in large_image.chunks(HEIGHT, WIDTH, config):
+    for chunk in chunk_grid.chunks(HEIGHT, WIDTH, config):
         large_image.predict_chunk(model, source, chunk, stats, config)
         (rows, cols), = opened[-1].boxes
         assert chunk.row - tile <= rows.start and rows.stop <= chunk.row + chunk.height + tile
@@ -364,7 +354,7 @@ def test_an_ome_zarr_smaller_than_a_tile_is_predicted_as_a_whole_image_would_be(
     config = small_config()
     tiny = image[:7, :9]  # smaller than the network's context: mirrored several times over
     source = write_ome_zarr(tmp_path / "tiny.zarr", tiny, 3)
-    assert large_image.is_large(source, config) and large_image.image_name(source) == "tiny"
+    assert large_image.is_large(source, config) and io.image_name(source) == "tiny"
     written = large_image.segment_large(model, source, tmp_path / "out", "tiny", config)
     assert [path.name for path in written] == ["tiny_prob.ome.zarr", "tiny_mask.ome.zarr", "tiny_labels.ome.zarr",
                                                "tiny_instances.csv"]

@@ -135,7 +135,7 @@ def test_inputs_are_a_file_a_folder_a_glob_pattern_or_a_list_file(tmp_path):
     assert input_files(tmp_path / "**" / "*") == [tmp_path / "a/x.tif", tmp_path / "a/y.png", tmp_path / "b/z.tif"]
     listing = tmp_path / "b" / "inputs.txt"
     listing.write_text(f"# relative to this file\nz.tif\n\n  ../a  \n{tmp_path / 'a/x.tif'}\n")
-    with pytest.raises(PipelineError, match="two inputs named x"):  # the folder a holds x.tif too
+    with pytest.raises(PipelineError, match="two images named x"):  # the folder a holds x.tif too
         input_files(listing)
     listing.write_text("z.tif\n../a/y.png\n")
     assert input_files(listing) == [tmp_path / "b/z.tif", tmp_path / "b/../a/y.png"]
@@ -166,3 +166,22 @@ def test_a_large_inputs_existing_outputs_are_refused_before_anything_is_written(
     with pytest.raises(PipelineError, match="big_labels.tif: already exists"):
         predict.run(config, RunDir(tmp_path / "run"), folder, out)  # refused before the model is needed
     assert [path.name for path in out.iterdir()] == ["big_labels.tif"]
+
+
+def test_a_large_input_that_cannot_be_chunked_refuses_the_command_before_anything_is_written(smoke_run, tmp_path,
+                                                                                          capsys):
+    """A folder of a good small image and a large one with predict.instances=watershed, which
+    chunked labelling cannot follow: one line, no output, the run's configuration untouched."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    tifffile.imwrite(folder / "a_small.tif", synthetic_em_image(30, 1)[0])  # first in the folder, not large
+    tifffile.imwrite(folder / "big.tif", np.zeros((40, 50), np.uint8), tile=(16, 16))
+    saved = {path: path.read_bytes() for path in smoke_run["run_dir"].glob("config*.yaml")}
+    args = ["--stage", "predict", "--run-dir", str(smoke_run["run_dir"]), "--input", str(folder), "--output",
+            str(out), "--set", "predict.instances=watershed", "--set", "predict.max_whole_pixels=1000"]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {folder / 'big.tif'}: predict.instances=watershed cannot label") \
+        and error.count("\n") == 1
+    assert not out.exists()
+    assert {path: path.read_bytes() for path in smoke_run["run_dir"].glob("config*.yaml")} == saved
