@@ -30,8 +30,8 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import (bench_elastic_warp, bench_input_pipeline, bench_metrics, bench_overlap_tile,  # noqa: E402
-                   bench_training, common)
+from bench import (bench_beam, bench_elastic_warp, bench_input_pipeline, bench_large_image,  # noqa: E402
+                   bench_metrics, bench_overlap_tile, bench_training, common)
 from pipeline.io import atomic_write_text  # noqa: E402
 
 
@@ -51,6 +51,8 @@ BENCHMARKS = [
               ["--presets", "cpu", "--steps", "1", "--matmul-size", "2048", "--matmul-repeats", "3"]),
     Benchmark("Overlap-tile prediction", bench_overlap_tile, ["--presets", "cpu", "--sizes", "512", "--repeats", "1"]),
     Benchmark("Evaluation metrics", bench_metrics, ["--slices", "3", "--size", "256"]),
+    Benchmark("Batch prediction on Apache Beam", bench_beam, ["--images", "2", "--size", "256", "--workers", "2"]),
+    Benchmark("Images larger than memory", bench_large_image, ["--sizes", "512", "1024", "--chunk-size", "416"]),
 ]
 
 
