@@ -73,8 +73,7 @@ def test_gradients_do_not_depend_on_the_number_of_replicas():
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import config as configuration
-        from pipeline.errors import PipelineError
-from pipeline.train import LearningRate, compiled_model, set_determinism
+        from pipeline.train import compiled_model
         config = configuration.apply_overrides(configuration.preset("smoke"), {
             "train": {"optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5}, "model": {"dropout": 0.0}}, "t")
         rng = np.random.default_rng(0)
