@@ -90,7 +90,7 @@ DATASET = Dataset(
         # depth 4 sees 44 px. 6,000 steps of 2 tiles of 380 px (196 px output).
         "cpu": {
             "model": {"depth": 5, "base_filters": 16},
-            "train": {"tile_size": 380, "batch_size": 2, "epochs": 24, "steps_per_epoch": 250},
+            "train": {"tile_size": 380, "batch_size": 2, "epochs": 24, "steps_per_epoch": 250, "learning_rate": 1e-3},
             "predict": {"tile_size": 572, "tiles_per_batch": 2, "test_time_augmentation": True},
         },
         # The paper averaged the network's outputs over rotated versions of the ISBI slices.
