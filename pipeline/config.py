@@ -189,12 +189,12 @@ def _cpu() -> Config:
     return Config(
         preset="cpu",
         model=ModelConfig(depth=4, base_filters=16),
-        # 250 steps: the first result within 3 minutes of training on a slow 2-core machine
-        # (docs/results.md, "The first result"); Adam at 2e-3 reaches in them what 1e-3 did in 750.
+        # 400 steps: the first result within 3 minutes of training on a slow 2-core machine
+        # (docs/results.md, "The first result"); Adam at 2e-3 comes near in them to what 1e-3 did in 750.
         train=TrainConfig(
             tile_size=188,
             batch_size=4,
-            epochs=10,
+            epochs=16,
             steps_per_epoch=25,
             optimizer="adam",
             learning_rate=2e-3,
