@@ -50,14 +50,15 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     the best value so far is kept beside it, so a resumed run keeps comparing against it.
     """
 
-    def __init__(self, path: Path, record: Path, monitor: str = "val_loss"):
+    def __init__(self, path: Path, record: Path, monitor: str = "val_loss", last: bool = False):
         super().__init__()
-        self.path, self.record, self.monitor = Path(path), Path(record), monitor
+        self.path, self.record, self.monitor, self.last = Path(path), Path(record), monitor, last
         self.best = json.loads(self.record.read_text())[monitor] if self.record.exists() else math.inf
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Saves on improvement, or at every epoch with `last` (nothing held out to compare on)."""
         value = float((logs or {}).get(self.monitor, math.inf))
-        if value < self.best:
+        if value < self.best or self.last:
             self.best = value
             with io.atomic_path(self.path, overwrite=True) as temporary:
                 self.model.save(temporary)

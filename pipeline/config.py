@@ -123,6 +123,10 @@ class TrainConfig:
     val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
     select_by: str = "val_loss"  # SELECTIONS: what picks the best epoch (and early stopping watches)
     early_stopping_patience: int = 0  # epochs without improvement of select_by; 0 = off
+    # Train on the validation images too, as the paper trained on every labelled slice,
+    # once a run without it has chosen the number of epochs: best.keras is then the last
+    # epoch's model. The test split stays held out.
+    include_validation: bool = False
     jit_compile: bool = False  # XLA; slower for this network on CPU
     strategy: str = "mirrored"  # STRATEGIES
     precision: str = "float32"  # PRECISIONS
@@ -468,6 +472,13 @@ def validate(config: Config) -> None:
     for field, choices in _CHOICES.items():
         value = _field(config, field)
         _refuse(field, value, _choice_problem(value, choices))
+    if config.train.include_validation:
+        _refuse("train.select_by", config.train.select_by,
+                "with train.include_validation=true the validation images are trained on and cannot choose the "
+                "model: keep val_loss (the last epoch is kept)" if config.train.select_by != "val_loss" else None)
+        _refuse("train.early_stopping_patience", config.train.early_stopping_patience,
+                "must be 0 with train.include_validation=true: the validation images are trained on"
+                if config.train.early_stopping_patience else None)
     total = config.train.epochs * config.train.steps_per_epoch
     _refuse("train.warmup_steps", config.train.warmup_steps,
             f"must be less than the run's {total} steps (train.epochs x train.steps_per_epoch)"

@@ -220,6 +220,23 @@ def check_initial_weights(config: Config) -> None:
     copy_weights(load_initial_model(source), unet(config.model), source)
 
 
+def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The images, instances and weight maps of two prepared splits as one, for training.
+
+    Splits of different image sizes are padded to the larger as `prepare` pads within a
+    split: images by mirroring, instances and weights with 0, so the padding is never learnt.
+    """
+    height = max(first["images"].shape[1], second["images"].shape[1])
+    width = max(first["images"].shape[2], second["images"].shape[2])
+
+    def padded(array: np.ndarray, mode: str) -> np.ndarray:
+        pads = [(0, 0), (0, height - array.shape[1]), (0, width - array.shape[2])] + [(0, 0)] * (array.ndim - 3)
+        return np.pad(array, pads, mode=mode)
+
+    modes = {"images": "reflect", "instances": "constant", "weights": "constant"}
+    return {key: np.concatenate([padded(first[key], mode), padded(second[key], mode)]) for key, mode in modes.items()}
+
+
 def _task_id(distribution: tf.distribute.Strategy) -> int | None:
     """None for the chief, else this worker's index, which names its own train/worker-N/."""
     return None if rundir.is_chief() else distribution.cluster_resolver.task_id
@@ -245,7 +262,8 @@ def callbacks(
                                          config))
     if task_id is None:
         chosen += [
-            BestModelCheckpoint(run.best_model, run.best_record, config.train.select_by),
+            BestModelCheckpoint(run.best_model, run.best_record, config.train.select_by,
+                                last=config.train.include_validation),
             keras.callbacks.CSVLogger(str(run.history), append=True),
             keras.callbacks.TensorBoard(log_dir=str(run.logs)),
             ValidationImages(run.logs, *val_tile),
@@ -317,6 +335,8 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     """
     train_split = rundir.load_split(run, "train", config)
     val_split = rundir.load_split(run, "val", config)
+    if config.train.include_validation:
+        train_split = joined(train_split, val_split)
     depth, train = config.model.depth, config.train
     distribution = strategy(train)
     task_id = _task_id(distribution)

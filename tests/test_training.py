@@ -17,7 +17,7 @@ import pytest
 from pipeline import config as configuration
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.train import LearningRate, compiled_model, set_determinism
+from pipeline.train import LearningRate, compiled_model, joined, set_determinism
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
@@ -217,3 +217,29 @@ def test_xla_is_never_dropped_silently():
     set_determinism(config.train)
     assert compiled_model(config).jit_compile
     set_determinism(configuration.preset("smoke").train)  # as the other tests expect it
+
+
+def test_joined_splits_pad_the_smaller_images_as_prepare_does():
+    first = {"images": np.arange(2 * 3 * 4 * 1).reshape(2, 3, 4, 1), "instances": np.ones((2, 3, 4), np.int32),
+             "weights": np.ones((2, 3, 4), np.float32), "sizes": np.array([[3, 4]] * 2)}
+    second = {"images": np.zeros((1, 5, 2, 1), np.int64), "instances": np.full((1, 5, 2), 2, np.int32),
+              "weights": np.full((1, 5, 2), 3, np.float32), "sizes": np.array([[5, 2]])}
+    both = joined(first, second)
+    assert {key: value.shape for key, value in both.items()} == {
+        "images": (3, 5, 4, 1), "instances": (3, 5, 4), "weights": (3, 5, 4)}
+    np.testing.assert_array_equal(both["images"][:2, 3:], first["images"][:, [1, 0]])  # mirrored, not learnt:
+    assert not both["weights"][:2, 3:].any() and not both["instances"][:2, 3:].any()  # weight 0, background
+    assert not both["weights"][2, :, 2:].any() and (both["weights"][2, :, :2] == 3).all()
+
+
+def test_training_on_the_validation_images_too_keeps_the_last_epoch(prepared, tmp_path):
+    run_dir = copy_of(prepared, tmp_path / "run")
+    args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=2",
+            "--set", "train.include_validation=true"]
+    assert main(args) == 0
+    assert json.loads((run_dir / "train" / "best.json").read_text())["epoch"] == 2
+    for best, last in zip(weights(run_dir / "train" / "best.keras"), weights(run_dir / "train" / "last.keras")):
+        np.testing.assert_array_equal(best, last)
+    assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 0
+    report = json.loads((run_dir / "evaluation" / "report.json").read_text())
+    assert "trained on the validation split too" in report["model_selection"]
