@@ -40,6 +40,7 @@ from pipeline.metrics.training import training_metrics
 from pipeline.model import unet
 from pipeline.rundir import RunDir
 
+
 @keras.saving.register_keras_serializable(package="unet_pipeline")
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
     """A linear warm-up from 0 to `peak` over `warmup_steps`, then `peak` held or decayed
@@ -402,13 +403,15 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     with io.atomic_path(run.last_model(task_id), overwrite=True) as temporary:
         model.save(temporary)
     if task_id is None:
-        _summary(run, train.select_by)
+        _summary(run, train)
     return history
 
 
-def _summary(run: RunDir, monitor: str) -> None:
+def _summary(run: RunDir, train: TrainConfig) -> None:
     record = json.loads(run.best_record.read_text())
+    # Trained on the validation images too, the last epoch is kept and its value chose nothing.
+    kept = "last epoch" if train.include_validation else "best"
     print(
-        f"best {monitor} {record[monitor]:.6g} (epoch {record['epoch']}) -> {run.best_model}; "
+        f"{kept} {train.select_by} {record[train.select_by]:.6g} (epoch {record['epoch']}) -> {run.best_model}; "
         f"TensorBoard: tensorboard --logdir {run.logs}"
     )

@@ -232,12 +232,13 @@ def test_joined_splits_pad_the_smaller_images_as_prepare_does():
     assert not both["weights"][2, :, 2:].any() and (both["weights"][2, :, :2] == 3).all()
 
 
-def test_training_on_the_validation_images_too_keeps_the_last_epoch(prepared, tmp_path):
+def test_training_on_the_validation_images_too_keeps_the_last_epoch(prepared, tmp_path, capsys):
     run_dir = copy_of(prepared, tmp_path / "run")
     args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=2",
             "--set", "train.include_validation=true"]
     assert main(args) == 0
     assert json.loads((run_dir / "train" / "best.json").read_text())["epoch"] == 2
+    assert "last epoch val_loss " in capsys.readouterr().out
     for best, last in zip(weights(run_dir / "train" / "best.keras"), weights(run_dir / "train" / "last.keras")):
         np.testing.assert_array_equal(best, last)
     assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 0
