@@ -2,15 +2,21 @@
 
 Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmul), then
 `model.fit` steps of the `cpu` and `paper` presets under MirroredStrategy with 1 and 2
-replicas (logical devices on the CPU; each configuration runs in a process of its own,
-since logical devices are fixed when TensorFlow starts). Tiles come from memory, so the
-figures are the training step's, not the input pipeline's (see bench_input_pipeline.py).
+replicas (logical devices on the CPU) and with TensorFlow's thread pools at their default
+size or set (`--threads default 2x1`: 2 intra-op threads, 1 inter-op thread). Each
+configuration runs in fresh processes (`--processes`, default 2), since logical devices
+and thread pools are fixed when TensorFlow starts, and since on a 2-core virtual machine
+one process can run its whole life at half the speed of the next: the table shows the
+fastest and the slowest. Every process also reports the CPU time of its steps, split into
+user and system (kernel) time, which shows how many cores a step keeps busy and what
+share the kernel takes. Tiles come from memory, so the figures are the training step's,
+not the input pipeline's (see bench_input_pipeline.py).
 
 FLOPs per tile: the forward pass's float operations counted by TensorFlow's profiler on
 the traced graph, times 3 for forward + backward (the usual estimate for convolutions).
 
     PYTHONPATH=. python bench/bench_training.py [--presets cpu paper] [--replicas 1 2]
-        [--steps N] [--matmul-size 4096] [--json PATH]
+        [--threads default 2x1] [--processes 2] [--steps N] [--matmul-size 4096] [--json PATH]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -58,11 +65,18 @@ def forward_flops(model: Any, tile: int, channels: int) -> int:
     return model_analyzer.profile(graph, options=options).total_float_ops
 
 
-def child(preset_name: str, replicas: int, steps: int) -> dict[str, Any]:
-    """One configuration, in this (fresh) process: tiles/s and FLOPs per tile."""
+def child(preset_name: str, replicas: int, threads: str, steps: int) -> dict[str, Any]:
+    """One configuration, in this (fresh) process: tiles/s, CPU seconds per step, FLOPs per tile.
+
+    `threads`: "default", or "IxJ" for I intra-op and J inter-op threads.
+    """
     import numpy as np
     import tensorflow as tf
 
+    if threads != "default":
+        intra, inter = map(int, threads.split("x"))
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     from pipeline import config as configuration
@@ -83,45 +97,75 @@ def child(preset_name: str, replicas: int, steps: int) -> dict[str, Any]:
         rng.uniform(1, 10, (batch, out, out)).astype("float32"),
     )).repeat()
     model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)  # trace and warm up
-    start = time.perf_counter()
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    seconds = time.perf_counter() - start
-    return {"preset": preset_name, "replicas": replicas, "steps": steps, "batch": batch, "tile": tile,
-            "tiles_per_second": steps * batch / seconds, "flops_per_tile": 3 * forward_flops(model, tile, 1)}
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return {"preset": preset_name, "replicas": replicas, "threads": threads, "steps": steps, "batch": batch,
+            "tile": tile, "tiles_per_second": steps * batch / seconds,
+            "user_seconds_per_step": (after.ru_utime - before.ru_utime) / steps,
+            "system_seconds_per_step": (after.ru_stime - before.ru_stime) / steps,
+            "seconds_per_step": seconds / steps, "flops_per_tile": 3 * forward_flops(model, tile, 1)}
 
 
-def measure(presets: list[str], replica_counts: list[int], steps: int | None = None,
-            matmul_size: int = 4096, matmul_repeats: int = 10) -> dict[str, Any]:
-    """The matmul peak in this process, then every (preset, replicas) in a process of its own.
+def measure(presets: list[str], replica_counts: list[int], thread_settings: list[str], processes: int = 2,
+            steps: int | None = None, matmul_size: int = 4096, matmul_repeats: int = 10) -> dict[str, Any]:
+    """The matmul peak in this process, then every (preset, replicas, threads) in `processes` fresh ones.
 
-    `steps` overrides the timed steps of every preset (default: STEPS).
+    The processes of one configuration are not run back to back but round by round, so that
+    a slow spell of the machine does not fall on one configuration only. `steps` overrides
+    the timed steps of every preset (default: STEPS).
     """
     peak = matmul_gflops(matmul_size, matmul_repeats)
     print(f"  {matmul_size}x{matmul_size} float32 matmul: {peak:.0f} GFLOP/s", flush=True)
-    rows = []
-    for preset in presets:
-        for replicas in replica_counts:
-            arguments = ["--child", preset, str(replicas), str(steps or STEPS[preset])]
-            rows.append(common.run_json(Path(__file__), arguments))
-            print(f"  {preset:6s} {replicas} replica(s): {rows[-1]['tiles_per_second']:.2f} tiles/s", flush=True)
-    return {"cores": len(os.sched_getaffinity(0)), "steps": steps, "matmul_size": matmul_size,
-            "matmul_repeats": matmul_repeats, "matmul_gflops": peak, "rows": rows}
+    configurations = [(preset, replicas, threads) for preset in presets for replicas in replica_counts
+                      for threads in thread_settings]
+    runs: dict[tuple, list[dict]] = {configuration: [] for configuration in configurations}
+    for _ in range(processes):
+        for preset, replicas, threads in configurations:
+            arguments = ["--child", preset, str(replicas), threads, str(steps or STEPS[preset])]
+            run = common.run_json(Path(__file__), arguments)
+            runs[preset, replicas, threads].append(run)
+            print(f"  {preset:6s} {replicas} replica(s), threads {threads}: {run['tiles_per_second']:.2f} tiles/s, "
+                  f"{run['user_seconds_per_step']:.3f} s user + {run['system_seconds_per_step']:.3f} s system "
+                  f"in {run['seconds_per_step']:.3f} s a step", flush=True)
+    return {"cores": len(os.sched_getaffinity(0)), "steps": steps, "processes": processes,
+            "matmul_size": matmul_size, "matmul_repeats": matmul_repeats, "matmul_gflops": peak,
+            "rows": [{**runs[c][0], "runs": runs[c]} for c in configurations]}
+
+
+def _speeds(row: dict[str, Any]) -> list[float]:
+    """Tiles/s of every process of one configuration, slowest first."""
+    return sorted(run["tiles_per_second"] for run in row.get("runs", [row]))
+
+
+def _range(values: list[float], fmt: str) -> str:
+    """'a' when every process measured the same, else 'slowest-fastest'."""
+    low, high = format(values[0], fmt), format(values[-1], fmt)
+    return low if low == high else f"{low}-{high}"
 
 
 def render(results: dict[str, Any]) -> str:
-    """The markdown section: how it is measured, the peak, the table, what replicas cost."""
+    """The markdown section: how it is measured, the peak, the table, what replicas and threads change."""
     peak, size, rows = results["matmul_gflops"], results["matmul_size"], results["rows"]
     table = []
     for row in rows:
-        achieved = row["tiles_per_second"] * row["flops_per_tile"] / 1e9
-        table.append([row["preset"], str(row["replicas"]), str(row["batch"]), str(row["tile"]),
-                      f"{row['tiles_per_second']:.2f}", f"{row['flops_per_tile'] / 1e9:.1f}", f"{achieved:.1f}",
-                      f"{achieved / peak:.0%}"])
+        speeds, runs = _speeds(row), row.get("runs", [row])
+        busy = [(run["user_seconds_per_step"] + run["system_seconds_per_step"]) / run["seconds_per_step"]
+                for run in runs]
+        system = sum(run["system_seconds_per_step"] for run in runs) / sum(
+            run["user_seconds_per_step"] + run["system_seconds_per_step"] for run in runs)
+        shares = [speed * row["flops_per_tile"] / 1e9 / peak for speed in speeds]
+        table.append([row["preset"], str(row["replicas"]), row.get("threads", "default"), str(row["batch"]),
+                      str(row["tile"]), f"{row['flops_per_tile'] / 1e9:.1f}", _range(speeds, ".2f"),
+                      _range([100 * share for share in shares], ".0f") + "%", _range(sorted(busy), ".2f"),
+                      f"{system:.0%}"])
     presets = list(dict.fromkeys(row["preset"] for row in rows))
     replica_counts = list(dict.fromkeys(row["replicas"] for row in rows))
+    thread_settings = list(dict.fromkeys(row.get("threads", "default") for row in rows))
     timed = {row["preset"]: row["steps"] for row in rows}
     command = (f"PYTHONPATH=. python bench/bench_training.py --presets {' '.join(presets)} "
-               f"--replicas {' '.join(map(str, replica_counts))} --matmul-size {size} "
+               f"--replicas {' '.join(map(str, replica_counts))} --threads {' '.join(thread_settings)} "
+               f"--processes {results.get('processes', 1)} --matmul-size {size} "
                f"--matmul-repeats {results['matmul_repeats']}")
     if results["steps"] is not None:
         command += f" --steps {results['steps']}"
@@ -130,14 +174,18 @@ def render(results: dict[str, Any]) -> str:
         f"`{command}`",
         common.paragraph(
             f"The peak is a {size}x{size} float32 matmul measured in the same run; each configuration runs "
-            "`model.fit` under `MirroredStrategy` in a process of its own (n replicas = n logical CPU devices), "
-            "on tiles held in memory (the input pipeline has its own section), timing "
+            f"`model.fit` under `MirroredStrategy` in {results.get('processes', 1)} fresh process(es) "
+            "(n replicas = n logical CPU devices; threads IxJ = I intra-op and J inter-op threads), on tiles held "
+            "in memory (the input pipeline has its own section), timing "
             + ", ".join(f"{common.count(steps, 'step')} for `{preset}`" for preset, steps in timed.items())
-            + " after a warm-up step. FLOPs per tile: the forward graph's float operations counted by "
-            "TensorFlow's profiler, times 3 for forward + backward."),
+            + " after a warm-up step. Ranges go from the slowest process to the fastest. FLOPs per tile: the "
+            "forward graph's float operations counted by TensorFlow's profiler, times 3 for forward + backward. "
+            "Cores busy: the CPU time of the timed steps (user + system) over their wall time; system share: "
+            "the kernel's part of that CPU time."),
         f"{size}x{size} float32 matmul on the CPU: {peak:.0f} GFLOP/s.",
-        common.markdown_table(["preset", "replicas", "global batch", "tile", "tiles/s", "GFLOP/tile (train)",
-                               "achieved GFLOP/s", "of matmul peak"], table, "lrrrrrrr"),
+        common.markdown_table(["preset", "replicas", "threads", "global batch", "tile", "GFLOP/tile (train)",
+                               "tiles/s", "of matmul peak", "cores busy", "system share"], table,
+                              "lrlrrrrrrr"),
     ]
     if len(replica_counts) > 1:
         sections.append(_replicas(results))
@@ -146,18 +194,21 @@ def render(results: dict[str, Any]) -> str:
 
 def _replicas(results: dict[str, Any]) -> str:
     """What more replicas change, in measured tiles/s, and why little can be expected on a CPU."""
-    rows = {(row["preset"], row["replicas"]): row for row in results["rows"]}
+    first_threads = results["rows"][0].get("threads", "default")
+    rows = {(row["preset"], row["replicas"]): row for row in results["rows"]
+            if row.get("threads", "default") == first_threads}
     presets = list(dict.fromkeys(preset for preset, _ in rows))
     fewest, most = min(replicas for _, replicas in rows), max(replicas for _, replicas in rows)
 
     def change(preset: str) -> str:
-        gain = rows[preset, most]["tiles_per_second"] / rows[preset, fewest]["tiles_per_second"] - 1
+        gain = _speeds(rows[preset, most])[-1] / _speeds(rows[preset, fewest])[-1] - 1
         same_batch = rows[preset, most]["batch"] == rows[preset, fewest]["batch"]
         return f"`{preset}` {gain:+.0%} ({'same global batch' if same_batch else 'one tile per replica'})"
 
     sentences = [
         f"Logical devices share the same {results['cores']} CPU cores, so more replicas add no compute. "
-        f"Tiles/s with {most} replicas against {fewest}: {', '.join(map(change, presets))}.",
+        f"Fastest tiles/s with {most} replicas against {fewest} (threads {first_threads}): "
+        f"{', '.join(map(change, presets))}.",
         "With the same global batch the change is the cost of splitting it; with one tile per replica, "
         "the replicas run their tiles at once, and a gain means that one tile's step alone left cores idle.",
         "These are CPU figures: the replicas are CPU devices even where a GPU is present.",
@@ -167,21 +218,34 @@ def _replicas(results: dict[str, Any]) -> str:
     return common.paragraph(*sentences)
 
 
+def thread_setting(text: str) -> str:
+    """Checks a --threads value: "default" or "IxJ" with positive I and J."""
+    intra, _, inter = text.partition("x")
+    if text != "default" and not (intra.isdigit() and inter.isdigit() and int(intra) > 0 and int(inter) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: use default or IxJ, e.g. 2x1")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(STEPS))
     parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2], help="replica counts to compare")
+    parser.add_argument("--threads", nargs="+", type=thread_setting, default=["default", "2x1"],
+                        help="thread settings to compare: default, or IxJ (I intra-op, J inter-op threads)")
+    parser.add_argument("--processes", type=int, default=2, help="fresh processes per configuration")
     parser.add_argument("--steps", type=int, help="timed steps for every preset (default: cpu 12, paper 2)")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-repeats", type=int, default=10)
-    parser.add_argument("--child", nargs=3, metavar=("PRESET", "REPLICAS", "STEPS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, metavar=("PRESET", "REPLICAS", "THREADS", "STEPS"),
+                        help=argparse.SUPPRESS)
     common.add_json_argument(parser)
     args = parser.parse_args()
     if args.child:
-        preset, replicas, steps = args.child
-        common.finish(args.json, child(preset, int(replicas), int(steps)), json.dumps)
+        preset, replicas, threads, steps = args.child
+        common.finish(args.json, child(preset, int(replicas), threads, int(steps)), json.dumps)
         return
-    results = measure(args.presets, args.replicas, args.steps, args.matmul_size, args.matmul_repeats)
+    results = measure(args.presets, args.replicas, args.threads, args.processes, args.steps, args.matmul_size,
+                      args.matmul_repeats)
     common.finish(args.json, results, render)
 
 
