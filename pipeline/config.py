@@ -128,6 +128,9 @@ class TrainConfig:
     # epoch's model. The test split stays held out.
     include_validation: bool = False
     jit_compile: bool = False  # XLA; slower for this network on CPU
+    # glibc's malloc keeps freed memory for the next step instead of unmapping it, which
+    # saves the kernel zeroing fresh pages every step (pipeline/allocator.py).
+    keep_freed_memory: bool = True
     strategy: str = "mirrored"  # STRATEGIES
     precision: str = "float32"  # PRECISIONS
     # Fine-tuning: the weights to start from (a run directory, a .keras file or a package

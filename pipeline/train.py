@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
-from pipeline import bioimageio, input_pipeline, io, rundir
+from pipeline import allocator, bioimageio, input_pipeline, io, rundir
 from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnNaN, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
@@ -352,6 +352,9 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
 
     keras.utils.set_random_seed(train.seed)
     set_determinism(train)
+    if train.keep_freed_memory and not allocator.keep_freed_memory():
+        print("notice: train.keep_freed_memory needs glibc's malloc, which this system does not have; "
+              "training frees memory as usual", flush=True)
     train_data = input_pipeline.training_dataset(
         train_split["images"], train_split["instances"] > 0, train_split["weights"], depth, train, config.augment,
         first_batch=initial_epoch * train.steps_per_epoch, padding=config.model.padding,
