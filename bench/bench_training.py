@@ -2,21 +2,25 @@
 
 Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmul), then
 `model.fit` steps of the `cpu` and `paper` presets under MirroredStrategy with 1 and 2
-replicas (logical devices on the CPU) and with TensorFlow's thread pools at their default
-size or set (`--threads default 2x1`: 2 intra-op threads, 1 inter-op thread). Each
-configuration runs in fresh processes (`--processes`, default 2), since logical devices
-and thread pools are fixed when TensorFlow starts, and since on a 2-core virtual machine
-one process can run its whole life at half the speed of the next: the table shows the
-fastest and the slowest. Every process also reports the CPU time of its steps, split into
-user and system (kernel) time, which shows how many cores a step keeps busy and what
-share the kernel takes. Tiles come from memory, so the figures are the training step's,
-not the input pipeline's (see bench_input_pipeline.py).
+replicas (logical devices on the CPU), with TensorFlow's thread pools at their default
+size or set (for example `--threads default 2x1`: 2 intra-op threads, 1 inter-op thread),
+and with freed memory kept in the process (`train.keep_freed_memory`,
+pipeline/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
+kept returned`). Each configuration runs in fresh processes (`--processes`, default 2),
+since logical devices and thread pools are fixed when TensorFlow starts, and since on a
+2-core virtual machine one process can run its whole life at half the speed of the next:
+the table shows the fastest and the slowest. Every process also reports the CPU time of
+its steps, split into user and system (kernel) time, and its page faults: how many cores a
+step keeps busy, what share the kernel takes and how much fresh memory it had to hand out.
+Tiles come from memory, so the figures are the training step's, not the input pipeline's
+(see bench_input_pipeline.py).
 
 FLOPs per tile: the forward pass's float operations counted by TensorFlow's profiler on
 the traced graph, times 3 for forward + backward (the usual estimate for convolutions).
 
     PYTHONPATH=. python bench/bench_training.py [--presets cpu paper] [--replicas 1 2]
-        [--threads default 2x1] [--processes 2] [--steps N] [--matmul-size 4096] [--json PATH]
+        [--threads default] [--freed-memory kept returned] [--processes 2] [--steps N]
+        [--matmul-size 4096] [--json PATH]
 """
 
 from __future__ import annotations
@@ -65,13 +69,19 @@ def forward_flops(model: Any, tile: int, channels: int) -> int:
     return model_analyzer.profile(graph, options=options).total_float_ops
 
 
-def child(preset_name: str, replicas: int, threads: str, steps: int) -> dict[str, Any]:
-    """One configuration, in this (fresh) process: tiles/s, CPU seconds per step, FLOPs per tile.
+def child(preset_name: str, replicas: int, threads: str, freed_memory: str, steps: int) -> dict[str, Any]:
+    """One configuration, in this (fresh) process: tiles/s, CPU seconds and page faults per step, FLOPs per tile.
 
-    `threads`: "default", or "IxJ" for I intra-op and J inter-op threads.
+    `threads`: "default", or "IxJ" for I intra-op and J inter-op threads; `freed_memory`:
+    "kept" (what training does by default) or "returned".
     """
     import numpy as np
     import tensorflow as tf
+
+    from pipeline import allocator
+
+    if freed_memory == "kept" and not allocator.keep_freed_memory():
+        raise RuntimeError("--freed-memory kept needs glibc's malloc")
 
     if threads != "default":
         intra, inter = map(int, threads.split("x"))
@@ -100,16 +110,21 @@ def child(preset_name: str, replicas: int, threads: str, steps: int) -> dict[str
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
     seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    return {"preset": preset_name, "replicas": replicas, "threads": threads, "steps": steps, "batch": batch,
-            "tile": tile, "tiles_per_second": steps * batch / seconds,
+    return {"preset": preset_name, "replicas": replicas, "threads": threads, "freed_memory": freed_memory,
+            "steps": steps, "batch": batch, "tile": tile, "tiles_per_second": steps * batch / seconds,
+            "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+            "peak_rss_mib": after.ru_maxrss / 1024,
             "user_seconds_per_step": (after.ru_utime - before.ru_utime) / steps,
             "system_seconds_per_step": (after.ru_stime - before.ru_stime) / steps,
             "seconds_per_step": seconds / steps, "flops_per_tile": 3 * forward_flops(model, tile, 1)}
 
 
-def measure(presets: list[str], replica_counts: list[int], thread_settings: list[str], processes: int = 2,
-            steps: int | None = None, matmul_size: int = 4096, matmul_repeats: int = 10) -> dict[str, Any]:
-    """The matmul peak in this process, then every (preset, replicas, threads) in `processes` fresh ones.
+def measure(presets: list[str], replica_counts: list[int], thread_settings: list[str], freed_memory: list[str],
+            processes: int = 2, steps: int | None = None, matmul_size: int = 4096,
+            matmul_repeats: int = 10) -> dict[str, Any]:
+    """The matmul peak in this process, then every configuration in `processes` fresh ones.
+
+    A configuration: (preset, replicas, threads, freed memory).
 
     The processes of one configuration are not run back to back but round by round, so that
     a slow spell of the machine does not fall on one configuration only. `steps` overrides
@@ -117,17 +132,19 @@ def measure(presets: list[str], replica_counts: list[int], thread_settings: list
     """
     peak = matmul_gflops(matmul_size, matmul_repeats)
     print(f"  {matmul_size}x{matmul_size} float32 matmul: {peak:.0f} GFLOP/s", flush=True)
-    configurations = [(preset, replicas, threads) for preset in presets for replicas in replica_counts
-                      for threads in thread_settings]
+    configurations = [(preset, replicas, threads, memory) for preset in presets for replicas in replica_counts
+                      for threads in thread_settings for memory in freed_memory]
     runs: dict[tuple, list[dict]] = {configuration: [] for configuration in configurations}
     for _ in range(processes):
-        for preset, replicas, threads in configurations:
-            arguments = ["--child", preset, str(replicas), threads, str(steps or STEPS[preset])]
+        for configuration in configurations:
+            preset, replicas, threads, memory = configuration
+            arguments = ["--child", preset, str(replicas), threads, memory, str(steps or STEPS[preset])]
             run = common.run_json(Path(__file__), arguments)
-            runs[preset, replicas, threads].append(run)
-            print(f"  {preset:6s} {replicas} replica(s), threads {threads}: {run['tiles_per_second']:.2f} tiles/s, "
-                  f"{run['user_seconds_per_step']:.3f} s user + {run['system_seconds_per_step']:.3f} s system "
-                  f"in {run['seconds_per_step']:.3f} s a step", flush=True)
+            runs[configuration].append(run)
+            print(f"  {preset:6s} {replicas} replica(s), threads {threads}, freed memory {memory}: "
+                  f"{run['tiles_per_second']:.2f} tiles/s, {run['user_seconds_per_step']:.3f} s user + "
+                  f"{run['system_seconds_per_step']:.3f} s system in {run['seconds_per_step']:.3f} s a step, "
+                  f"{run['page_faults_per_step']:.0f} page faults a step", flush=True)
     return {"cores": len(os.sched_getaffinity(0)), "steps": steps, "processes": processes,
             "matmul_size": matmul_size, "matmul_repeats": matmul_repeats, "matmul_gflops": peak,
             "rows": [{**runs[c][0], "runs": runs[c]} for c in configurations]}
@@ -135,38 +152,40 @@ def measure(presets: list[str], replica_counts: list[int], thread_settings: list
 
 def _speeds(row: dict[str, Any]) -> list[float]:
     """Tiles/s of every process of one configuration, slowest first."""
-    return sorted(run["tiles_per_second"] for run in row.get("runs", [row]))
+    return sorted(run["tiles_per_second"] for run in row["runs"])
 
 
 def _range(values: list[float], fmt: str) -> str:
-    """'a' when every process measured the same, else 'slowest-fastest'."""
-    low, high = format(values[0], fmt), format(values[-1], fmt)
+    """'a' when every process measured the same, else 'lowest-highest'."""
+    low, high = format(min(values), fmt), format(max(values), fmt)
     return low if low == high else f"{low}-{high}"
 
 
+def _mean(row: dict[str, Any], key: str) -> float:
+    return sum(run[key] for run in row["runs"]) / len(row["runs"])
+
+
 def render(results: dict[str, Any]) -> str:
-    """The markdown section: how it is measured, the peak, the table, what replicas and threads change."""
+    """The markdown section: how it is measured, the peak, the table, what each dimension changes."""
     peak, size, rows = results["matmul_gflops"], results["matmul_size"], results["rows"]
     table = []
     for row in rows:
-        speeds, runs = _speeds(row), row.get("runs", [row])
+        speeds = _speeds(row)
         busy = [(run["user_seconds_per_step"] + run["system_seconds_per_step"]) / run["seconds_per_step"]
-                for run in runs]
-        system = sum(run["system_seconds_per_step"] for run in runs) / sum(
-            run["user_seconds_per_step"] + run["system_seconds_per_step"] for run in runs)
-        shares = [speed * row["flops_per_tile"] / 1e9 / peak for speed in speeds]
-        table.append([row["preset"], str(row["replicas"]), row.get("threads", "default"), str(row["batch"]),
+                for run in row["runs"]]
+        cpu_time = _mean(row, "user_seconds_per_step") + _mean(row, "system_seconds_per_step")
+        table.append([row["preset"], str(row["replicas"]), row["threads"], row["freed_memory"], str(row["batch"]),
                       str(row["tile"]), f"{row['flops_per_tile'] / 1e9:.1f}", _range(speeds, ".2f"),
-                      _range([100 * share for share in shares], ".0f") + "%", _range(sorted(busy), ".2f"),
-                      f"{system:.0%}"])
-    presets = list(dict.fromkeys(row["preset"] for row in rows))
-    replica_counts = list(dict.fromkeys(row["replicas"] for row in rows))
-    thread_settings = list(dict.fromkeys(row.get("threads", "default") for row in rows))
+                      _range([100 * speed * row["flops_per_tile"] / 1e9 / peak for speed in speeds], ".0f") + "%",
+                      _range(busy, ".2f"), f"{_mean(row, 'system_seconds_per_step') / cpu_time:.0%}",
+                      f"{_mean(row, 'page_faults_per_step'):,.0f}", f"{_mean(row, 'peak_rss_mib'):,.0f}"])
+    dimensions = {name: list(dict.fromkeys(row[name] for row in rows))
+                  for name in ("preset", "replicas", "threads", "freed_memory")}
     timed = {row["preset"]: row["steps"] for row in rows}
-    command = (f"PYTHONPATH=. python bench/bench_training.py --presets {' '.join(presets)} "
-               f"--replicas {' '.join(map(str, replica_counts))} --threads {' '.join(thread_settings)} "
-               f"--processes {results.get('processes', 1)} --matmul-size {size} "
-               f"--matmul-repeats {results['matmul_repeats']}")
+    command = (f"PYTHONPATH=. python bench/bench_training.py --presets {' '.join(dimensions['preset'])} "
+               f"--replicas {' '.join(map(str, dimensions['replicas']))} --threads {' '.join(dimensions['threads'])} "
+               f"--freed-memory {' '.join(dimensions['freed_memory'])} --processes {results['processes']} "
+               f"--matmul-size {size} --matmul-repeats {results['matmul_repeats']}")
     if results["steps"] is not None:
         command += f" --steps {results['steps']}"
     sections = [
@@ -174,29 +193,31 @@ def render(results: dict[str, Any]) -> str:
         f"`{command}`",
         common.paragraph(
             f"The peak is a {size}x{size} float32 matmul measured in the same run; each configuration runs "
-            f"`model.fit` under `MirroredStrategy` in {results.get('processes', 1)} fresh process(es) "
-            "(n replicas = n logical CPU devices; threads IxJ = I intra-op and J inter-op threads), on tiles held "
-            "in memory (the input pipeline has its own section), timing "
+            f"`model.fit` under `MirroredStrategy` in {results['processes']} fresh process(es) "
+            "(n replicas = n logical CPU devices; threads IxJ = I intra-op and J inter-op threads; freed memory "
+            "kept by glibc for the next step, as training does, or returned to the kernel), on tiles held in "
+            "memory (the input pipeline has its own section), timing "
             + ", ".join(f"{common.count(steps, 'step')} for `{preset}`" for preset, steps in timed.items())
             + " after a warm-up step. Ranges go from the slowest process to the fastest. FLOPs per tile: the "
             "forward graph's float operations counted by TensorFlow's profiler, times 3 for forward + backward. "
             "Cores busy: the CPU time of the timed steps (user + system) over their wall time; system share: "
-            "the kernel's part of that CPU time."),
+            "the kernel's part of that CPU time; page faults and peak resident memory: means over the "
+            "processes."),
         f"{size}x{size} float32 matmul on the CPU: {peak:.0f} GFLOP/s.",
-        common.markdown_table(["preset", "replicas", "threads", "global batch", "tile", "GFLOP/tile (train)",
-                               "tiles/s", "of matmul peak", "cores busy", "system share"], table,
-                              "lrlrrrrrrr"),
+        common.markdown_table(["preset", "replicas", "threads", "freed memory", "global batch", "tile",
+                               "GFLOP/tile (train)", "tiles/s", "of matmul peak", "cores busy", "system share",
+                               "page faults a step", "peak RSS, MiB"], table, "lrllrrrrrrrrr"),
     ]
-    if len(replica_counts) > 1:
+    if len(dimensions["replicas"]) > 1:
         sections.append(_replicas(results))
     return "\n\n".join(sections)
 
 
 def _replicas(results: dict[str, Any]) -> str:
     """What more replicas change, in measured tiles/s, and why little can be expected on a CPU."""
-    first_threads = results["rows"][0].get("threads", "default")
+    first = results["rows"][0]
     rows = {(row["preset"], row["replicas"]): row for row in results["rows"]
-            if row.get("threads", "default") == first_threads}
+            if (row["threads"], row["freed_memory"]) == (first["threads"], first["freed_memory"])}
     presets = list(dict.fromkeys(preset for preset, _ in rows))
     fewest, most = min(replicas for _, replicas in rows), max(replicas for _, replicas in rows)
 
@@ -207,8 +228,8 @@ def _replicas(results: dict[str, Any]) -> str:
 
     sentences = [
         f"Logical devices share the same {results['cores']} CPU cores, so more replicas add no compute. "
-        f"Fastest tiles/s with {most} replicas against {fewest} (threads {first_threads}): "
-        f"{', '.join(map(change, presets))}.",
+        f"Fastest tiles/s with {most} replicas against {fewest} (threads {first['threads']}, freed memory "
+        f"{first['freed_memory']}): {', '.join(map(change, presets))}.",
         "With the same global batch the change is the cost of splitting it; with one tile per replica, "
         "the replicas run their tiles at once, and a gain means that one tile's step alone left cores idle.",
         "These are CPU figures: the replicas are CPU devices even where a GPU is present.",
@@ -230,22 +251,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(STEPS))
     parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2], help="replica counts to compare")
-    parser.add_argument("--threads", nargs="+", type=thread_setting, default=["default", "2x1"],
+    parser.add_argument("--threads", nargs="+", type=thread_setting, default=["default"],
                         help="thread settings to compare: default, or IxJ (I intra-op, J inter-op threads)")
+    parser.add_argument("--freed-memory", nargs="+", choices=["kept", "returned"], default=["kept", "returned"],
+                        help="keep freed memory in the process (train.keep_freed_memory) or return it to the kernel")
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per configuration")
     parser.add_argument("--steps", type=int, help="timed steps for every preset (default: cpu 12, paper 2)")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-repeats", type=int, default=10)
-    parser.add_argument("--child", nargs=4, metavar=("PRESET", "REPLICAS", "THREADS", "STEPS"),
+    parser.add_argument("--child", nargs=5, metavar=("PRESET", "REPLICAS", "THREADS", "MEMORY", "STEPS"),
                         help=argparse.SUPPRESS)
     common.add_json_argument(parser)
     args = parser.parse_args()
     if args.child:
-        preset, replicas, threads, steps = args.child
-        common.finish(args.json, child(preset, int(replicas), threads, int(steps)), json.dumps)
+        preset, replicas, threads, memory, steps = args.child
+        common.finish(args.json, child(preset, int(replicas), threads, memory, int(steps)), json.dumps)
         return
-    results = measure(args.presets, args.replicas, args.threads, args.processes, args.steps, args.matmul_size,
-                      args.matmul_repeats)
+    results = measure(args.presets, args.replicas, args.threads, args.freed_memory, args.processes, args.steps,
+                      args.matmul_size, args.matmul_repeats)
     common.finish(args.json, results, render)
 
 

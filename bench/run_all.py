@@ -48,7 +48,7 @@ BENCHMARKS = [
     Benchmark("Elastic warp", bench_elastic_warp, ["--seconds", "0.5", "--size", "188"]),
     Benchmark("Input pipeline", bench_input_pipeline, ["--presets", "cpu", "--tiles", "16", "--steps", "1"]),
     Benchmark("Training throughput", bench_training,
-              ["--presets", "cpu", "--threads", "default", "--processes", "1", "--steps", "1",
+              ["--presets", "cpu", "--threads", "default", "--freed-memory", "kept", "--processes", "1", "--steps", "1",
                "--matmul-size", "2048", "--matmul-repeats", "3"]),
     Benchmark("Overlap-tile prediction", bench_overlap_tile, ["--presets", "cpu", "--sizes", "512", "--repeats", "1"]),
     Benchmark("Evaluation metrics", bench_metrics, ["--slices", "3", "--size", "256"]),
