@@ -1,6 +1,6 @@
 """Runs every benchmark and writes BENCHMARKS.md: the machine, the date and every table.
 
-    PYTHONPATH=. python bench/run_all.py [--output BENCHMARKS.md] [--quick]
+    PYTHONPATH=. python bench/run_all.py [--output BENCHMARKS.md] [--quick] [--only TITLE ...]
 
 Each benchmark runs in a Python process of its own, one after the other: pinning to one
 core, op determinism and logical devices are per process, and no benchmark may compete
@@ -8,6 +8,10 @@ with another for the cores. Each hands back its results as JSON (`--json`), rend
 by its script's `render`, so the file holds exactly what was measured in this run. The
 file is written atomically; a benchmark that fails gets its error in its section and the
 command exits with status 1.
+
+`--only "Training throughput"` runs the named benchmarks alone and replaces just their
+sections in the existing file, each marked with the machine, date and load of its own run
+(the header keeps describing the run that wrote the rest).
 
 `--quick` makes every benchmark tiny (short durations, small images, no `paper`-size
 cases) to check the suite in a few minutes; its numbers are not measurements, and it
@@ -95,6 +99,28 @@ def header(machine: dict[str, Any], started: datetime.datetime, seconds: float, 
     return "\n".join(lines)
 
 
+def remeasured(section: str, machine: dict[str, Any], started: datetime.datetime) -> str:
+    """A section measured by `--only`: its title, then where and when, then the rest."""
+    title, _, body = section.partition("\n\n")
+    load = ", ".join(f"{value:.2f}" for value in machine["load_average"])
+    note = (f"_Measured alone (`run_all.py --only`) on {started:%Y-%m-%d %H:%M %Z}, {machine['cpu']}, "
+            f"{machine['usable_cores']} usable cores, load average {load} when it started; the header describes "
+            "the run that wrote the other sections._")
+    return f"{title}\n\n{note}\n\n{body}"
+
+
+def replace_sections(text: str, sections: dict[str, str]) -> str:
+    """`text` (a BENCHMARKS.md) with each section whose heading starts with a key replaced by its value."""
+    parts = text.split("\n\n## ")
+    replaced = list(parts)
+    for title, section in sections.items():
+        matches = [index for index, part in enumerate(parts[1:], 1) if part.startswith(title)]
+        if len(matches) != 1:
+            raise ValueError(f"{len(matches)} sections titled {title!r}... in the file to update, not 1")
+        replaced[matches[0]] = section.removeprefix("## ").rstrip("\n")
+    return "\n\n## ".join(replaced).rstrip("\n") + "\n"
+
+
 def failed_section(benchmark: Benchmark, error: Exception) -> str:
     """The section of a benchmark whose process failed: its title and the error."""
     return f"## {benchmark.title}\n\n**Failed**:\n\n```\n{error}\n```"
@@ -106,6 +132,8 @@ def main() -> int:
                         help="file to write (default: BENCHMARKS.md at the top of the repository; with --quick, "
                              "BENCHMARKS-quick.md in the temporary folder)")
     parser.add_argument("--quick", action="store_true", help="tiny benchmarks: checks the suite, measures nothing")
+    parser.add_argument("--only", nargs="+", metavar="TITLE", choices=[benchmark.title for benchmark in BENCHMARKS],
+                        help="run these benchmarks and replace only their sections in the existing file")
     args = parser.parse_args()
     output = args.output or (Path(tempfile.gettempdir()) / "BENCHMARKS-quick.md" if args.quick
                              else common.ROOT / "BENCHMARKS.md")
@@ -114,9 +142,12 @@ def main() -> int:
 
     started, start = datetime.datetime.now().astimezone(), time.perf_counter()
     machine = common.machine()  # first: the load average must not include our own benchmarks
+    chosen = [benchmark for benchmark in BENCHMARKS if not args.only or benchmark.title in args.only]
+    if args.only and not output.is_file():
+        parser.error(f"--only updates an existing file; {output} does not exist")
     sections, failures = [], 0
-    for number, benchmark in enumerate(BENCHMARKS, 1):
-        print(f"[{number}/{len(BENCHMARKS)}] {benchmark.title}", flush=True)
+    for number, benchmark in enumerate(chosen, 1):
+        print(f"[{number}/{len(chosen)}] {benchmark.title}", flush=True)
         began = time.perf_counter()
         try:
             sections.append(run_benchmark(benchmark, args.quick))
@@ -124,10 +155,14 @@ def main() -> int:
             print(error, file=sys.stderr)
             sections.append(failed_section(benchmark, error))
             failures += 1
-        print(f"[{number}/{len(BENCHMARKS)}] {benchmark.title}: {time.perf_counter() - began:.0f} s", flush=True)
+        print(f"[{number}/{len(chosen)}] {benchmark.title}: {time.perf_counter() - began:.0f} s", flush=True)
 
-    text = header(machine, started, time.perf_counter() - start, command, args.quick)
-    atomic_write_text(output, "\n\n".join([text, *sections]) + "\n")
+    if args.only:
+        updated = {benchmark.title: remeasured(section, machine, started) for benchmark, section in zip(chosen, sections)}
+        atomic_write_text(output, replace_sections(output.read_text(), updated))
+    else:
+        text = header(machine, started, time.perf_counter() - start, command, args.quick)
+        atomic_write_text(output, "\n\n".join([text, *sections]) + "\n")
     print(f"wrote {output}" + (f" ({failures} benchmark(s) failed)" if failures else ""))
     return 1 if failures else 0
 
