@@ -37,7 +37,8 @@ OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("constant", "cosine", "polynomial")
 # What chooses train/best.keras among the epochs: the weighted loss on the validation
 # tiles, or the challenge's own Rand or warping error on the whole validation images.
-SELECTIONS = ("val_loss", "val_rand_error", "val_warping_error")
+# "last": the last epoch, chosen by nothing (nnU-Net keeps its final checkpoint), for decayed schedules.
+SELECTIONS = ("val_loss", "val_rand_error", "val_warping_error", "last")
 STRATEGIES = ("mirrored", "multi_worker")  # this machine's devices, or the TF_CONFIG cluster
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -478,9 +479,14 @@ def validate(config: Config) -> None:
     if config.train.include_validation:
         _refuse("train.select_by", config.train.select_by,
                 "with train.include_validation=true the validation images are trained on and cannot choose the "
-                "model: keep val_loss (the last epoch is kept)" if config.train.select_by != "val_loss" else None)
+                "model: keep val_loss or last (the last epoch is kept)"
+                if config.train.select_by not in ("val_loss", "last") else None)
         _refuse("train.early_stopping_patience", config.train.early_stopping_patience,
                 "must be 0 with train.include_validation=true: the validation images are trained on"
+                if config.train.early_stopping_patience else None)
+    if config.train.select_by == "last":
+        _refuse("train.early_stopping_patience", config.train.early_stopping_patience,
+                "must be 0 with train.select_by=last: early stopping watches a validation score"
                 if config.train.early_stopping_patience else None)
     total = config.train.epochs * config.train.steps_per_epoch
     _refuse("train.warmup_steps", config.train.warmup_steps,

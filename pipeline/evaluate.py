@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from pipeline import data, io, rundir
-from pipeline.config import Config
+from pipeline.config import Config, TrainConfig
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.metrics.common import check_pair
@@ -81,8 +81,7 @@ def run(config: Config, run: RunDir) -> dict:
     report = evaluate(config)
     probabilities = report.pop("probabilities")
     report = {"split": split_name, "dataset": config.data.dataset,
-              "model_selection": _selection(split_name, dataset.held_out_test(config.data),
-                                            config.train.include_validation)} | report
+              "model_selection": _selection(split_name, dataset.held_out_test(config.data), config.train)} | report
     if config.predict.test_time_augmentation:
         plain = dataclasses.replace(config, predict=dataclasses.replace(config.predict, test_time_augmentation=False))
         report["without_test_time_augmentation"] = summary(evaluate(plain))
@@ -97,16 +96,21 @@ def run(config: Config, run: RunDir) -> dict:
     return report
 
 
-def _selection(split_name: str, held_out: bool, include_validation: bool = False) -> str:
+def _selection(split_name: str, held_out: bool, train: TrainConfig) -> str:
     """Whether the scored images chose the model, in words for the report."""
-    if split_name == "test" and held_out and include_validation:
+    if split_name == "test" and held_out and train.include_validation:
         return ("held out: the test split never chose the model; trained on the validation split too "
                 "(train.include_validation), the last epoch kept")
+    if split_name == "test" and held_out and train.select_by == "last":
+        return "held out: the test split never chose the model (train.select_by=last: the last epoch kept)"
     if split_name == "test" and held_out:
         return "held out: the test split never chose the model (the validation split did)"
-    if include_validation:
+    if train.include_validation:
         return (f"none: the {split_name} images scored here were also trained on (train.include_validation); "
                 "no held-out score exists for this model")
+    if train.select_by == "last":
+        return (f"held out: the {split_name} images scored here were not trained on and chose nothing "
+                "(train.select_by=last: the last epoch kept)")
     return (f"not held out: the {split_name} images scored here also chose the model, a flattering score "
             "(docs/evaluation.md, 'Model selection and the score')")
 

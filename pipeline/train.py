@@ -258,13 +258,13 @@ def callbacks(
     them read them from the same epoch's logs (every worker, as early stopping needs them).
     """
     chosen = [StopOnNaN(), keras.callbacks.BackupAndRestore(str(run.backup(task_id)), double_checkpoint=True)]
-    if config.train.select_by != "val_loss":
+    if config.train.select_by in ("val_rand_error", "val_warping_error"):
         chosen.insert(0, ChallengeScores(val_split["images"], val_split["instances"] > 0, val_split.get("sizes"),
                                          config))
     if task_id is None:
         chosen += [
-            BestModelCheckpoint(run.best_model, run.best_record, config.train.select_by,
-                                last=config.train.include_validation),
+            BestModelCheckpoint(run.best_model, run.best_record, recorded_score(config.train),
+                                last=keeps_last_epoch(config.train)),
             keras.callbacks.CSVLogger(str(run.history), append=True),
             keras.callbacks.TensorBoard(log_dir=str(run.logs)),
             ValidationImages(run.logs, *val_tile),
@@ -410,11 +410,21 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     return history
 
 
+def keeps_last_epoch(train: TrainConfig) -> bool:
+    """Whether best.keras is the last epoch's model: nothing held out chose it."""
+    return train.include_validation or train.select_by == "last"
+
+
+def recorded_score(train: TrainConfig) -> str:
+    """The validation score recorded beside best.keras (the loss where nothing is selected by a score)."""
+    return "val_loss" if train.select_by == "last" else train.select_by
+
+
 def _summary(run: RunDir, train: TrainConfig) -> None:
-    record = json.loads(run.best_record.read_text())
-    # Trained on the validation images too, the last epoch is kept and its value chose nothing.
-    kept = "last epoch" if train.include_validation else "best"
+    record, score = json.loads(run.best_record.read_text()), recorded_score(train)
+    # With the last epoch kept, its value chose nothing.
+    kept = "last epoch" if keeps_last_epoch(train) else "best"
     print(
-        f"{kept} {train.select_by} {record[train.select_by]:.6g} (epoch {record['epoch']}) -> {run.best_model}; "
+        f"{kept} {score} {record[score]:.6g} (epoch {record['epoch']}) -> {run.best_model}; "
         f"TensorBoard: tensorboard --logdir {run.logs}"
     )

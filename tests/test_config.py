@@ -148,6 +148,7 @@ BAD_VALUES = [
     (["train.select_by=val_iou"], "train.select_by"),
     (["train.include_validation=true", "train.select_by=val_rand_error"], "train.select_by"),
     (["train.include_validation=true", "train.early_stopping_patience=2"], "train.early_stopping_patience"),
+    (["train.select_by=last", "train.early_stopping_patience=2"], "train.early_stopping_patience"),
     (["data.test_slices=-1"], "data.test_slices"),
     (["predict.max_whole_pixels=0"], "predict.max_whole_pixels"),
     (["predict.chunk_size=0"], "predict.chunk_size"),

@@ -232,10 +232,13 @@ def test_joined_splits_pad_the_smaller_images_as_prepare_does():
     assert not both["weights"][2, :, 2:].any() and (both["weights"][2, :, :2] == 3).all()
 
 
-def test_training_on_the_validation_images_too_keeps_the_last_epoch(prepared, tmp_path, capsys):
+@pytest.mark.parametrize("setting, selection", [
+    ("train.include_validation=true", "trained on the validation split too"),
+    ("train.select_by=last", "train.select_by=last: the last epoch kept"),
+])
+def test_the_last_epoch_is_kept_when_nothing_held_out_chooses(prepared, tmp_path, capsys, setting, selection):
     run_dir = copy_of(prepared, tmp_path / "run")
-    args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=2",
-            "--set", "train.include_validation=true"]
+    args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=2", "--set", setting]
     assert main(args) == 0
     assert json.loads((run_dir / "train" / "best.json").read_text())["epoch"] == 2
     assert "last epoch val_loss " in capsys.readouterr().out
@@ -243,4 +246,4 @@ def test_training_on_the_validation_images_too_keeps_the_last_epoch(prepared, tm
         np.testing.assert_array_equal(best, last)
     assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "evaluation" / "report.json").read_text())
-    assert "trained on the validation split too" in report["model_selection"]
+    assert selection in report["model_selection"]
