@@ -39,6 +39,8 @@ from bench import common
 # its logical devices before TensorFlow starts, and run_all imports this module for `render`.
 
 STEPS = {"cpu": 12, "paper": 2}  # timed steps per preset: about half a minute each on 2 cores
+# What every process of one configuration shares; the measured figures stay per process.
+CONFIGURATION_KEYS = ("preset", "replicas", "threads", "freed_memory", "steps", "batch", "tile", "flops_per_tile")
 
 
 def matmul_gflops(size: int = 4096, repeats: int = 10) -> float:
@@ -147,7 +149,7 @@ def measure(presets: list[str], replica_counts: list[int], thread_settings: list
                   f"{run['page_faults_per_step']:.0f} page faults a step", flush=True)
     return {"cores": len(os.sched_getaffinity(0)), "steps": steps, "processes": processes,
             "matmul_size": matmul_size, "matmul_repeats": matmul_repeats, "matmul_gflops": peak,
-            "rows": [{**runs[c][0], "runs": runs[c]} for c in configurations]}
+            "rows": [{key: runs[c][0][key] for key in CONFIGURATION_KEYS} | {"runs": runs[c]} for c in configurations]}
 
 
 def _speeds(row: dict[str, Any]) -> list[float]:

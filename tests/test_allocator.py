@@ -4,6 +4,7 @@ import ctypes
 import ctypes.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,7 +44,8 @@ print(mapped, mallinfo2().fordblks)
 
 
 def _probe(mode: str) -> tuple[int, int]:
-    output = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    output = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])  # where `tests.test_allocator` imports from
     return tuple(map(int, output.stdout.split()))
 
 
