@@ -247,3 +247,18 @@ def test_the_last_epoch_is_kept_when_nothing_held_out_chooses(prepared, tmp_path
     assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 0
     report = json.loads((run_dir / "evaluation" / "report.json").read_text())
     assert selection in report["model_selection"]
+
+
+def test_the_selection_rule_chooses_an_epoch_without_changing_the_training(prepared, tmp_path):
+    # Scoring the validation split every epoch (the challenge metric's callback) must not
+    # move any random stream: a run kept by the last epoch is then the same model as the
+    # last epoch of a run kept by validation Rand, so the two can be compared seed by seed.
+    trained = {}
+    for selection in ("val_rand_error", "last"):
+        run_dir = copy_of(prepared, tmp_path / selection)
+        args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=2",
+                "--set", f"train.select_by={selection}"]
+        assert main(args) == 0
+        trained[selection] = weights(run_dir / "train" / "last.keras")
+    for by_rand, by_last in zip(trained["val_rand_error"], trained["last"]):
+        np.testing.assert_array_equal(by_rand, by_last)
