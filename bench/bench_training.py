@@ -13,7 +13,10 @@ the table shows the fastest and the slowest. Every process also reports the CPU 
 its steps, split into user and system (kernel) time, and its page faults: how many cores a
 step keeps busy, what share the kernel takes and how much fresh memory it had to hand out.
 Tiles come from memory, so the figures are the training step's, not the input pipeline's
-(see bench_input_pipeline.py).
+(see bench_input_pipeline.py). Steps are timed inside one `fit`, after warm-up steps and
+before its end, as a long training run sees them. After the timed steps TensorFlow's
+profiler traces a few more, and a second table shows where a step's time goes: the
+milliseconds of each convolution kernel family and of the rest.
 
 FLOPs per tile: the forward pass's float operations counted by TensorFlow's profiler on
 the traced graph, times 3 for forward + backward (the usual estimate for convolutions).
@@ -29,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,8 @@ from bench import common
 # TensorFlow is imported inside the functions: each configuration's process must set up
 # its logical devices before TensorFlow starts, and run_all imports this module for `render`.
 
-STEPS = {"cpu": 12, "paper": 2}  # timed steps per preset: about half a minute each on 2 cores
+STEPS = {"cpu": 40, "paper": 3}  # timed steps per preset: 5 to 20 s each on 2 cores
+WARM_UP_STEPS = 2  # the first traces the step, the second still sets up kernels; neither is timed
 # What every process of one configuration shares; the measured figures stay per process.
 CONFIGURATION_KEYS = ("preset", "replicas", "threads", "freed_memory", "steps", "batch", "tile", "flops_per_tile")
 
@@ -69,6 +74,71 @@ def forward_flops(model: Any, tile: int, channels: int) -> int:
     options = option_builder.ProfileOptionBuilder(option_builder.ProfileOptionBuilder.float_operation())
     options = options.with_empty_output().build()
     return model_analyzer.profile(graph, options=options).total_float_ops
+
+
+def step_clock(warm_up: int, timed: int, profiled: int, logdir: str) -> Any:
+    """A Keras callback: wall clock and resource usage after `warm_up` steps and after `timed` more.
+
+    The timing lies inside one `model.fit`, so that neither tracing nor the end of `fit` is
+    timed: tearing down an endless dataset's iterator after `fit` sometimes idles for 1 to
+    30 s on this machine, which timing the whole call counted as training time. The
+    `profiled` steps after the timed ones are traced by TensorFlow's profiler into `logdir`.
+    """
+    import keras
+    import tensorflow as tf
+
+    class StepClock(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.start: tuple[float, Any] | None = None
+            self.end: tuple[float, Any] | None = None
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            mark = (time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF))
+            if batch + 1 == warm_up:
+                self.start = mark
+            elif batch + 1 == warm_up + timed:
+                self.end = mark
+                tf.profiler.experimental.start(logdir)
+            elif batch + 1 == warm_up + timed + profiled:
+                tf.profiler.experimental.stop()
+
+    return StepClock()
+
+
+# A step's kernels, by the op type TensorFlow's profiler names them with (oneDNN's
+# `_MklNative...` or Eigen's). Up-convolutions run forward as Conv2DBackpropInput and
+# backward as Conv2D + Conv2DBackpropFilter, so each family also holds some of the others' work.
+KERNEL_FAMILIES = (("Conv2DBackpropFilter", "weight gradients (Conv2DBackpropFilter)"),
+                   ("Conv2DBackpropInput", "input gradients (Conv2DBackpropInput)"),
+                   ("Conv2D", "forward convolutions (Conv2D)"),
+                   ("StridedSliceGrad", "skip-crop gradients (StridedSliceGrad)"))
+OTHER_KERNELS = "everything else"
+
+
+def kernel_seconds(logdir: str, steps: int) -> dict[str, float]:
+    """Seconds a step spent in each kernel family, summed over the threads that ran them.
+
+    Read from the profiler's trace: every op event of TensorFlow's compute threads, named
+    `path/to/op:OpType`.
+    """
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    seconds = {name: 0.0 for _, name in KERNEL_FAMILIES} | {OTHER_KERNELS: 0.0}
+    for path in Path(logdir).rglob("*.xplane.pb"):
+        space = xplane_pb2.XSpace.FromString(path.read_bytes())
+        for plane in space.planes:
+            names = {key: metadata.name for key, metadata in plane.event_metadata.items()}
+            for line in plane.lines:
+                if not line.name.startswith("tf_Compute"):
+                    continue
+                for event in line.events:
+                    op_path, colon, op_type = names[event.metadata_id].rpartition(":")
+                    if not colon or ":" in op_path:  # executor bookkeeping, not an op
+                        continue
+                    family = next((name for key, name in KERNEL_FAMILIES if key in op_type), OTHER_KERNELS)
+                    seconds[family] += event.duration_ps / 1e12 / steps
+    return seconds
 
 
 def child(preset_name: str, replicas: int, threads: str, freed_memory: str, steps: int) -> dict[str, Any]:
@@ -108,17 +178,21 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, step
         rng.integers(0, 2, (batch, out, out)).astype("int32"),
         rng.uniform(1, 10, (batch, out, out)).astype("float32"),
     )).repeat()
-    model.fit(data, steps_per_epoch=1, epochs=1, verbose=0)  # trace and warm up
-    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
-    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    profiled = max(1, steps // 4)
+    with tempfile.TemporaryDirectory() as logdir:
+        clock = step_clock(WARM_UP_STEPS, steps, profiled, logdir)
+        model.fit(data, steps_per_epoch=WARM_UP_STEPS + steps + profiled, epochs=1, verbose=0, callbacks=[clock])
+        kernels = kernel_seconds(logdir, profiled)
+    (start, before), (end, after) = clock.start, clock.end
+    seconds = end - start
     return {"preset": preset_name, "replicas": replicas, "threads": threads, "freed_memory": freed_memory,
             "steps": steps, "batch": batch, "tile": tile, "tiles_per_second": steps * batch / seconds,
             "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
             "peak_rss_mib": after.ru_maxrss / 1024,
             "user_seconds_per_step": (after.ru_utime - before.ru_utime) / steps,
             "system_seconds_per_step": (after.ru_stime - before.ru_stime) / steps,
-            "seconds_per_step": seconds / steps, "flops_per_tile": 3 * forward_flops(model, tile, 1)}
+            "seconds_per_step": seconds / steps, "flops_per_tile": 3 * forward_flops(model, tile, 1),
+            "kernel_seconds_per_step": kernels}
 
 
 def measure(presets: list[str], replica_counts: list[int], thread_settings: list[str], freed_memory: list[str],
@@ -200,7 +274,9 @@ def render(results: dict[str, Any]) -> str:
             "kept by glibc for the next step, as training does, or returned to the kernel), on tiles held in "
             "memory (the input pipeline has its own section), timing "
             + ", ".join(f"{common.count(steps, 'step')} for `{preset}`" for preset, steps in timed.items())
-            + " after a warm-up step. Ranges go from the slowest process to the fastest. FLOPs per tile: the "
+            + f" after {common.count(WARM_UP_STEPS, 'warm-up step')} in the same `fit` (neither the warm-up "
+            "nor the end of `fit` is timed: tearing down an endless dataset's iterator sometimes idles for "
+            "seconds). Ranges go from the slowest process to the fastest. FLOPs per tile: the "
             "forward graph's float operations counted by TensorFlow's profiler, times 3 for forward + backward. "
             "Cores busy: the CPU time of the timed steps (user + system) over their wall time; system share: "
             "the kernel's part of that CPU time; page faults and peak resident memory: means over the "
@@ -212,7 +288,35 @@ def render(results: dict[str, Any]) -> str:
     ]
     if len(dimensions["replicas"]) > 1:
         sections.append(_replicas(results))
+    sections.append(_kernels(rows))
     return "\n\n".join(sections)
+
+
+def _kernels(rows: list[dict[str, Any]]) -> str:
+    """Where a step's time goes, for each preset's first configuration: milliseconds per kernel family."""
+    firsts = list({row["preset"]: row for row in reversed(rows)}.values())[::-1]
+    families = [name for _, name in KERNEL_FAMILIES] + [OTHER_KERNELS]
+    table = []
+    for row in firsts:
+        per_family = {name: sum(run["kernel_seconds_per_step"][name] for run in row["runs"]) / len(row["runs"])
+                      for name in families}
+        total = sum(per_family.values())
+        table.append([row["preset"], f"{row['replicas']}, {row['threads']}, {row['freed_memory']}",
+                      f"{1000 * _mean(row, 'seconds_per_step'):,.0f}"]
+                     + [f"{1000 * per_family[name]:,.0f} ({per_family[name] / total:.0%})" for name in families]
+                     + [f"{total / _mean(row, 'seconds_per_step'):.2f}"])
+    return "\n\n".join([
+        "### Where a step's time goes",
+        common.paragraph(
+            "TensorFlow's profiler traced a quarter as many steps again after the timed ones, in the same `fit`; "
+            "each op's time is summed by kernel family over the threads that ran it, in milliseconds a step "
+            "(share of all op time). Ops at once: all op time over the step's wall time. The three "
+            "convolution families each do about a third of a step's FLOPs (up-convolutions run forward as "
+            "Conv2DBackpropInput and backward as Conv2D and Conv2DBackpropFilter), so unequal times are "
+            "unequal kernel speed."),
+        common.markdown_table(["preset", "replicas, threads, freed memory", "step, ms"] + families + ["ops at once"],
+                              table, "llr" + "r" * len(families) + "r"),
+    ])
 
 
 def _replicas(results: dict[str, Any]) -> str:
@@ -258,7 +362,8 @@ def main() -> None:
     parser.add_argument("--freed-memory", nargs="+", choices=["kept", "returned"], default=["kept", "returned"],
                         help="keep freed memory in the process (train.keep_freed_memory) or return it to the kernel")
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per configuration")
-    parser.add_argument("--steps", type=int, help="timed steps for every preset (default: cpu 12, paper 2)")
+    parser.add_argument("--steps", type=int, help="timed steps for every preset (default: "
+                        + ", ".join(f"{preset} {steps}" for preset, steps in STEPS.items()) + ")")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-repeats", type=int, default=10)
     parser.add_argument("--child", nargs=5, metavar=("PRESET", "REPLICAS", "THREADS", "MEMORY", "STEPS"),
