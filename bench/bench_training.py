@@ -301,10 +301,12 @@ def render(results: dict[str, Any]) -> str:
 
 def _kernels(rows: list[dict[str, Any]]) -> str:
     """Where a step's time goes, for each preset's first configuration: milliseconds per kernel family."""
-    firsts = list({row["preset"]: row for row in reversed(rows)}.values())[::-1]
+    firsts: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        firsts.setdefault(row["preset"], row)
     families = [name for _, name in KERNEL_FAMILIES] + [OTHER_KERNELS]
     table = []
-    for row in firsts:
+    for row in firsts.values():
         per_family = {name: sum(run["kernel_seconds_per_step"][name] for run in row["runs"]) / len(row["runs"])
                       for name in families}
         total = sum(per_family.values())
