@@ -34,7 +34,8 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     """Every metric of one image [H, W] or stack [D, H, W] (counts summed over slices).
 
     Returns the headline values (lowest error over the ISBI grid) with the threshold
-    that reached them, the errors per threshold, foreground IoU and pixel accuracy at
+    that reached them, the warping error's split and merger pixels at its threshold
+    ("warping_pixels"), the errors per threshold, foreground IoU and pixel accuracy at
     `threshold`, and, when ground-truth `instances` are given, CTC SEG and the object
     matching ("instance_matching", `matching.record`) of the prediction's instances as
     `predict` writes them (`instances.cell_instances` at `threshold` by `method`, without
@@ -48,6 +49,7 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
         sweep = sweep_of(probability, cells)
         result[name], result[f"{name}_threshold"] = sweep.error, sweep.threshold
         curves[name] = dict(zip(map(repr, sweep.thresholds), sweep.errors))
+    result["warping_pixels"] = warping.splits_and_mergers(probability, cells, result["warping_error_threshold"])
     result["foreground_iou"] = isbi.foreground_iou(probability, cells, threshold)
     result["pixel_accuracy"] = isbi.pixel_accuracy(probability, cells, threshold)
     if instances is not None:
@@ -138,12 +140,13 @@ def table(report: dict) -> str:
     report's warnings follow the table, one per line. A column key "record.field" is a
     field of a nested record (the object matching's), "-" where a row has none.
     """
-    columns = [("warping_error", "warping", ".6f"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
+    columns = [("warping_error", "warping", ".6f"), ("warping_pixels.splits", "splits", "d"),
+               ("warping_pixels.mergers", "mergers", "d"), ("rand_error", "Rand", ".4f"), ("pixel_error", "pixel", ".4f"),
                ("v_rand_error", "1-Vrand", ".4f"), ("v_info_error", "1-Vinfo", ".4f"),
                ("foreground_iou", "IoU cell", ".4f"), ("pixel_accuracy", "accuracy", ".4f"), ("seg", "SEG", ".4f"),
                ("instance_matching.accuracy", "AP@0.5", ".4f"), ("instance_matching.f1", "F1@0.5", ".4f"),
                ("instance_matching.mean_accuracy_over_iou_thresholds", "AP.5:.95", ".4f")]
-    columns = [c for c in columns if c[0].split(".")[0] in report["mean_per_image"].keys() | report.keys()]
+    columns = [c for c in columns if c[0].split(".")[0] in report["per_image"][0].keys() | report.keys()]
     header = f"{'image':>10}" + "".join(f"{title:>11}" for _, title, _ in columns)
 
     def row(label: str, values: dict) -> str:

@@ -7,7 +7,8 @@ import tifffile
 from pipeline.instances import cell_instances
 from pipeline.metrics.isbi import pixel_error, rand_error_sweep
 from pipeline.metrics import warping
-from pipeline.metrics.warping import MERGER, SPLIT, warp_truth, warping_error_sweep, warping_mismatches
+from pipeline.metrics.warping import (MERGER, SPLIT, splits_and_mergers, warp_truth, warping_error_sweep,
+                                      warping_mismatches)
 
 from fakes import ISBI_DIR
 
@@ -107,6 +108,20 @@ def test_merger_bridge_through_a_membrane():
     kinds = warping_mismatches(probability, truth, 0.5)
     assert np.argwhere(kinds == MERGER).tolist() == [[2, 2]] and np.count_nonzero(kinds) == 1
     assert warping_error_sweep(probability, truth).error == 1 / 25
+
+
+def test_splits_and_mergers_of_a_stack_add_up_to_the_warping_error():
+    split_truth = np.ones((5, 5), bool)
+    split = np.ones((5, 5))
+    split[:, 2] = 0
+    merger_truth = np.ones((5, 5), bool)
+    merger_truth[:, 2] = False
+    merger = merger_truth.astype(float)
+    merger[2, 2] = 1.0
+    probability, truth = np.stack([split, merger]), np.stack([split_truth, merger_truth])
+    assert splits_and_mergers(probability, truth, 0.5) == {"splits": 1, "mergers": 1}
+    assert warping_error_sweep(probability, truth).error == 2 / probability.size
+    assert splits_and_mergers(merger_truth.astype(float), merger_truth, 0.5) == {"splits": 0, "mergers": 0}
 
 
 def test_hole_and_object_deletion_do_not_count():

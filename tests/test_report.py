@@ -92,6 +92,24 @@ def test_instance_matching_per_image_overall_and_in_the_table():
     assert any(line.startswith("AP@0.5, F1@0.5: StarDist's accuracy TP/(TP+FP+FN)") for line in lines)
 
 
+def test_warping_pixels_are_the_warping_error_by_kind():
+    truth = np.ones((5, 7), bool)
+    truth[:, 6] = False
+    probability = truth.astype(float)
+    probability[:, 2] = 0  # a membrane across the cell: one split pixel at every threshold
+    report = report_for([probability, truth.astype(float)], [truth, truth], 0.5)
+    assert [row["warping_pixels"] for row in report["per_image"]] == [{"splits": 1, "mergers": 0},
+                                                                      {"splits": 0, "mergers": 0}]
+    assert report["overall"]["warping_pixels"] == {"splits": 1, "mergers": 0}
+    assert report["warping_error"] == 1 / 70
+    assert "warping_pixels" not in report["mean_per_image"]  # counts of images' own thresholds
+    lines = table(report).splitlines()
+    assert lines[1].startswith("     image    warping     splits    mergers       Rand")
+    assert lines[2].startswith(f"         0   {1 / 35:.6f}          1          0 ")
+    assert lines[4].startswith(f"      mean   {1 / 70:.6f}          -          - ")
+    assert lines[5].startswith(f"   overall   {1 / 70:.6f}          1          0 ")
+
+
 def test_instance_matching_pools_images_of_different_sizes():
     probability, truth, instances = _two_cells_instances()
     crop = np.s_[:, :12]  # cell 2 keeps 4 of its columns, still predicted right
@@ -103,7 +121,7 @@ def test_instance_matching_pools_images_of_different_sizes():
     assert report["instance_matching"]["accuracy"] == 4 / 5
     overall_row = [line for line in table(report).splitlines() if line.startswith("   overall ")]
     matched = [report["instance_matching"][key] for key in ("accuracy", "f1", "mean_accuracy_over_iou_thresholds")]
-    assert overall_row == ["   overall" + "          -" * 8 + "".join(f"{value:>11.4f}" for value in matched)]
+    assert overall_row == ["   overall" + "          -" * 10 + "".join(f"{value:>11.4f}" for value in matched)]
 
 
 def test_seg_per_sequence_pools_the_objects_of_each_sequence(tmp_path):

@@ -201,6 +201,20 @@ def warping_error_sweep(probability: np.ndarray, truth: np.ndarray, radius: int 
     return Sweep(tuple(thresholds), tuple(errors))
 
 
+def splits_and_mergers(probability: np.ndarray, truth: np.ndarray, threshold: float,
+                       radius: int = WARPING_RADIUS) -> dict[str, int]:
+    """The warping error's pixels at one threshold, by kind: {"splits": n, "mergers": m}.
+
+    Over an image or stack, as `check_pair` reads it. Splits are predicted membrane
+    that cuts a true cell, mergers predicted cell that joins two: the two call for
+    different remedies, and the error's sum hides which one dominates.
+    """
+    probability, truth = check_pair(probability, truth)
+    kinds = [warping_mismatches(p, cells, threshold, radius) for p, cells in zip(probability, truth)]
+    return {"splits": sum(int(np.count_nonzero(k == SPLIT)) for k in kinds),
+            "mergers": sum(int(np.count_nonzero(k == MERGER)) for k in kinds)}
+
+
 def warping_mismatches(probability: np.ndarray, truth: np.ndarray, threshold: float,
                        radius: int = WARPING_RADIUS) -> np.ndarray:
     """The split and merger pixels of one slice at one threshold (see `classify_mismatches`)."""
