@@ -16,6 +16,9 @@ sections in the existing file, each marked with the machine, date and load of it
 `--quick` makes every benchmark tiny (short durations, small images, no `paper`-size
 cases) to check the suite in a few minutes; its numbers are not measurements, and it
 writes to the temporary folder unless `--output` says otherwise.
+
+A benchmark of the GPU runs only where TensorFlow sees one; elsewhere the file keeps the
+section it has, with the machine and date it was measured on.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench import (bench_beam, bench_elastic_warp, bench_input_pipeline, bench_large_image,  # noqa: E402
-                   bench_metrics, bench_overlap_tile, bench_training, common)
+from bench import (bench_beam, bench_elastic_warp, bench_gpu_step, bench_input_pipeline,  # noqa: E402
+                   bench_large_image, bench_metrics, bench_overlap_tile, bench_training, common)
 from pipeline.io import atomic_write_text  # noqa: E402
 
 
@@ -46,6 +49,9 @@ class Benchmark:
     title: str
     module: ModuleType
     quick: list[str]
+    # Measured only where TensorFlow sees a GPU; elsewhere the file keeps the section it has,
+    # measured on another machine, so that a CPU run does not erase the GPU's figures.
+    needs_gpu: bool = False
 
 
 BENCHMARKS = [
@@ -58,6 +64,8 @@ BENCHMARKS = [
     Benchmark("Evaluation metrics", bench_metrics, ["--slices", "3", "--size", "256"]),
     Benchmark("Batch prediction on Apache Beam", bench_beam, ["--images", "2", "--size", "256", "--workers", "2"]),
     Benchmark("Images larger than memory", bench_large_image, ["--sizes", "512", "1024", "--chunk-size", "416"]),
+    Benchmark("Training step on one GPU", bench_gpu_step, ["--steps", "2", "--steps-per-execution", "1", "--tile", "188"],
+              needs_gpu=True),
 ]
 
 
@@ -109,6 +117,22 @@ def remeasured(section: str, machine: dict[str, Any], started: datetime.datetime
     return f"{title}\n\n{note}\n\n{body}"
 
 
+def existing_section(text: str, title: str) -> str | None:
+    """The section of `text` (a BENCHMARKS.md) whose heading starts with `title`, if it has one."""
+    for part in text.split("\n\n## ")[1:]:
+        if part.startswith(title):
+            return "## " + part.rstrip("\n")
+    return None
+
+
+def section_without_gpu(benchmark: Benchmark, output: Path) -> str:
+    """What a machine without a GPU writes for `benchmark`: the section the file has, else a note."""
+    kept = existing_section(output.read_text(), benchmark.title) if output.is_file() else None
+    script = Path(benchmark.module.__file__).relative_to(common.ROOT)
+    return kept or (f"## {benchmark.title}\n\nNot measured: TensorFlow sees no GPU on this machine. "
+                    f"Run `PYTHONPATH=. python {script}` on one (see its docstring).")
+
+
 def replace_sections(text: str, sections: dict[str, str]) -> str:
     """`text` (a BENCHMARKS.md) with each section whose heading starts with a key replaced by its value."""
     parts = text.split("\n\n## ")
@@ -145,10 +169,15 @@ def main() -> int:
     chosen = [benchmark for benchmark in BENCHMARKS if not args.only or benchmark.title in args.only]
     if args.only and not output.is_file():
         parser.error(f"--only updates an existing file; {output} does not exist")
-    sections, failures = [], 0
+    sections, measured, failures = [], [], 0
     for number, benchmark in enumerate(chosen, 1):
         print(f"[{number}/{len(chosen)}] {benchmark.title}", flush=True)
         began = time.perf_counter()
+        if benchmark.needs_gpu and not machine["gpus"]:
+            print(f"[{number}/{len(chosen)}] {benchmark.title}: no GPU here, its section is kept", flush=True)
+            sections.append(section_without_gpu(benchmark, output))
+            continue
+        measured.append(benchmark.title)
         try:
             sections.append(run_benchmark(benchmark, args.quick))
         except RuntimeError as error:
@@ -158,7 +187,8 @@ def main() -> int:
         print(f"[{number}/{len(chosen)}] {benchmark.title}: {time.perf_counter() - began:.0f} s", flush=True)
 
     if args.only:
-        updated = {benchmark.title: remeasured(section, machine, started) for benchmark, section in zip(chosen, sections)}
+        updated = {benchmark.title: remeasured(section, machine, started)
+                   for benchmark, section in zip(chosen, sections) if benchmark.title in measured}
         atomic_write_text(output, replace_sections(output.read_text(), updated))
     else:
         text = header(machine, started, time.perf_counter() - start, command, args.quick)
