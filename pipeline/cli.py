@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prediction", type=Path, help="evaluate: score this probability-of-cell TIFF (image or stack) "
                    "instead of a run's model; needs --ground-truth")
     p.add_argument("--ground-truth", type=Path, help="evaluate: binary labels for --prediction (255 or 1 = cell)")
+    p.add_argument("--split", choices=("test", "val"),
+                   help="evaluate: the labelled split to score (default: test, or val where the test split has no "
+                   "labels, as ISBI 2012's); another split than the default is written to <run>/evaluation/<split>/")
     p.add_argument("--runner", choices=RUNNERS, default="local",
                    help="predict: in this process (default), or as an Apache Beam pipeline, whose options "
                    "follow a bare --, e.g. -- --direct_num_workers=2 or -- --runner=FlinkRunner ...")
@@ -100,7 +103,7 @@ def run_stage(stage: str, config: configuration.Config, run: RunDir, args: argpa
     elif stage == "train":
         train.run(config, run, overwrite=args.overwrite)
     elif stage == "evaluate":
-        evaluate.run(config, run)
+        evaluate.run(config, run, args.split)
     elif stage == "export":
         # `--stage all` keeps its export inside the run: only an explicit `--stage export`
         # publishes a version where a model server may be watching.
@@ -131,6 +134,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise PipelineError("options after -- are Beam pipeline options: they need --stage predict --runner beam")
     if args.runner == "beam" and args.stage != "predict":
         raise PipelineError("--runner beam runs the predict stage: use it with --stage predict")
+    if args.split and (args.stage not in ("evaluate", "all") or args.prediction):
+        raise PipelineError("--split chooses what the evaluate stage scores of a run: use it with --stage evaluate "
+                            "(or all), without --prediction")
     return args
 
 

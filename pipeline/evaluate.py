@@ -1,7 +1,8 @@
 """Stage `evaluate`: score predictions with the challenges' metrics, as JSON, table and pictures.
 
-Two ways in: `run` predicts the run's labelled test split (ISBI 2012: the validation
-slices) with the trained model; `score_files` scores any probability map against
+Two ways in: `run` predicts a labelled split of the run with the trained model (by
+default the test split, or the validation split where the test split has no labels, as
+ISBI 2012's challenge volume); `score_files` scores any probability map against
 ground truth files, without a run directory or a model. What the report holds and how
 it is shown: `pipeline.report`.
 """
@@ -51,24 +52,29 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     return report | {"probabilities": probabilities}
 
 
-def run(config: Config, run: RunDir) -> dict:
-    """Evaluates the best model on the test split (or val, when test has no labels).
+def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
+    """Scores the best model on the `requested` split: by default test, or val where test has no labels.
 
-    With `predict.test_time_augmentation`, the split is scored with it (the report's
-    main values) and once more without it, under "without_test_time_augmentation"
-    (`summary`'s values), to show what the averaging buys. For data sets whose
+    The default split's report and panels go to <run>/evaluation/, where export looks for
+    them; another split's to <run>/evaluation/<split>/. With
+    `predict.test_time_augmentation`, the split is scored with it (the report's main
+    values) and once more without it, under "without_test_time_augmentation" (`summary`'s
+    values), to show what the averaging buys. For data sets whose
     examples form sequences (Cell Tracking Challenge) the report adds SEG per sequence
     ("seg_per_sequence") and overall ("seg"); for those with a published result (ISBI 2012)
     it adds that row ("paper").
     """
     from pipeline.inference import load_model
 
+    test = rundir.load_split(run, "test", config)
+    default = "test" if "instances" in test else "val"  # ISBI 2012's test labels are secret
+    split_name = requested or default
+    split = test if split_name == "test" else rundir.load_split(run, split_name, config)
+    if "instances" not in split:
+        raise PipelineError(f"{run.prepared(split_name)}: the {split_name} split has no labels to score against; "
+                            f"score --split {default}")
+    other = None if split_name == default else split_name  # where its report goes
     model = load_model(run)
-    split_name = "test"
-    split = rundir.load_split(run, split_name, config)
-    if "instances" not in split:  # ISBI 2012's test labels are secret
-        split_name = "val"
-        split = rundir.load_split(run, split_name, config)
     dataset = data.DATASETS[config.data.dataset]
     sequences = None
     if dataset.sequence_of is not None and "ids" in split:  # runs prepared before ids were kept have none
@@ -88,11 +94,11 @@ def run(config: Config, run: RunDir) -> dict:
     if dataset.reference is not None:
         report["paper"] = dataset.reference.row(split_name)
     run.save_config(config)
-    _write(report, run.report)
+    _write(report, run.report_of(other))
     for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
         height, width = probability.shape
         picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width])
-        io.write_png(run.panel(index), picture, overwrite=True)
+        io.write_png(run.panel(index, other), picture, overwrite=True)
     return report
 
 

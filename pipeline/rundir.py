@@ -8,7 +8,8 @@ what a command may change in it.
     <run>/train/last.keras         model after the last epoch, history.csv, backup/ while training
     <run>/train/worker-N/          last model and backup of worker N > 0 (multi-worker training)
     <run>/logs/                    TensorBoard event files
-    <run>/evaluation/              report.json, panel_NNN.png
+    <run>/evaluation/              report.json, panel_NNN.png of the split evaluate scores by default
+    <run>/evaluation/<split>/      the same for another split (evaluate --split)
     <run>/predictions/             probability maps, masks and overlays of the test split
     <run>/export/<name>/<version>/ the SavedModel that `--stage all` writes (never saved_models/)
 
@@ -115,12 +116,20 @@ class RunDir:
     def evaluation(self) -> Path:
         return self.root / "evaluation"
 
+    def evaluation_of(self, split: str | None = None) -> Path:
+        """evaluation/ for the split evaluate scores by default; evaluation/<split>/ for another."""
+        return self.evaluation if split is None else self.evaluation / split
+
     @property
     def report(self) -> Path:
-        return self.evaluation / "report.json"
+        """The default split's evaluation report, which export records."""
+        return self.report_of()
 
-    def panel(self, index: int) -> Path:
-        return self.evaluation / f"panel_{index:03d}.png"
+    def report_of(self, split: str | None = None) -> Path:
+        return self.evaluation_of(split) / "report.json"
+
+    def panel(self, index: int, split: str | None = None) -> Path:
+        return self.evaluation_of(split) / f"panel_{index:03d}.png"
 
     @property
     def predictions(self) -> Path:

@@ -13,6 +13,7 @@ from pipeline.config import load
 from pipeline.model import unet
 from pipeline.report import summary
 from pipeline.rundir import RunDir
+from test_gpu_command import fake_isbi
 from test_report import NO_CELL, NO_MEMBRANE
 
 
@@ -115,3 +116,33 @@ def test_test_time_augmentation_is_scored_with_and_without(tmp_path, capsys):
     assert summary(report) != without  # the averaging changes the prediction
     out = capsys.readouterr().out
     assert "\n   overall " in out and "\n    no TTA " in out
+
+
+def test_another_split_is_scored_into_its_own_folder(tmp_path, capsys):
+    run_dir = _ctc_run(tmp_path)
+    evaluate_args = ["--stage", "evaluate", "--run-dir", str(run_dir)]
+    assert main([*evaluate_args, "--split", "val"]) == 0
+    report = json.loads((run_dir / "evaluation" / "val" / "report.json").read_text())
+    val_images = len(np.load(run_dir / "prepared" / "val.npz")["images"])
+    assert report["split"] == "val" and len(report["per_image"]) == val_images
+    assert report["model_selection"].startswith("not held out")  # the smoke preset chooses by validation loss
+    assert (run_dir / "evaluation" / "val" / f"panel_{val_images - 1:03d}.png").is_file()
+    assert not (run_dir / "evaluation" / "report.json").exists()  # the default split's, which export records
+    assert f"evaluation report -> {run_dir / 'evaluation' / 'val' / 'report.json'}" in capsys.readouterr().out
+
+    assert main([*evaluate_args, "--split", "test"]) == 0  # the default split, in the default place
+    assert json.loads((run_dir / "evaluation" / "report.json").read_text())["split"] == "test"
+    assert main(["--stage", "train", "--run-dir", str(run_dir), "--split", "val"]) == 2
+    assert "--split" in capsys.readouterr().err
+
+
+def test_an_unlabelled_test_split_is_refused_in_one_line(tmp_path, capsys):
+    fake_isbi(tmp_path / "isbi", slices=6, size=200)
+    run_dir = tmp_path / "run"
+    assert main(["--stage", "prepare", "--preset", "smoke", "--run-dir", str(run_dir), "--dataset", "isbi2012",
+                 "--data-dir", str(tmp_path / "isbi"), "--set", "data.test_slices=0"]) == 0
+    capsys.readouterr()
+    assert main(["--stage", "evaluate", "--run-dir", str(run_dir), "--split", "test"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and str(run_dir / "prepared" / "test.npz") in error and "--split val" in error
+    assert not (run_dir / "evaluation").exists()
