@@ -1,12 +1,13 @@
 """The paper network's training step on one accelerator: float32 against mixed precision.
 
 Side by side in one run: `model.fit` steps of the `paper` preset's U-Net (31 M parameters,
-572 px tiles, batch 1, SGD with momentum 0.99, the weighted loss) in float32, then in each
-mixed precision, each with Keras running one step per call of the compiled function and
-several (`steps_per_execution`, no Python between them). It prints the milliseconds per
-step, the ratio of each row to the first, and how long the preset's 20,000 steps would
-take against the 10 minutes that docs/results.md ("The paper's network on one GPU") sets
-for the whole command.
+572 px tiles, SGD with momentum 0.99, the weighted loss) in float32, then in each mixed
+precision, each with Keras running one step per call of the compiled function and
+several (`steps_per_execution`, no Python between them), at the preset's one tile a step
+and at other batch sizes (`--batch`). It prints the milliseconds per step, each row's
+speed per tile against the first row of its batch size, and how long the preset's 20,000
+tiles would take against the 10 minutes that docs/results.md ("The paper's network on
+one GPU") sets for the whole command.
 
 The tiles are random and sit in host memory, so the figures are the training step's,
 with its copy to the device, not the input pipeline's (bench_input_pipeline.py). The
@@ -19,7 +20,7 @@ as `train.jit_compile=true` does with TensorFlow.
 
     KERAS_BACKEND=jax PYTHONPATH=. python bench/bench_gpu_step.py [--precisions float32
         mixed_float16 mixed_bfloat16] [--steps-per-execution 1 25] [--steps 300] [--tile 572]
-        [--batch 1] [--json PATH]
+        [--batch 1 4] [--json PATH]
 """
 
 from __future__ import annotations
@@ -108,51 +109,56 @@ def measure(precision: str, steps_per_execution: int, tile: int, batch: int, ste
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Every precision's figures, float32's first, and where they were measured."""
+    """Every batch size's, precision's and steps per execution's figures, and where they were measured."""
     config = preset("paper")
     measured = []
-    for steps_per_execution in args.steps_per_execution:
-        for precision in args.precisions:
-            print(f"{precision}, {steps_per_execution} step(s) per execution: {args.steps} steps of {args.batch} x "
-                  f"{args.tile} px", flush=True)
-            measured.append(measure(precision, steps_per_execution, args.tile, args.batch, args.steps))
+    for batch in args.batch:
+        for steps_per_execution in args.steps_per_execution:
+            for precision in args.precisions:
+                print(f"{precision}, {steps_per_execution} step(s) per execution: {args.steps} steps of {batch} x "
+                      f"{args.tile} px", flush=True)
+                measured.append(measure(precision, steps_per_execution, args.tile, batch, args.steps) | {"batch": batch})
     return {
         "backend": keras.backend.backend(),
         "keras": keras.__version__,
         "accelerators": accelerators(),
         "cpu": common.cpu_model(),
         "tile": args.tile,
-        "batch": args.batch,
         "steps": args.steps,
-        "preset_steps": config.train.epochs * config.train.steps_per_epoch,
+        "preset_tiles": config.train.epochs * config.train.steps_per_epoch * config.train.batch_size,
         "results": measured,
     }
 
 
 def render(results: dict[str, Any]) -> str:
-    """The markdown section: a row per precision, its ratio to the first and the preset's minutes."""
+    """The markdown section: a row per setting, its speed against the first row of its batch size, and
+    the minutes that the preset's tiles would take."""
     accelerator = ", ".join(results["accelerators"]) or f"no accelerator ({results['cpu']})"
-    baseline = results["results"][0]["ms_per_step"]
+    baselines: dict[int, float] = {}
     rows = []
     for result in results["results"]:
-        minutes = result["ms_per_step"] * results["preset_steps"] / 60_000
+        ms_per_tile = result["ms_per_step"] / result["batch"]
+        baselines.setdefault(result["batch"], ms_per_tile)
+        minutes = ms_per_tile * results["preset_tiles"] / 60_000
         rows.append([
+            str(result["batch"]),
             f"`{result['precision']}`",
             str(result["steps_per_execution"]),
             f"{result['ms_per_step']:.1f}",
-            f"{1000 / result['ms_per_step'] * results['batch']:.1f}",
-            f"{baseline / result['ms_per_step']:.2f}x",
+            f"{1000 / ms_per_tile:.1f}",
+            f"{baselines[result['batch']] / ms_per_tile:.2f}x",
             f"{minutes:.1f} ({common.verdict(minutes <= BUDGET_MINUTES)})",
             f"{result['loss']:.3g}" + ("" if result["finite"] else " (not finite)"),
         ])
     table = common.markdown_table(
-        ["precision", "steps per execution", "ms per step", "tiles/s", "speed-up over the first row",
-         f"minutes for {results['preset_steps']:,} steps (goal {BUDGET_MINUTES})", "last loss"],
-        rows, "lrrrrrr")
+        ["batch", "precision", "steps per execution", "ms per step", "tiles/s", "speed-up over the batch's first row",
+         f"minutes for {results['preset_tiles']:,} tiles (goal {BUDGET_MINUTES})", "last loss"],
+        rows, "rlrrrrrr")
     intro = common.paragraph(
         f"{accelerator}; Keras {results['keras']} on its {results['backend']} backend. "
-        f"{common.count(results['steps'], 'step')} of {results['batch']} x {results['tile']} px random tiles from "
-        f"host memory, after {WARM_UP_STEPS} warm-up steps, the `paper` preset's U-Net, loss and optimizer.",
+        f"{common.count(results['steps'], 'step')} per row of {results['tile']} px random tiles from host memory, "
+        f"after {WARM_UP_STEPS} warm-up steps, the `paper` preset's U-Net, loss and optimizer (the preset trains "
+        "one tile a step).",
         "The minutes are the training step's alone: the input pipeline, validation and export come on top.")
     return f"## Training step on one GPU: float32 against mixed precision\n\n{intro}\n\n{table}\n"
 
@@ -167,7 +173,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300,
                         help="timed steps per row, a multiple of every --steps-per-execution")
     parser.add_argument("--tile", type=int, default=preset("paper").train.tile_size)
-    parser.add_argument("--batch", type=int, default=preset("paper").train.batch_size)
+    parser.add_argument("--batch", type=int, nargs="+", default=[preset("paper").train.batch_size],
+                        help="tiles per step; the preset's is 1")
     common.add_json_argument(parser)
     args = parser.parse_args()
     common.finish(args.json, run(args), render)
