@@ -85,6 +85,17 @@ def test_a_data_set_recipe_applies_under_explicit_overrides(tmp_path):
     assert resolved("--dataset", "isbi2012", "--preset", "paper").predict.test_time_augmentation
 
 
+def test_the_isbi_recipe_is_the_one_its_results_describe():
+    """docs/results.md quotes the recipe's training beside the scores it got: the two must agree."""
+    docs = " ".join((Path(__file__).resolve().parents[1] / "docs" / "results.md").read_text().split())
+    found = re.search(r"(\d+)-filter U-Net \([\d.]+ M parameters\) for ([\d,]+) steps of (\d+) tiles of (\d+) px", docs)
+    assert found, "docs/results.md no longer describes the ISBI cpu recipe"
+    filters, steps, batch, tile = (int(group.replace(",", "")) for group in found.groups())
+    isbi = configuration.preset("cpu", "isbi2012")
+    assert (filters, batch, tile) == (isbi.model.base_filters, isbi.train.batch_size, isbi.train.tile_size)
+    assert steps == isbi.train.epochs * isbi.train.steps_per_epoch
+
+
 @pytest.mark.parametrize("name", sorted(configuration.PRESETS))
 @pytest.mark.parametrize("dataset", [None, *DATASETS])
 def test_every_preset_and_recipe_validates(name, dataset):
