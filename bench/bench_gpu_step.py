@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 from bench import common  # noqa: E402
 from pipeline.config import PRECISIONS, preset  # noqa: E402
 from pipeline.loss import weighted_cross_entropy  # noqa: E402
-from pipeline.model import unet  # noqa: E402
+from pipeline.model import unet_in_precision  # noqa: E402
 from pipeline.sizes import output_size  # noqa: E402
 
 WARM_UP_STEPS = 3  # the first compiles the step; none of them is timed
@@ -66,12 +66,7 @@ def accelerators() -> list[str]:
 def compiled(precision: str, steps_per_execution: int) -> keras.Model:
     """The paper preset's U-Net in `precision`, compiled as pipeline.train compiles it (constant rate)."""
     config = preset("paper")
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
-    try:
-        model = unet(config.model)
-    finally:
-        keras.config.set_dtype_policy(previous)
+    model = unet_in_precision(config.model, precision)
     # Keras wraps the optimizer in loss scaling itself when the model's policy is mixed_float16.
     model.compile(
         optimizer=keras.optimizers.SGD(config.train.learning_rate, momentum=config.train.momentum),

@@ -99,3 +99,18 @@ def unet(config: ModelConfig) -> keras.Model:
     # float32 softmax keeps the loss stable under mixed precision.
     probabilities = keras.layers.Softmax(dtype="float32", name="probabilities")(logits)
     return keras.Model(inputs, probabilities, name="unet")
+
+
+def unet_in_precision(config: ModelConfig, precision: str) -> keras.Model:
+    """The U-Net whose layers compute under the Keras dtype policy `precision`.
+
+    `float32`, `mixed_float16` or `mixed_bfloat16`: mixed policies compute in 16 bits but
+    keep the variables (and the softmax, see `unet`) in float32. The global policy is set
+    only while the layers are made, so models built afterwards are not affected.
+    """
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        return unet(config)
+    finally:
+        keras.config.set_dtype_policy(previous)

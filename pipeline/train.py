@@ -37,7 +37,7 @@ from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
 from pipeline.metrics.training import training_metrics
-from pipeline.model import unet
+from pipeline.model import unet, unet_in_precision
 from pipeline.rundir import RunDir
 
 
@@ -107,12 +107,7 @@ def compiled_model(config: Config) -> keras.Model:
     Mixed precision computes in float16/bfloat16 but keeps the variables, the softmax and
     the loss in float32 (and, for float16, scales the loss against underflow).
     """
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(config.train.precision)
-    try:
-        model = unet(config.model)
-    finally:
-        keras.config.set_dtype_policy(previous)
+    model = unet_in_precision(config.model, config.train.precision)
     model.compile(
         optimizer=optimizer(config.train),
         loss=weighted_cross_entropy(),
