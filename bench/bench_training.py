@@ -4,9 +4,11 @@ Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmu
 `model.fit` steps of the `cpu` and `paper` presets under MirroredStrategy with 1 and 2
 replicas (logical devices on the CPU), with TensorFlow's thread pools at their default
 size or set (for example `--threads default 2x1`: 2 intra-op threads, 1 inter-op thread),
-and with freed memory kept in the process (`train.keep_freed_memory`,
+with freed memory kept in the process (`train.keep_freed_memory`,
 pipeline/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
-kept returned`). Each configuration runs in fresh processes (`--processes`, default 2),
+kept returned`), and in float32 or mixed precision (`train.precision`, `--precisions
+float32 mixed_bfloat16`: the convolutions in bfloat16, which oneDNN runs natively on CPUs
+with AVX512-BF16 or AMX and emulates on others). Each configuration runs in fresh processes (`--processes`, default 2),
 since logical devices and thread pools are fixed when TensorFlow starts, and since on a
 2-core virtual machine one process can run its whole life at half the speed of the next:
 the table shows the fastest and the slowest. Every process also reports the CPU time of
@@ -22,7 +24,8 @@ FLOPs per tile: the forward pass's float operations counted by TensorFlow's prof
 the traced graph, times 3 for forward + backward (the usual estimate for convolutions).
 
     PYTHONPATH=. python bench/bench_training.py [--presets cpu paper] [--replicas 1 2]
-        [--threads default] [--freed-memory kept returned] [--processes 2] [--steps N]
+        [--threads default] [--freed-memory kept] [--precisions float32 mixed_bfloat16]
+        [--processes 2] [--steps N]
         [--matmul-size 4096] [--json PATH]
 """
 
@@ -45,16 +48,18 @@ from bench import common
 STEPS = {"cpu": 40, "paper": 3}  # timed steps per preset: 5 to 20 s each on 2 cores
 WARM_UP_STEPS = 2  # the first traces the step, the second still sets up kernels; neither is timed
 # What every process of one configuration shares; the measured figures stay per process.
-CONFIGURATION_KEYS = ("preset", "replicas", "threads", "freed_memory", "steps", "batch", "tile", "flops_per_tile")
+CONFIGURATION_KEYS = ("preset", "replicas", "threads", "freed_memory", "precision", "steps", "batch", "tile",
+                      "flops_per_tile")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
-def matmul_gflops(size: int = 4096, repeats: int = 10) -> float:
-    """GFLOP/s of a size x size float32 matmul on the CPU, the best the machine does."""
+def matmul_gflops(size: int = 4096, repeats: int = 10, dtype: str = "float32") -> float:
+    """GFLOP/s of a size x size matmul in `dtype` on the CPU, the best the machine does in it."""
     import tensorflow as tf
 
     # On the CPU even where a GPU is present: the replicas measured against it are CPU devices.
     with tf.device("/cpu:0"):
-        a = tf.random.normal([size, size])
+        a = tf.cast(tf.random.normal([size, size]), dtype)
         product = tf.function(lambda x: tf.matmul(x, x))
         product(a).numpy()
         start = time.perf_counter()
@@ -141,12 +146,15 @@ def kernel_seconds(logdir: str, steps: int) -> dict[str, float]:
     return seconds
 
 
-def child(preset_name: str, replicas: int, threads: str, freed_memory: str, steps: int) -> dict[str, Any]:
+def child(preset_name: str, replicas: int, threads: str, freed_memory: str, precision: str,
+          steps: int) -> dict[str, Any]:
     """One configuration, in this (fresh) process: tiles/s, CPU seconds and page faults per step, FLOPs per tile.
 
     `threads`: "default", or "IxJ" for I intra-op and J inter-op threads; `freed_memory`:
-    "kept" (what training does by default) or "returned".
+    "kept" (what training does by default) or "returned"; `precision`: `train.precision`.
     """
+    import dataclasses
+
     import numpy as np
     import tensorflow as tf
 
@@ -166,6 +174,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, step
     from pipeline.train import compiled_model
 
     config = configuration.preset(preset_name)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
     tile, depth = config.train.tile_size, config.model.depth
     batch = max(config.train.batch_size, replicas)  # every replica gets at least one tile
     out = output_size(tile, depth)
@@ -186,7 +195,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, step
     (start, before), (end, after) = clock.start, clock.end
     seconds = end - start
     return {"preset": preset_name, "replicas": replicas, "threads": threads, "freed_memory": freed_memory,
-            "steps": steps, "batch": batch, "tile": tile, "tiles_per_second": steps * batch / seconds,
+            "precision": precision, "steps": steps, "batch": batch, "tile": tile, "tiles_per_second": steps * batch / seconds,
             "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
             "peak_rss_mib": after.ru_maxrss / 1024,
             "user_seconds_per_step": (after.ru_utime - before.ru_utime) / steps,
@@ -196,11 +205,13 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, step
 
 
 def measure(presets: list[str], replica_counts: list[int], thread_settings: list[str], freed_memory: list[str],
-            processes: int = 2, steps: int | None = None, matmul_size: int = 4096,
+            precisions: list[str], processes: int = 2, steps: int | None = None, matmul_size: int = 4096,
             matmul_repeats: int = 10) -> dict[str, Any]:
     """The matmul peak in this process, then every configuration in `processes` fresh ones.
 
-    A configuration: (preset, replicas, threads, freed memory).
+    A configuration: (preset, replicas, threads, freed memory, precision). Where a mixed
+    precision is among them, the matmul is also timed in its 16-bit type, so that its
+    table rows can be read against what the machine does in that type too.
 
     The processes of one configuration are not run back to back but round by round, so that
     a slow spell of the machine does not fall on one configuration only. `steps` overrides
@@ -208,16 +219,21 @@ def measure(presets: list[str], replica_counts: list[int], thread_settings: list
     """
     peaks = [matmul_gflops(matmul_size, matmul_repeats)]
     print(f"  {matmul_size}x{matmul_size} float32 matmul: {peaks[0]:.0f} GFLOP/s", flush=True)
-    configurations = [(preset, replicas, threads, memory) for preset in presets for replicas in replica_counts
-                      for threads in thread_settings for memory in freed_memory]
+    half_types = sorted({precision.removeprefix("mixed_") for precision in precisions if precision != "float32"})
+    half_peaks = {dtype: matmul_gflops(matmul_size, matmul_repeats, dtype) for dtype in half_types}
+    for dtype, gflops in half_peaks.items():
+        print(f"  {matmul_size}x{matmul_size} {dtype} matmul: {gflops:.0f} GFLOP/s", flush=True)
+    configurations = [(preset, replicas, threads, memory, precision) for preset in presets
+                      for replicas in replica_counts for threads in thread_settings for memory in freed_memory
+                      for precision in precisions]
     runs: dict[tuple, list[dict]] = {configuration: [] for configuration in configurations}
     for _ in range(processes):
         for configuration in configurations:
-            preset, replicas, threads, memory = configuration
-            arguments = ["--child", preset, str(replicas), threads, memory, str(steps or STEPS[preset])]
+            preset, replicas, threads, memory, precision = configuration
+            arguments = ["--child", preset, str(replicas), threads, memory, precision, str(steps or STEPS[preset])]
             run = common.run_json(Path(__file__), arguments)
             runs[configuration].append(run)
-            print(f"  {preset:6s} {replicas} replica(s), threads {threads}, freed memory {memory}: "
+            print(f"  {preset:6s} {replicas} replica(s), threads {threads}, freed memory {memory}, {precision}: "
                   f"{run['tiles_per_second']:.2f} tiles/s, {run['user_seconds_per_step']:.3f} s user + "
                   f"{run['system_seconds_per_step']:.3f} s system in {run['seconds_per_step']:.3f} s a step, "
                   f"{run['page_faults_per_step']:.0f} page faults a step", flush=True)
@@ -227,7 +243,7 @@ def measure(presets: list[str], replica_counts: list[int], thread_settings: list
     print(f"  {matmul_size}x{matmul_size} float32 matmul, again: {peaks[1]:.0f} GFLOP/s", flush=True)
     return {"cores": len(os.sched_getaffinity(0)), "steps": steps, "processes": processes,
             "matmul_size": matmul_size, "matmul_repeats": matmul_repeats, "matmul_gflops": max(peaks),
-            "matmul_gflops_before_and_after": peaks,
+            "matmul_gflops_before_and_after": peaks, "matmul_gflops_16_bit": half_peaks,
             "rows": [{key: runs[c][0][key] for key in CONFIGURATION_KEYS} | {"runs": runs[c]} for c in configurations]}
 
 
@@ -255,17 +271,19 @@ def render(results: dict[str, Any]) -> str:
         busy = [(run["user_seconds_per_step"] + run["system_seconds_per_step"]) / run["seconds_per_step"]
                 for run in row["runs"]]
         cpu_time = _mean(row, "user_seconds_per_step") + _mean(row, "system_seconds_per_step")
-        table.append([row["preset"], str(row["replicas"]), row["threads"], row["freed_memory"], str(row["batch"]),
+        table.append([row["preset"], str(row["replicas"]), row["threads"], row["freed_memory"], row["precision"],
+                      str(row["batch"]),
                       str(row["tile"]), f"{row['flops_per_tile'] / 1e9:.1f}", _range(speeds, ".2f"),
                       _range([100 * speed * row["flops_per_tile"] / 1e9 / peak for speed in speeds], ".0f") + "%",
                       _range(busy, ".2f"), f"{_mean(row, 'system_seconds_per_step') / cpu_time:.0%}",
                       f"{_mean(row, 'page_faults_per_step'):,.0f}", f"{_mean(row, 'peak_rss_mib'):,.0f}"])
     dimensions = {name: list(dict.fromkeys(row[name] for row in rows))
-                  for name in ("preset", "replicas", "threads", "freed_memory")}
+                  for name in ("preset", "replicas", "threads", "freed_memory", "precision")}
     timed = {row["preset"]: row["steps"] for row in rows}
     command = (f"PYTHONPATH=. python bench/bench_training.py --presets {' '.join(dimensions['preset'])} "
                f"--replicas {' '.join(map(str, dimensions['replicas']))} --threads {' '.join(dimensions['threads'])} "
-               f"--freed-memory {' '.join(dimensions['freed_memory'])} --processes {results['processes']} "
+               f"--freed-memory {' '.join(dimensions['freed_memory'])} --precisions {' '.join(dimensions['precision'])} "
+               f"--processes {results['processes']} "
                f"--matmul-size {size} --matmul-repeats {results['matmul_repeats']}")
     if results["steps"] is not None:
         command += f" --steps {results['steps']}"
@@ -288,10 +306,12 @@ def render(results: dict[str, Any]) -> str:
             "the kernel's part of that CPU time; page faults and peak resident memory: means over the "
             "processes."),
         "{}x{} float32 matmul on the CPU: {:.0f} GFLOP/s before the training runs, {:.0f} after; the percentages "
-        "are of the higher.".format(size, size, *results["matmul_gflops_before_and_after"]),
-        common.markdown_table(["preset", "replicas", "threads", "freed memory", "global batch", "tile",
-                               "GFLOP/tile (train)", "tiles/s", "of matmul peak", "cores busy", "system share",
-                               "page faults a step", "peak RSS, MiB"], table, "lrllrrrrrrrrr"),
+        "are of the higher, for every precision.".format(size, size, *results["matmul_gflops_before_and_after"])
+        + "".join(f" The same matmul in {dtype}: {gflops:.0f} GFLOP/s ({gflops / peak:.2f}x float32)."
+                  for dtype, gflops in results["matmul_gflops_16_bit"].items()),
+        common.markdown_table(["preset", "replicas", "threads", "freed memory", "precision", "global batch", "tile",
+                               "GFLOP/tile (train)", "tiles/s", "of float32 matmul peak", "cores busy",
+                               "system share", "page faults a step", "peak RSS, MiB"], table, "lrlllrrrrrrrrr"),
     ]
     if len(dimensions["replicas"]) > 1:
         sections.append(_replicas(results))
@@ -300,17 +320,17 @@ def render(results: dict[str, Any]) -> str:
 
 
 def _kernels(rows: list[dict[str, Any]]) -> str:
-    """Where a step's time goes, for each preset's first configuration: milliseconds per kernel family."""
-    firsts: dict[str, dict[str, Any]] = {}
+    """Where a step's time goes, for each preset's and precision's first configuration: ms per kernel family."""
+    firsts: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
-        firsts.setdefault(row["preset"], row)
+        firsts.setdefault((row["preset"], row["precision"]), row)
     families = [name for _, name in KERNEL_FAMILIES] + [OTHER_KERNELS]
     table = []
     for row in firsts.values():
         per_family = {name: sum(run["kernel_seconds_per_step"][name] for run in row["runs"]) / len(row["runs"])
                       for name in families}
         total = sum(per_family.values())
-        table.append([row["preset"], f"{row['replicas']}, {row['threads']}, {row['freed_memory']}",
+        table.append([row["preset"], f"{row['replicas']}, {row['threads']}, {row['freed_memory']}, {row['precision']}",
                       f"{1000 * _mean(row, 'seconds_per_step'):,.0f}"]
                      + [f"{1000 * per_family[name]:,.0f} ({per_family[name] / total:.0%})" for name in families]
                      + [f"{total / _mean(row, 'seconds_per_step'):.2f}"])
@@ -323,7 +343,7 @@ def _kernels(rows: list[dict[str, Any]]) -> str:
             "layer's two gradient convolutions do, so the columns say where a step's time goes, not how fast "
             "each kernel is. Up-convolutions run forward as Conv2DBackpropInput and backward as Conv2D and "
             "Conv2DBackpropFilter."),
-        common.markdown_table(["preset", "replicas, threads, freed memory", "step, ms"] + families + ["ops at once"],
+        common.markdown_table(["preset", "replicas, threads, freed memory, precision", "step, ms"] + families + ["ops at once"],
                               table, "llr" + "r" * len(families) + "r"),
     ])
 
@@ -332,7 +352,8 @@ def _replicas(results: dict[str, Any]) -> str:
     """What more replicas change, in measured tiles/s, and why little can be expected on a CPU."""
     first = results["rows"][0]
     rows = {(row["preset"], row["replicas"]): row for row in results["rows"]
-            if (row["threads"], row["freed_memory"]) == (first["threads"], first["freed_memory"])}
+            if (row["threads"], row["freed_memory"], row["precision"])
+            == (first["threads"], first["freed_memory"], first["precision"])}
     presets = list(dict.fromkeys(preset for preset, _ in rows))
     fewest, most = min(replicas for _, replicas in rows), max(replicas for _, replicas in rows)
 
@@ -344,7 +365,7 @@ def _replicas(results: dict[str, Any]) -> str:
     sentences = [
         f"Logical devices share the same {results['cores']} CPU cores, so more replicas add no compute. "
         f"Fastest tiles/s with {most} replicas against {fewest} (threads {first['threads']}, freed memory "
-        f"{first['freed_memory']}): {', '.join(map(change, presets))}.",
+        f"{first['freed_memory']}, {first['precision']}): {', '.join(map(change, presets))}.",
         "With the same global batch the change is the cost of splitting it; with one tile per replica, "
         "the replicas run their tiles at once, and a gain means that one tile's step alone left cores idle.",
         "These are CPU figures: the replicas are CPU devices even where a GPU is present.",
@@ -368,23 +389,25 @@ def main() -> None:
     parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2], help="replica counts to compare")
     parser.add_argument("--threads", nargs="+", type=thread_setting, default=["default"],
                         help="thread settings to compare: default, or IxJ (I intra-op, J inter-op threads)")
-    parser.add_argument("--freed-memory", nargs="+", choices=["kept", "returned"], default=["kept", "returned"],
+    parser.add_argument("--freed-memory", nargs="+", choices=["kept", "returned"], default=["kept"],
                         help="keep freed memory in the process (train.keep_freed_memory) or return it to the kernel")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=["float32", "mixed_bfloat16"],
+                        help="train.precision values to compare")
     parser.add_argument("--processes", type=int, default=2, help="fresh processes per configuration")
     parser.add_argument("--steps", type=int, help="timed steps for every preset (default: "
                         + ", ".join(f"{preset} {steps}" for preset, steps in STEPS.items()) + ")")
     parser.add_argument("--matmul-size", type=int, default=4096)
     parser.add_argument("--matmul-repeats", type=int, default=10)
-    parser.add_argument("--child", nargs=5, metavar=("PRESET", "REPLICAS", "THREADS", "MEMORY", "STEPS"),
+    parser.add_argument("--child", nargs=6, metavar=("PRESET", "REPLICAS", "THREADS", "MEMORY", "PRECISION", "STEPS"),
                         help=argparse.SUPPRESS)
     common.add_json_argument(parser)
     args = parser.parse_args()
     if args.child:
-        preset, replicas, threads, memory, steps = args.child
-        common.finish(args.json, child(preset, int(replicas), threads, memory, int(steps)), json.dumps)
+        preset, replicas, threads, memory, precision, steps = args.child
+        common.finish(args.json, child(preset, int(replicas), threads, memory, precision, int(steps)), json.dumps)
         return
-    results = measure(args.presets, args.replicas, args.threads, args.freed_memory, args.processes, args.steps,
-                      args.matmul_size, args.matmul_repeats)
+    results = measure(args.presets, args.replicas, args.threads, args.freed_memory, args.precisions, args.processes,
+                      args.steps, args.matmul_size, args.matmul_repeats)
     common.finish(args.json, results, render)
 
 
