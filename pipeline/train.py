@@ -89,7 +89,7 @@ def strategy(train: TrainConfig) -> tf.distribute.Strategy:
 
 # The instructions that run a mixed precision's 16-bit convolutions natively on a CPU, as
 # Linux names them in /proc/cpuinfo. Without them oneDNN emulates the type on AVX-512 CPUs
-# and TensorFlow falls back to Eigen on others: slower than float32, not faster.
+# and TensorFlow falls back to Eigen on others, neither expected to beat float32.
 NATIVE_16_BIT = {"mixed_bfloat16": ("avx512_bf16", "amx_bf16"), "mixed_float16": ("avx512_fp16", "amx_fp16")}
 
 
