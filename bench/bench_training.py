@@ -8,12 +8,13 @@ with freed memory kept in the process (`train.keep_freed_memory`,
 pipeline/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
 kept returned`), and in float32 or mixed precision (`train.precision`, `--precisions
 float32 mixed_bfloat16`: the convolutions in bfloat16, which oneDNN runs natively on CPUs
-with AVX512-BF16 or AMX and emulates on others). Each configuration runs in fresh processes (`--processes`, default 2),
-since logical devices and thread pools are fixed when TensorFlow starts, and since on a
-2-core virtual machine one process can run its whole life at half the speed of the next:
-the table shows the fastest and the slowest. Every process also reports the CPU time of
-its steps, split into user and system (kernel) time, and its page faults: how many cores a
-step keeps busy, what share the kernel takes and how much fresh memory it had to hand out.
+with AVX512-BF16 or AMX and emulates on others). Each configuration runs in fresh
+processes (`--processes`, default 2), since logical devices and thread pools are fixed
+when TensorFlow starts, and since on a 2-core virtual machine one process can run its
+whole life at half the speed of the next: the table shows the fastest and the slowest.
+Every process also reports the CPU time of its steps, split into user and system (kernel)
+time, and its page faults: how many cores a step keeps busy, what share the kernel takes
+and how much fresh memory it had to hand out.
 Tiles come from memory, so the figures are the training step's, not the input pipeline's
 (see bench_input_pipeline.py). Steps are timed inside one `fit`, after warm-up steps and
 before its end, as a long training run sees them. After the timed steps TensorFlow's
@@ -32,6 +33,7 @@ the traced graph, times 3 for forward + backward (the usual estimate for convolu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from pipeline.config import PRECISIONS
 
 # TensorFlow is imported inside the functions: each configuration's process must set up
 # its logical devices before TensorFlow starts, and run_all imports this module for `render`.
@@ -50,7 +53,6 @@ WARM_UP_STEPS = 2  # the first traces the step, the second still sets up kernels
 # What every process of one configuration shares; the measured figures stay per process.
 CONFIGURATION_KEYS = ("preset", "replicas", "threads", "freed_memory", "precision", "steps", "batch", "tile",
                       "flops_per_tile")
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
 def matmul_gflops(size: int = 4096, repeats: int = 10, dtype: str = "float32") -> float:
@@ -153,8 +155,6 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
     `threads`: "default", or "IxJ" for I intra-op and J inter-op threads; `freed_memory`:
     "kept" (what training does by default) or "returned"; `precision`: `train.precision`.
     """
-    import dataclasses
-
     import numpy as np
     import tensorflow as tf
 
@@ -195,7 +195,8 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
     (start, before), (end, after) = clock.start, clock.end
     seconds = end - start
     return {"preset": preset_name, "replicas": replicas, "threads": threads, "freed_memory": freed_memory,
-            "precision": precision, "steps": steps, "batch": batch, "tile": tile, "tiles_per_second": steps * batch / seconds,
+            "precision": precision, "steps": steps, "batch": batch, "tile": tile,
+            "tiles_per_second": steps * batch / seconds,
             "page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
             "peak_rss_mib": after.ru_maxrss / 1024,
             "user_seconds_per_step": (after.ru_utime - before.ru_utime) / steps,
@@ -282,8 +283,8 @@ def render(results: dict[str, Any]) -> str:
     timed = {row["preset"]: row["steps"] for row in rows}
     command = (f"PYTHONPATH=. python bench/bench_training.py --presets {' '.join(dimensions['preset'])} "
                f"--replicas {' '.join(map(str, dimensions['replicas']))} --threads {' '.join(dimensions['threads'])} "
-               f"--freed-memory {' '.join(dimensions['freed_memory'])} --precisions {' '.join(dimensions['precision'])} "
-               f"--processes {results['processes']} "
+               f"--freed-memory {' '.join(dimensions['freed_memory'])} "
+               f"--precisions {' '.join(dimensions['precision'])} --processes {results['processes']} "
                f"--matmul-size {size} --matmul-repeats {results['matmul_repeats']}")
     if results["steps"] is not None:
         command += f" --steps {results['steps']}"
@@ -343,8 +344,8 @@ def _kernels(rows: list[dict[str, Any]]) -> str:
             "layer's two gradient convolutions do, so the columns say where a step's time goes, not how fast "
             "each kernel is. Up-convolutions run forward as Conv2DBackpropInput and backward as Conv2D and "
             "Conv2DBackpropFilter."),
-        common.markdown_table(["preset", "replicas, threads, freed memory, precision", "step, ms"] + families + ["ops at once"],
-                              table, "llr" + "r" * len(families) + "r"),
+        common.markdown_table(["preset", "replicas, threads, freed memory, precision", "step, ms"] + families
+                              + ["ops at once"], table, "llr" + "r" * len(families) + "r"),
     ])
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from pipeline import config as configuration
 from pipeline.cli import main
@@ -185,8 +186,6 @@ def test_a_mixed_precision_is_emulated_on_a_cpu_without_its_instructions():
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_training_says_when_this_cpu_emulates_its_precision(precision, capsys):
     precision_notice(configuration.TrainConfig(precision=precision))
-    import tensorflow as tf
-
     this_cpu = set(Path("/proc/cpuinfo").read_text().split())
     expected = emulated_on_cpu(precision, this_cpu) and not tf.config.list_physical_devices("GPU")
     said = capsys.readouterr().out
@@ -230,8 +229,6 @@ def test_the_challenge_metric_chooses_the_best_model(prepared, tmp_path, capsys)
 
 
 def test_xla_is_never_dropped_silently():
-    import tensorflow as tf
-
     config = configuration.apply_overrides(configuration.preset("smoke"), {"train": {"jit_compile": True}}, "test")
     tf.config.experimental.enable_op_determinism()  # what a run without XLA leaves in the process
     with pytest.raises(PipelineError, match="^train.jit_compile=true: Keras cannot compile this model with XLA"):
