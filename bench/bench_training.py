@@ -1,7 +1,8 @@
 """Training throughput: tiles per second and achieved GFLOP/s against a large matmul.
 
 Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmul), then
-`model.fit` steps of the `cpu` and `paper` presets under MirroredStrategy with 1 and 2
+`model.fit` steps of the `cpu` and `paper` presets (or of a data set's recipe for one, as
+`cpu/isbi2012`: the network and tiles that ISBI 2012 trains with) under MirroredStrategy with 1 and 2
 replicas (logical devices on the CPU), with TensorFlow's thread pools at their default
 size or set (for example `--threads default 2x1`: 2 intra-op threads, 1 inter-op thread),
 with freed memory kept in the process (`train.keep_freed_memory`,
@@ -24,7 +25,7 @@ milliseconds of each convolution kernel family and of the rest.
 FLOPs per tile: the forward pass's float operations counted by TensorFlow's profiler on
 the traced graph, times 3 for forward + backward (the usual estimate for convolutions).
 
-    PYTHONPATH=. python bench/bench_training.py [--presets cpu paper] [--replicas 1 2]
+    PYTHONPATH=. python bench/bench_training.py [--presets cpu paper cpu/isbi2012] [--replicas 1 2]
         [--threads default] [--freed-memory kept] [--precisions float32 mixed_bfloat16]
         [--processes 2] [--steps N]
         [--matmul-size 4096] [--json PATH]
@@ -148,6 +149,49 @@ def kernel_seconds(logdir: str, steps: int) -> dict[str, float]:
     return seconds
 
 
+def convolutions_alone(model: Any, batch: int, tile: int, seconds: float = 0.3) -> dict[str, float]:
+    """Each convolution of `model` timed alone over a batch: its forward pass and its gradients.
+
+    Every Conv2D and Conv2DTranspose layer runs on the input it gets in a step of `batch`
+    tiles of `tile` px, with the whole machine, one layer after the other: forward (with its
+    bias and activation, as oneDNN fuses them in a step), the kernel's and bias's gradients,
+    and, but for the first layer, whose input is the image, the input's gradient. Each
+    repeats for at least `seconds`. Returns {"seconds": their sum per step, "flops": their
+    float operations, counted from the shapes}.
+    """
+    import keras
+    import tensorflow as tf
+
+    layers = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]  # transposed too
+    inputs = keras.Model(model.inputs, [layer.input for layer in layers])(tf.zeros([batch, tile, tile, 1]))
+    total_seconds = total_flops = 0.0
+    for index, (layer, x) in enumerate(zip(layers, inputs)):
+        first = index == 0
+
+        @tf.function
+        def forward_backward(x: Any, layer: Any = layer, first: bool = first) -> Any:
+            with tf.GradientTape() as tape:
+                if not first:
+                    tape.watch(x)
+                y = layer(x)
+            return tape.gradient(y, layer.trainable_weights if first else [x, *layer.trainable_weights],
+                                 output_gradients=tf.ones_like(y))
+
+        forward_backward(x)  # traces
+        repeats, start = 0, time.perf_counter()
+        while repeats < 3 or time.perf_counter() - start < seconds:
+            [gradient.numpy() for gradient in forward_backward(x)]
+            repeats += 1
+        total_seconds += (time.perf_counter() - start) / repeats
+        kernel_height, kernel_width, *channels = layer.kernel.shape
+        # A transposed convolution's multiply-adds follow its input pixels, a convolution's its output's.
+        pixels = x.shape[1] * x.shape[2] if isinstance(layer, keras.layers.Conv2DTranspose) else (
+            layer.compute_output_shape(x.shape)[1] * layer.compute_output_shape(x.shape)[2])
+        forward = 2 * batch * pixels * kernel_height * kernel_width * channels[0] * channels[1]
+        total_flops += forward * (2 if first else 3)
+    return {"seconds": total_seconds, "flops": total_flops}
+
+
 def child(preset_name: str, replicas: int, threads: str, freed_memory: str, precision: str,
           steps: int) -> dict[str, Any]:
     """One configuration, in this (fresh) process: tiles/s, CPU seconds and page faults per step, FLOPs per tile.
@@ -173,7 +217,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
     from pipeline.sizes import output_size
     from pipeline.train import compiled_model
 
-    config = configuration.preset(preset_name)
+    config = configuration.preset(*preset_name.split("/"))
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
     tile, depth = config.train.tile_size, config.model.depth
     batch = max(config.train.batch_size, replicas)  # every replica gets at least one tile
@@ -192,6 +236,8 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
         clock = step_clock(WARM_UP_STEPS, steps, profiled, logdir)
         model.fit(data, steps_per_epoch=WARM_UP_STEPS + steps + profiled, epochs=1, verbose=0, callbacks=[clock])
         kernels = kernel_seconds(logdir, profiled)
+    # The same whatever the replicas, which share the cores: measured once per configuration family.
+    alone = convolutions_alone(model, batch, tile) if replicas == 1 else None
     (start, before), (end, after) = clock.start, clock.end
     seconds = end - start
     return {"preset": preset_name, "replicas": replicas, "threads": threads, "freed_memory": freed_memory,
@@ -202,7 +248,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
             "user_seconds_per_step": (after.ru_utime - before.ru_utime) / steps,
             "system_seconds_per_step": (after.ru_stime - before.ru_stime) / steps,
             "seconds_per_step": seconds / steps, "flops_per_tile": 3 * forward_flops(model, tile, 1),
-            "kernel_seconds_per_step": kernels}
+            "kernel_seconds_per_step": kernels, "convolutions_alone": alone}
 
 
 def measure(presets: list[str], replica_counts: list[int], thread_settings: list[str], freed_memory: list[str],
@@ -231,7 +277,8 @@ def measure(presets: list[str], replica_counts: list[int], thread_settings: list
     for _ in range(processes):
         for configuration in configurations:
             preset, replicas, threads, memory, precision = configuration
-            arguments = ["--child", preset, str(replicas), threads, memory, precision, str(steps or STEPS[preset])]
+            timed = steps or STEPS[preset.partition("/")[0]]
+            arguments = ["--child", preset, str(replicas), threads, memory, precision, str(timed)]
             run = common.run_json(Path(__file__), arguments)
             runs[configuration].append(run)
             print(f"  {preset:6s} {replicas} replica(s), threads {threads}, freed memory {memory}, {precision}: "
@@ -316,12 +363,15 @@ def render(results: dict[str, Any]) -> str:
     ]
     if len(dimensions["replicas"]) > 1:
         sections.append(_replicas(results))
-    sections.append(_kernels(rows))
+    sections.append(_kernels(rows, peak))
     return "\n\n".join(sections)
 
 
-def _kernels(rows: list[dict[str, Any]]) -> str:
-    """Where a step's time goes, for each preset's and precision's first configuration: ms per kernel family."""
+def _kernels(rows: list[dict[str, Any]], peak: float) -> str:
+    """Where a step's time goes, for each preset's and precision's first configuration: ms per kernel family.
+
+    Beside it, the step's convolutions timed alone (`convolutions_alone`), against `peak`.
+    """
     firsts: dict[tuple[str, str], dict[str, Any]] = {}
     for row in rows:
         firsts.setdefault((row["preset"], row["precision"]), row)
@@ -331,10 +381,15 @@ def _kernels(rows: list[dict[str, Any]]) -> str:
         per_family = {name: sum(run["kernel_seconds_per_step"][name] for run in row["runs"]) / len(row["runs"])
                       for name in families}
         total = sum(per_family.values())
+        alone = [run["convolutions_alone"] for run in row["runs"] if run.get("convolutions_alone")]
+        alone_cells = ["-", "-"]
+        if alone:
+            alone_cells = [_range([1000 * a["seconds"] for a in alone], ",.0f"),
+                           _range([100 * a["flops"] / a["seconds"] / 1e9 / peak for a in alone], ".0f") + "%"]
         table.append([row["preset"], f"{row['replicas']}, {row['threads']}, {row['freed_memory']}, {row['precision']}",
                       f"{1000 * _mean(row, 'seconds_per_step'):,.0f}"]
                      + [f"{1000 * per_family[name]:,.0f} ({per_family[name] / total:.0%})" for name in families]
-                     + [f"{total / _mean(row, 'seconds_per_step'):.2f}"])
+                     + [f"{total / _mean(row, 'seconds_per_step'):.2f}"] + alone_cells)
     return "\n\n".join([
         "### Where a step's time goes",
         common.paragraph(
@@ -343,9 +398,18 @@ def _kernels(rows: list[dict[str, Any]]) -> str:
             "Ops at once: all op time over the step's wall time. Ops that run at once share the cores, as a "
             "layer's two gradient convolutions do, so the columns say where a step's time goes, not how fast "
             "each kernel is. Up-convolutions run forward as Conv2DBackpropInput and backward as Conv2D and "
-            "Conv2DBackpropFilter."),
+            "Conv2DBackpropFilter.",
+            "Convolutions alone: after the training run, in the same process, each of the step's convolution "
+            "layers ran by itself on the input it gets in a step, forward and backward (but for the first "
+            "layer's input gradient, which training does not compute), with the whole machine, one layer after "
+            "the other; the sum of their times (slowest-fastest process), and their float operations, counted "
+            "from the shapes, over that time against the float32 matmul peak. A step whose convolutions ran "
+            "as fast as they do alone, and did nothing else, would reach that percentage: scheduling "
+            "the step differently can only approach it, unless ops running at once use the cores better "
+            "than one op alone. Measured with one replica only."),
         common.markdown_table(["preset", "replicas, threads, freed memory, precision", "step, ms"] + families
-                              + ["ops at once"], table, "llr" + "r" * len(families) + "r"),
+                              + ["ops at once", "convolutions alone, ms", "alone, of float32 matmul peak"],
+                              table, "llr" + "r" * len(families) + "rrr"),
     ])
 
 
@@ -376,6 +440,19 @@ def _replicas(results: dict[str, Any]) -> str:
     return common.paragraph(*sentences)
 
 
+def preset_setting(text: str) -> str:
+    """Checks a --presets value: a preset, or PRESET/DATASET where the data set has a recipe for it."""
+    from pipeline.data import DATASETS
+
+    name, _, dataset = text.partition("/")
+    if name not in STEPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: the preset must be one of {', '.join(STEPS)}")
+    if dataset and name not in getattr(DATASETS.get(dataset), "recipes", {}):
+        with_recipes = sorted(f"{name}/{key}" for key, value in DATASETS.items() if name in value.recipes)
+        raise argparse.ArgumentTypeError(f"{text!r}: no recipe; with one: {', '.join(with_recipes) or 'none'}")
+    return text
+
+
 def thread_setting(text: str) -> str:
     """Checks a --threads value: "default" or "IxJ" with positive I and J."""
     intra, _, inter = text.partition("x")
@@ -386,7 +463,8 @@ def thread_setting(text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["cpu", "paper"], choices=sorted(STEPS))
+    parser.add_argument("--presets", nargs="+", type=preset_setting, default=["cpu", "paper", "cpu/isbi2012"],
+                        help="presets, or PRESET/DATASET for a data set's recipe (cpu/isbi2012)")
     parser.add_argument("--replicas", nargs="+", type=int, default=[1, 2], help="replica counts to compare")
     parser.add_argument("--threads", nargs="+", type=thread_setting, default=["default"],
                         help="thread settings to compare: default, or IxJ (I intra-op, J inter-op threads)")
