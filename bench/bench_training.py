@@ -180,13 +180,14 @@ def convolutions_alone(model: Any, batch: int, tile: int, seconds: float = 0.3) 
         forward_backward(x)  # traces
         repeats, start = 0, time.perf_counter()
         while repeats < 3 or time.perf_counter() - start < seconds:
-            [gradient.numpy() for gradient in forward_backward(x)]
+            for gradient in forward_backward(x):
+                gradient.numpy()  # waits for it
             repeats += 1
         total_seconds += (time.perf_counter() - start) / repeats
         kernel_height, kernel_width, *channels = layer.kernel.shape
         # A transposed convolution's multiply-adds follow its input pixels, a convolution's its output's.
-        pixels = x.shape[1] * x.shape[2] if isinstance(layer, keras.layers.Conv2DTranspose) else (
-            layer.compute_output_shape(x.shape)[1] * layer.compute_output_shape(x.shape)[2])
+        grid = x.shape if isinstance(layer, keras.layers.Conv2DTranspose) else layer.compute_output_shape(x.shape)
+        pixels = grid[1] * grid[2]
         forward = 2 * batch * pixels * kernel_height * kernel_width * channels[0] * channels[1]
         total_flops += forward * (2 if first else 3)
     return {"seconds": total_seconds, "flops": total_flops}
