@@ -2,8 +2,8 @@
 
 Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmul), then
 `model.fit` steps of the `cpu` and `paper` presets (or of a data set's recipe for one, as
-`cpu/isbi2012`: the network and tiles that ISBI 2012 trains with) under MirroredStrategy with 1 and 2
-replicas (logical devices on the CPU), with TensorFlow's thread pools at their default
+`cpu/isbi2012`: the network and tiles that ISBI 2012 trains with) under MirroredStrategy
+with 1 and 2 replicas (logical devices on the CPU), with TensorFlow's thread pools at their default
 size or set (for example `--threads default 2x1`: 2 intra-op threads, 1 inter-op thread),
 with freed memory kept in the process (`train.keep_freed_memory`,
 pipeline/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
@@ -237,7 +237,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
         clock = step_clock(WARM_UP_STEPS, steps, profiled, logdir)
         model.fit(data, steps_per_epoch=WARM_UP_STEPS + steps + profiled, epochs=1, verbose=0, callbacks=[clock])
         kernels = kernel_seconds(logdir, profiled)
-    # The same whatever the replicas, which share the cores: measured once per configuration family.
+    # Replicas share the cores, so the layers alone would time the same: measured with one replica only.
     alone = convolutions_alone(model, batch, tile) if replicas == 1 else None
     (start, before), (end, after) = clock.start, clock.end
     seconds = end - start
