@@ -3,9 +3,9 @@
 Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmul), then
 `model.fit` steps of the `cpu` and `paper` presets (or of a data set's recipe for one, as
 `cpu/isbi2012`: the network and tiles that ISBI 2012 trains with) under MirroredStrategy
-with 1 and 2 replicas (logical devices on the CPU), with TensorFlow's thread pools at their default
-size or set (for example `--threads default 2x1`: 2 intra-op threads, 1 inter-op thread),
-with freed memory kept in the process (`train.keep_freed_memory`,
+with 1 and 2 replicas (logical devices on the CPU), with TensorFlow's thread pools at
+their default size or set (for example `--threads default 2x1`: 2 intra-op threads, 1
+inter-op thread), with freed memory kept in the process (`train.keep_freed_memory`,
 pipeline/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
 kept returned`), and in float32 or mixed precision (`train.precision`, `--precisions
 float32 mixed_bfloat16`: the convolutions in bfloat16, which oneDNN runs natively on CPUs
