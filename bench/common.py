@@ -84,7 +84,8 @@ def cpu_model() -> str:
 
     Virtual machines may name only the brand ("AMD EPYC"), so /proc/cpuinfo's family and
     model numbers follow the name: they tell the generations apart (AMD family 25 is Zen 3
-    or Zen 4, 26 Zen 5), whose matmul rates differ by more than two times.
+    or Zen 4, 26 Zen 5; Intel family 6 model 143 is Sapphire Rapids, 207 Emerald Rapids),
+    whose matmul rates differ by more than two times.
     """
     try:
         fields = {}
