@@ -23,12 +23,23 @@ from pipeline.metrics.isbi import rand_error_sweep
 from pipeline.metrics.warping import warping_error_sweep
 
 
-class StopOnNaN(keras.callbacks.Callback):
-    """Stops training at the first NaN or infinite loss with a message naming the step.
+class StopOnDivergence(keras.callbacks.Callback):
+    """Stops training when it diverges, with a message naming where.
 
+    Two signs: a NaN or infinite loss at any step, and a collapse at an epoch's end, the
+    training and the validation loss both at least `factor` times their lowest so far.
+    A collapsed network predicts one class everywhere and rarely comes back (an ISBI run
+    in mixed precision: both losses tripled within one epoch and stayed there for the
+    other 16), while the other reasons for a loss to rise do not raise both by half:
+    overfitting raises only the validation loss, and an epoch's noise is a few percent.
     It raises instead of setting `stop_training`, so that no epoch-end callback runs on
     the broken weights: the last backup and the best model stay the last good ones.
     """
+
+    def __init__(self, factor: float = 1.5):
+        super().__init__()
+        self.factor = factor
+        self.lowest: dict[str, float] = {}
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.epoch = epoch
@@ -40,6 +51,18 @@ class StopOnNaN(keras.callbacks.Callback):
                 f"training diverged: loss is {float(loss)} at epoch {self.epoch + 1}, step {batch + 1}; "
                 "the last good model and backup are kept (try a lower train.learning_rate)"
             )
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        losses = {name: float(logs[name]) for name in ("loss", "val_loss") if name in (logs or {})}
+        if len(losses) < 2:
+            return  # a training loss that rises alone is no proof
+        if self.lowest and all(losses[name] >= self.factor * self.lowest[name] for name in losses):
+            raise PipelineError(
+                f"training diverged at epoch {epoch + 1}: training loss {self.lowest['loss']:.3g} -> "
+                f"{losses['loss']:.3g}, validation loss {self.lowest['val_loss']:.3g} -> {losses['val_loss']:.3g}; "
+                "the last good model and backup are kept (try a lower train.learning_rate or a train.clipnorm)"
+            )
+        self.lowest = {name: min(value, self.lowest.get(name, math.inf)) for name, value in losses.items()}
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):

@@ -121,6 +121,9 @@ class TrainConfig:
     lr_schedule: str = "constant"  # LR_SCHEDULES
     warmup_steps: int = 0  # steps of linear warm-up from 0 to learning_rate
     momentum: float = 0.99  # sgd only
+    # Scales the gradients down to this global norm where they exceed it, so that one
+    # outlying batch cannot wreck the weights and Adam's moments; 0 = off. nnU-Net clips at 12.
+    clipnorm: float = 0.0
     val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
     select_by: str = "val_loss"  # SELECTIONS: what picks the best epoch (and early stopping watches)
     early_stopping_patience: int = 0  # epochs without improvement of select_by; 0 = off
@@ -391,6 +394,7 @@ _RANGES: dict[str, Range] = {
     "train.learning_rate": Range(0, open_low=True),
     "train.warmup_steps": Range(0),
     "train.momentum": Range(0, 1, open_high=True),
+    "train.clipnorm": Range(0),
     "train.val_tiles_per_image": Range(1),
     "train.early_stopping_patience": Range(0),
     "predict.tiles_per_batch": Range(1),

@@ -32,7 +32,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
 from pipeline import allocator, bioimageio, input_pipeline, io, rundir
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnNaN, ValidationImages
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
@@ -71,13 +71,22 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
 
 def optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
-    """SGD with the paper's high momentum, or Adam for fast convergence on a CPU, on `LearningRate`."""
+    """SGD with the paper's high momentum, or Adam for fast convergence on a CPU, on `LearningRate`,
+    clipping the gradients' global norm at `train.clipnorm` where it is set.
+
+    Call it inside the strategy's scope. Keras clips each replica's gradients before they
+    are summed, and each replica's are its share of the global batch's (the loss is divided
+    by the number of replicas), so the norm is divided the same way: replicas whose
+    gradients agree are clipped as one device would clip their sum.
+    """
     rate = train.learning_rate
     if train.lr_schedule != "constant" or train.warmup_steps:
         rate = LearningRate(rate, train.epochs * train.steps_per_epoch, train.lr_schedule, train.warmup_steps)
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    clipping = {"global_clipnorm": train.clipnorm / replicas} if train.clipnorm else {}
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=train.momentum)
-    return keras.optimizers.Adam(rate)
+        return keras.optimizers.SGD(rate, momentum=train.momentum, **clipping)
+    return keras.optimizers.Adam(rate, **clipping)
 
 
 def strategy(train: TrainConfig) -> tf.distribute.Strategy:
@@ -277,7 +286,7 @@ def callbacks(
     The challenge scores, when they choose the model, come first: the callbacks after
     them read them from the same epoch's logs (every worker, as early stopping needs them).
     """
-    chosen = [StopOnNaN(), keras.callbacks.BackupAndRestore(str(run.backup(task_id)), double_checkpoint=True)]
+    chosen = [StopOnDivergence(), keras.callbacks.BackupAndRestore(str(run.backup(task_id)), double_checkpoint=True)]
     if config.train.select_by in ("val_rand_error", "val_warping_error"):
         chosen.insert(0, ChallengeScores(val_split["images"], val_split["instances"] > 0, val_split.get("sizes"),
                                          config))

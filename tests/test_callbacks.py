@@ -1,5 +1,6 @@
-"""The training callbacks, on tiny Keras models: the best model is kept, a NaN loss stops at once,
-validation pictures reach TensorBoard, in colour for RGB inputs, the challenge's errors are evaluate's."""
+"""The training callbacks, on tiny Keras models: the best model is kept, a NaN loss stops at once and
+a collapse at its epoch's end, validation pictures reach TensorBoard, in colour for RGB inputs, the
+challenge's errors are evaluate's."""
 
 import json
 
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config as configuration
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnNaN, ValidationImages
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_model
 from pipeline.model import unet
@@ -51,12 +52,44 @@ def test_nan_loss_stops_at_its_step_before_the_epoch_ends():
     x = np.ones((6, 2), np.float32)
     x[3] = np.nan  # in the second batch of two
     epoch_ends = []
-    callbacks = [StopOnNaN(), keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_ends.append(epoch))]
+    callbacks = [StopOnDivergence(), keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_ends.append(epoch))]
     with pytest.raises(PipelineError, match=r"^training diverged: loss is nan at epoch 1, step 2; ") as error:
         tiny_model().fit(x, np.ones((6, 1), np.float32), batch_size=2, epochs=2, shuffle=False, callbacks=callbacks,
                          verbose=0)
     assert "\n" not in str(error.value)
     assert epoch_ends == []  # nothing that saves at an epoch's end ran on the broken weights
+
+
+def test_a_collapse_stops_at_the_end_of_its_epoch_before_anything_saves_it():
+    x, y = np.ones((6, 2), np.float32), np.ones((6, 1), np.float32)
+    model = tiny_model()
+
+    def wreck(epoch, logs):  # what a collapse does to the weights, at the third epoch
+        if epoch == 2:
+            model.set_weights([np.full_like(w, 100.0) for w in model.get_weights()])
+
+    epoch_ends = []
+    callbacks = [keras.callbacks.LambdaCallback(on_epoch_begin=wreck), StopOnDivergence(),
+                 keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_ends.append(epoch))]
+    with pytest.raises(PipelineError, match=r"^training diverged at epoch 3: training loss .* -> .*, validation "
+                                            r"loss .* -> .*; the last good model and backup are kept") as error:
+        model.fit(x, y, validation_data=(x, y), batch_size=2, epochs=4, shuffle=False, callbacks=callbacks,
+                  verbose=0)
+    assert "\n" not in str(error.value)
+    assert epoch_ends == [0, 1]
+
+
+def test_only_both_losses_rising_by_half_are_a_collapse():
+    # Losses of an ISBI run that collapsed in mixed precision (epochs 21-24), after epochs
+    # where one loss alone rose: overfitting (validation only) and a noisy training epoch.
+    guard = StopOnDivergence()
+    for epoch, (loss, val_loss) in enumerate([(0.62, 0.44), (0.41, 0.31), (0.40, 0.90), (0.95, 0.34), (0.40, 0.46)]):
+        guard.on_epoch_end(epoch, {"loss": loss, "val_loss": val_loss})
+    guard.on_epoch_end(5, {"loss": 0.60, "val_loss": 0.50})  # both up, neither by half
+    guard.on_epoch_end(6, {"loss": 0.82})  # no validation: nothing to confirm
+    with pytest.raises(PipelineError, match=r"^training diverged at epoch 8: training loss 0.4 -> 0.82, "
+                                            r"validation loss 0.31 -> 1.01; "):
+        guard.on_epoch_end(7, {"loss": 0.82, "val_loss": 1.01})
 
 
 def logged_images(log_dir) -> dict[str, np.ndarray]:

@@ -67,34 +67,45 @@ def weights(path: Path) -> list[np.ndarray]:
     return keras.models.load_model(path).get_weights()
 
 
-def test_gradients_do_not_depend_on_the_number_of_replicas():
+@pytest.mark.parametrize("clipnorm", [0.0, 0.01])
+def test_gradients_do_not_depend_on_the_number_of_replicas(clipnorm):
     # Logical devices must be configured before TensorFlow starts: a process of its own.
-    script = textwrap.dedent("""
+    # Keras clips each replica's gradients before summing them, so clipping agrees with
+    # one device where the replicas' gradients agree: there both halves of the batch are
+    # the same tiles. The last line printed is how far the clipped step is from the
+    # unclipped one, to show that the norm did clip.
+    script = textwrap.dedent(f"""
         import numpy as np, tensorflow as tf, keras
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline import config as configuration
         from pipeline.train import compiled_model
-        config = configuration.apply_overrides(configuration.preset("smoke"), {
-            "train": {"optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5}, "model": {"dropout": 0.0}}, "t")
         rng = np.random.default_rng(0)
         x = rng.normal(size=(4, 92, 92, 1)).astype("float32")
         y = rng.integers(0, 2, size=(4, 52, 52)).astype("int32")
         w = rng.uniform(0.5, 10, size=(4, 52, 52)).astype("float32")  # uneven weights per replica
+        if {clipnorm}:
+            x, y, w = (np.concatenate([a[:2], a[:2]]) for a in (x, y, w))
         results = []
-        for devices in (["/cpu:0"], ["/cpu:0", "/cpu:1"]):
+        for devices, clipnorm in ((["/cpu:0"], {clipnorm}), (["/cpu:0", "/cpu:1"], {clipnorm}), (["/cpu:0"], 0.0)):
+            config = configuration.apply_overrides(configuration.preset("smoke"), {{"train": {{
+                "optimizer": "sgd", "momentum": 0.0, "learning_rate": 0.5, "clipnorm": clipnorm}},
+                "model": {{"dropout": 0.0}}}}, "t")
             keras.utils.set_random_seed(0)
             strategy = tf.distribute.MirroredStrategy(devices)
             with strategy.scope():
                 model = compiled_model(config)
             model.fit(tf.data.Dataset.from_tensors((x, y, w)), epochs=1, verbose=0, shuffle=False)
             results.append((strategy.num_replicas_in_sync, model.get_weights()))
-        (one, a), (two, b) = results
+        (one, a), (two, b), (_, unclipped) = results
         assert (one, two) == (1, 2)
         print(max(float(np.max(np.abs(p - q))) for p, q in zip(a, b)))
+        print(max(float(np.max(np.abs(p - q))) for p, q in zip(a, unclipped)))
     """)
     output = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert float(output.stdout.strip().splitlines()[-1]) < 1e-5
+    between_replicas, clipped_away = (float(line) for line in output.stdout.strip().splitlines()[-2:])
+    assert between_replicas < 1e-5
+    assert (clipped_away > 1e-3) == bool(clipnorm)
 
 
 def free_port() -> int:
