@@ -107,18 +107,30 @@ def emulated_on_cpu(precision: str, cpu_flags: set[str]) -> bool:
     return precision in NATIVE_16_BIT and not cpu_flags & set(NATIVE_16_BIT[precision])
 
 
+def cpu_precision_problem(precision: str, cpu_flags: set[str]) -> str | None:
+    """What training in `precision` on a CPU with `cpu_flags` should be warned of, or None."""
+    if emulated_on_cpu(precision, cpu_flags):
+        return (f"this CPU has none of {', '.join(NATIVE_16_BIT[precision])}, so the 16-bit convolutions are emulated "
+                "and training may be slower than in float32")
+    if precision == "mixed_bfloat16" and "amx_bf16" in cpu_flags:
+        # results.md, "A collapse in mixed precision on an Intel Xeon": the cause is not
+        # known, the failure was on an Intel Xeon with AMX and never on AMD CPUs.
+        return ("on an Intel Xeon with AMX (amx_bf16), as this CPU, every ISBI run of 10,000 steps in this precision "
+                "diverged after 4,000 to 7,750 (docs/results.md); training stops if it does, and float32 is safe")
+    return None
+
+
 def precision_notice(train: TrainConfig) -> None:
-    """Says when a mixed precision will be emulated: training on a CPU (Linux) without its instructions."""
+    """Says what `cpu_precision_problem` finds for a mixed precision on this CPU (Linux, no GPU)."""
     if train.precision not in NATIVE_16_BIT or tf.config.list_physical_devices("GPU"):
         return
     try:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:  # not Linux: nothing to tell by
         return
-    if emulated_on_cpu(train.precision, flags):
-        print(f"notice: train.precision={train.precision}: this CPU has none of "
-              f"{', '.join(NATIVE_16_BIT[train.precision])}, so the 16-bit convolutions are emulated and training "
-              "may be slower than in float32", flush=True)
+    problem = cpu_precision_problem(train.precision, flags)
+    if problem:
+        print(f"notice: train.precision={train.precision}: {problem}", flush=True)
 
 
 def set_determinism(train: TrainConfig) -> None:
