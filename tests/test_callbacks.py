@@ -72,7 +72,7 @@ def test_a_collapse_stops_at_the_end_of_its_epoch_before_anything_saves_it():
     callbacks = [keras.callbacks.LambdaCallback(on_epoch_begin=wreck), StopOnDivergence(),
                  keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: epoch_ends.append(epoch))]
     with pytest.raises(PipelineError, match=r"^training diverged at epoch 3: validation loss .* -> .*, training "
-                                            r"loss .* -> .*; the model and backup of epoch 2 are kept") as error:
+                                            r"loss .* -> .*; the backup of epoch 2 and the best model up to it are kept") as error:
         model.fit(x, y, validation_data=(x, y), batch_size=2, epochs=4, shuffle=False, callbacks=callbacks,
                   verbose=0)
     assert "\n" not in str(error.value)
@@ -89,7 +89,7 @@ def test_a_collapse_is_the_validation_loss_up_by_half_with_the_training_loss_up_
     guard.on_epoch_end(5, {"loss": 0.48, "val_loss": 1.01})  # the training loss up by less than a fifth
     guard.on_epoch_end(6, {"loss": 0.58})  # no validation: nothing to confirm
     with pytest.raises(PipelineError, match=r"^training diverged at epoch 8: validation loss 0.32 -> 1.01, "
-                                            r"training loss 0.41 -> 0.576; the model and backup of epoch 7 "):
+                                            r"training loss 0.41 -> 0.576; the backup of epoch 7 and the best model "):
         guard.on_epoch_end(7, {"loss": 0.576, "val_loss": 1.01})
 
 

@@ -202,7 +202,7 @@ def test_a_mixed_precision_is_emulated_without_its_instructions_and_bfloat16_war
 
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's instruction sets from Linux's /proc")
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
-def test_training_says_when_this_cpu_emulates_its_precision(precision, capsys):
+def test_training_says_what_this_cpu_makes_of_its_precision(precision, capsys):
     precision_notice(configuration.TrainConfig(precision=precision))
     this_cpu = set(Path("/proc/cpuinfo").read_text().split())
     problem = None if tf.config.list_physical_devices("GPU") else cpu_precision_problem(precision, this_cpu)
