@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import io
+from pipeline import io, model_file
 from pipeline.config import Config
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
@@ -72,13 +72,15 @@ class BestModelCheckpoint(keras.callbacks.Callback):
     """Saves the model with the lowest `monitor` value, atomically, surviving restarts.
 
     Unlike `keras.callbacks.ModelCheckpoint`, the `.keras` file is written under a
-    temporary name and renamed into place, so a killed run never leaves it half-written;
-    the best value so far is kept beside it, so a resumed run keeps comparing against it.
+    temporary name and renamed into place, so a killed run never leaves it half-written,
+    and it carries the training's `config` inside (`model_file`); the best value so far is
+    kept beside it, so a resumed run keeps comparing against it.
     """
 
-    def __init__(self, path: Path, record: Path, monitor: str = "val_loss", last: bool = False):
+    def __init__(self, path: Path, record: Path, config: Config, monitor: str = "val_loss", last: bool = False):
         super().__init__()
         self.path, self.record, self.monitor, self.last = Path(path), Path(record), monitor, last
+        self.config = config
         self.best = json.loads(self.record.read_text())[monitor] if self.record.exists() else math.inf
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -87,7 +89,7 @@ class BestModelCheckpoint(keras.callbacks.Callback):
         if value < self.best or self.last:
             self.best = value
             with io.atomic_path(self.path, overwrite=True) as temporary:
-                self.model.save(temporary)
+                model_file.save(self.model, temporary, self.config)
             io.atomic_write_text(self.record, json.dumps({self.monitor: value, "epoch": epoch + 1}))
 
 

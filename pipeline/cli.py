@@ -56,13 +56,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args: argparse.Namespace) -> tuple[configuration.Config, RunDir]:
-    """The run directory and its checked configuration: saved one or preset, then overrides.
+def run_dir(args: argparse.Namespace) -> RunDir:
+    """The run directory the command names, or the default for its stage."""
+    return RunDir(args.run_dir) if args.run_dir else _default_run(args)
+
+
+def resolve(args: argparse.Namespace, run: RunDir) -> configuration.Config:
+    """The run's checked configuration: saved one or preset, then overrides.
 
     Nothing is written here: each stage saves the configuration once its own checks have
     passed, so that a refused command leaves the run directory as it was.
     """
-    run = RunDir(args.run_dir) if args.run_dir else _default_run(args)
     overrides = configuration.read_file(args.config) if args.config else {}
     assignments = configuration.parse_set(args.assignments)
     config = run.saved_config()
@@ -79,7 +83,7 @@ def resolve(args: argparse.Namespace) -> tuple[configuration.Config, RunDir]:
     config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
     config = configuration.apply_overrides(config, assignments, "--set")
     configuration.validate(config)
-    return config, run
+    return config
 
 
 def _dataset_of(overrides: dict) -> str | None:
@@ -147,16 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         args = parse(sys.argv[1:] if argv is None else list(argv))
         if args.prediction or args.ground_truth:
             return _score_files(args)
-        config, run = resolve(args)
+        run = run_dir(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
-        run.check_changes(config, stages, args.overwrite)
-        if config.train.init_from and stages[0] == "prepare" and "train" in stages:
-            from pipeline import train  # TensorFlow: only for the weights a new run starts from
+        writes = bool({"prepare", "train"} & set(stages))  # else the stages only read the run's model
+        with run.lock(f"--stage {args.stage}", exclusive=writes):
+            config = resolve(args, run)
+            run.check_changes(config, stages, args.overwrite)
+            if config.train.init_from and stages[0] == "prepare" and "train" in stages:
+                from pipeline import train  # TensorFlow: only for the weights a new run starts from
 
-            train.check_initial_weights(config)
-        for stage in stages:
-            print(f"== {stage} ({run})", flush=True)
-            run_stage(stage, config, run, args)
+                train.check_initial_weights(config)
+            for stage in stages:
+                print(f"== {stage} ({run})", flush=True)
+                run_stage(stage, config, run, args)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

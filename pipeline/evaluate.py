@@ -66,6 +66,7 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
     """
     from pipeline.inference import load_model
 
+    config = run.model_settings(config)
     test = rundir.load_split(run, "test", config)
     default = "test" if "instances" in test else "val"  # ISBI 2012's test labels are secret
     split_name = requested or default

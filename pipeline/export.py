@@ -238,7 +238,9 @@ def example_image(config: Config, run: RunDir) -> np.ndarray | None:
 
 
 def run(config: Config, run: RunDir, root: Path, overwrite: bool = False) -> Path:
-    """Exports the run's best model as the next version (or `export.version`) under `root`."""
+    """Exports the run's best model as the next version (or `export.version`) under `root`,
+    described by the settings it was trained with (`RunDir.model_settings`)."""
+    config = run.model_settings(config)
     target = export_model(load_model(run), config, root, provenance(config, run), overwrite, example_image(config, run))
     run.save_config(config)
     print(

@@ -54,6 +54,7 @@ def run(
     """
     if runner not in ("local", "beam"):
         raise ValueError(f"runner must be 'local' or 'beam', not {runner!r}")
+    config = run.model_settings(config)
     if beam_options and runner != "beam":
         raise PipelineError("Beam pipeline options need the Beam runner (--runner beam)")
     output_dir = Path(output_dir or run.predictions)

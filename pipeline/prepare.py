@@ -13,6 +13,7 @@ examples, the names are stored as `ids` (text).
 from __future__ import annotations
 
 import json
+import shutil
 
 import keras
 import numpy as np
@@ -28,10 +29,13 @@ from pipeline.weight_map import separate_instances, weight_map
 def run(config: Config, run: RunDir, overwrite: bool = False) -> None:
     """Writes prepared/{train,val,test}.npz and a manifest into the run directory.
 
-    Data a trained model was trained on is replaced only with `overwrite`. The splits and
-    the manifest appear together or not at all.
+    Data a trained model was trained on is replaced only with `overwrite`, and then that
+    model goes with it (the whole train/ folder, workers' backups included), so that the run never holds a model
+    beside data and settings it was not trained with. The splits and the manifest appear
+    together or not at all.
     """
-    if run.has_trained_model() and not overwrite:
+    trained = run.has_trained_model()
+    if trained and not overwrite:
         raise PipelineError(f"{run.best_model}: the run has a trained model; preparing again would replace "
                             "the data it was trained on (pass --overwrite, or use a new --run-dir)")
     splits = data.load(config.data, config.model.input_channels)
@@ -60,6 +64,9 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> None:
         for temporary, arrays in zip(temporaries, prepared.values()):
             io.encode_npz(temporary, arrays)
         temporaries[-1].write_text(json.dumps(manifest, indent=2))
+    if trained:
+        shutil.rmtree(run.train)
+        print(f"notice: the model trained on the replaced data is removed ({run.best_model}); train again")
     shape = "x".join(str(n) for n in splits["train"].images.shape[1:3])
     print(
         f"prepared {config.data.dataset}: "

@@ -4,7 +4,9 @@ what a command may change in it.
     runs/.latest                   path of the run directory that `prepare` last started
     <run>/config.yaml              resolved configuration (different earlier ones kept as config.N.yaml)
     <run>/prepared/*.npz           images, instance labels and weight maps per split, and manifest.json
-    <run>/train/best.keras         best model by validation loss, best.json (its epoch and value)
+    <run>/.lock                    the run lock (`RunDir.lock`): who is writing the run now
+    <run>/train/best.keras         the model `train.select_by` chose, with its configuration inside
+                                   (`model_file`); best.json (its epoch and value)
     <run>/train/last.keras         model after the last epoch, history.csv, backup/ while training
     <run>/train/worker-N/          last model and backup of worker N > 0 (multi-worker training)
     <run>/logs/                    TensorBoard event files
@@ -18,15 +20,21 @@ Every stage asks a `RunDir` for its paths; no other module joins path names.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 from pipeline import config as configuration
-from pipeline import io
+from pipeline import io, model_file
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -139,6 +147,70 @@ class RunDir:
     def export_root(self) -> Path:
         return self.root / "export"
 
+    @contextlib.contextmanager
+    def lock(self, command: str, exclusive: bool) -> Iterator[None]:
+        """Holds the run's advisory lock while a command uses the run.
+
+        Commands that change what the run holds (prepare, train) take it `exclusive`;
+        those that read its model (evaluate, export, predict) take it shared, so that they
+        run side by side but never while the model or its data are being replaced. A
+        command that cannot have it is refused at once, in one line naming the holder.
+        The lock is `flock`'s, which the kernel frees when its process ends, so a killed
+        command leaves no stale lock. In a cluster only the chief locks: every worker
+        trains the same run. A refused or failed command that created the run directory
+        or its lock file removes them again, so that it leaves nothing behind.
+        """
+        if not is_chief():
+            yield
+            return
+        created_folders = io.missing_folders(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        descriptor, created_file = _open_locked(self.lock_file, exclusive, self)
+        try:
+            if exclusive:
+                holder = f"`{command}` (PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
+                os.pwrite(descriptor, holder.encode(), 0)
+            yield
+        except BaseException:
+            if created_file:
+                self.lock_file.unlink(missing_ok=True)
+            for folder in reversed(created_folders):
+                with contextlib.suppress(OSError):  # the run holds files now: a stage got further
+                    folder.rmdir()
+            raise
+        finally:
+            if exclusive:
+                with contextlib.suppress(OSError):  # removed above, or a read-only run
+                    os.ftruncate(descriptor, 0)
+            os.close(descriptor)  # frees the lock
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def discard_training(self, task_id: int | None = None) -> None:
+        """Removes what a training of this process wrote: its backup and last model, and for the
+        chief the best model, its record and the history.
+
+        A training that starts over calls it once its checks have passed, so that until its
+        first epoch ends the run holds no model at all rather than the earlier one under
+        the new settings.
+        """
+        shutil.rmtree(self.backup(task_id), ignore_errors=True)
+        stale = [self.last_model(task_id)]
+        if task_id is None:
+            stale += [self.best_model, self.best_record, self.history]
+        for path in stale:
+            path.unlink(missing_ok=True)
+
+    def model_settings(self, config: Config) -> Config:
+        """`config` with the sections the run's best model was trained with, read from the model
+        file itself (`model_file`); `config` as it is for a model saved without them."""
+        trained = model_file.trained_config(require(self.best_model, "train"))
+        if trained is None:
+            return config
+        return dataclasses.replace(config, **{section: getattr(trained, section) for section in TRAINED_SECTIONS})
+
     def has_trained_model(self) -> bool:
         """A finished training (best model) or one in progress (backup)."""
         return self.best_model.exists() or self.backup().exists()
@@ -180,6 +252,52 @@ class RunDir:
         elif self.manifest.exists() and "prepare" not in stages:
             _refuse_changes(saved, config, PREPARED_SECTIONS, f"{self.config}: the run's data was prepared with",
                             "run --stage prepare again")
+
+
+def _open_locked(path: Path, exclusive: bool, run: RunDir) -> tuple[int, bool]:
+    """A descriptor of the lock file holding its lock, and whether this call created the file.
+
+    A file that another command removed between our open and our lock (a refused command
+    removing the lock file it created) is opened again, so that two commands never hold
+    locks on two different files.
+    """
+    while True:
+        try:
+            descriptor, created = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666), True
+        except FileExistsError:
+            try:
+                descriptor, created = os.open(path, os.O_RDWR), False
+            except FileNotFoundError:
+                continue
+        try:
+            fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = _busy(descriptor, exclusive, run)
+            os.close(descriptor)
+            raise PipelineError(message) from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+            return descriptor, created
+        os.close(descriptor)
+
+
+def _busy(descriptor: int, exclusive: bool, run: RunDir) -> str:
+    """Why the lock on `descriptor` cannot be had: who writes the run, or that commands read it."""
+    holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
+    readers = exclusive and not holder
+    if exclusive and holder:  # the text may be a finished writer's: readers hold the lock if we can share it
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            readers = True
+        except BlockingIOError:
+            pass
+    if readers:
+        return (f"{run}: in use by another command reading its model (evaluate, export or predict); "
+                "run this once it has finished")
+    holder = holder or "another command"
+    if not exclusive:
+        return (f"{run}: {holder} is writing this run (preparing or training it), so it holds no final model now; "
+                "run this once it has finished")
+    return f"{run}: in use by {holder}, which is writing this run; run this once it has finished, or use another --run-dir"
 
 
 def _refuse_changes(saved: Config, config: Config, sections: tuple[str, ...], what: str, remedy: str) -> None:

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import zipfile
@@ -31,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
-from pipeline import allocator, bioimageio, input_pipeline, io, rundir
+from pipeline import allocator, bioimageio, input_pipeline, io, model_file, rundir
 from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
@@ -304,7 +303,7 @@ def callbacks(
                                          config))
     if task_id is None:
         chosen += [
-            BestModelCheckpoint(run.best_model, run.best_record, recorded_score(config.train),
+            BestModelCheckpoint(run.best_model, run.best_record, config, recorded_score(config.train),
                                 last=keeps_last_epoch(config.train)),
             keras.callbacks.CSVLogger(str(run.history), append=True),
             keras.callbacks.TensorBoard(log_dir=str(run.logs)),
@@ -417,9 +416,7 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     # Every check has passed: from here on the run directory changes.
     run.save_config(config)
     if not initial_epoch:
-        shutil.rmtree(run.backup(task_id), ignore_errors=True)
-        for stale in (run.best_record, run.history):
-            stale.unlink(missing_ok=True)
+        run.discard_training(task_id)
     run.worker(task_id).mkdir(parents=True, exist_ok=True)
     callback_list = callbacks(config, run, task_id, tuple(part[0] for part in val_tiles), val_split)
 
@@ -446,7 +443,7 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
             verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
         )
     with io.atomic_path(run.last_model(task_id), overwrite=True) as temporary:
-        model.save(temporary)
+        model_file.save(model, temporary, config)
     if task_id is None:
         _summary(run, train)
     return history

@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config as configuration
+from pipeline import model_file
 from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_model
@@ -27,7 +28,8 @@ def tiny_model() -> keras.Model:
 def test_best_model_is_saved_only_on_improvement_and_across_restarts(tmp_path):
     path, record = tmp_path / "best.keras", tmp_path / "best.json"
     model = tiny_model()
-    checkpoint = BestModelCheckpoint(path, record)
+    config = configuration.preset("smoke")
+    checkpoint = BestModelCheckpoint(path, record, config)
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_loss": 2.0})
     best = [w.copy() for w in model.get_weights()]
@@ -38,7 +40,7 @@ def test_best_model_is_saved_only_on_improvement_and_across_restarts(tmp_path):
     assert json.loads(record.read_text()) == {"val_loss": 2.0, "epoch": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.json", "best.keras"]  # no temporary left behind
 
-    resumed = BestModelCheckpoint(path, record)  # a restarted run compares against the record
+    resumed = BestModelCheckpoint(path, record, config)  # a restarted run compares against the record
     resumed.set_model(model)
     resumed.on_epoch_end(2, {"val_loss": 2.5})
     assert json.loads(record.read_text()) == {"val_loss": 2.0, "epoch": 1}
@@ -46,6 +48,7 @@ def test_best_model_is_saved_only_on_improvement_and_across_restarts(tmp_path):
     assert json.loads(record.read_text()) == {"val_loss": 1.0, "epoch": 4}
     for saved, expected in zip(keras.saving.load_model(path).get_weights(), model.get_weights()):
         np.testing.assert_array_equal(saved, expected)
+    assert model_file.trained_config(path) == config  # the settings travel inside the model file
 
 
 def test_nan_loss_stops_at_its_step_before_the_epoch_ends():

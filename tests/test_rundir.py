@@ -87,3 +87,35 @@ def test_latest_is_the_run_prepare_last_marked(tmp_path, monkeypatch, capsys):
     run.config.unlink()
     with pytest.raises(PipelineError, match="holds no run any more"):
         rundir.latest()
+
+
+def test_the_run_model_is_described_by_the_settings_inside_it_and_an_older_file_by_the_run(tmp_path):
+    """A model saved with its configuration (`model_file.save`) overrides what config.yaml says
+    of the sections it was trained with; a .keras file saved before models carried it (as
+    every main before this change saved) keeps the run's configuration and still loads."""
+    import keras
+
+    from pipeline import model_file
+
+    run = RunDir(tmp_path / "r")
+    run.train.mkdir(parents=True)
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.save(run.best_model)  # as the main before model files carried their settings
+    command = configuration.apply_overrides(configuration.preset("smoke"), {"model": {"base_filters": 16},
+                                                                             "predict": {"threshold": 0.3}}, "test")
+    assert run.model_settings(command) == command
+    assert keras.saving.load_model(run.best_model, compile=False).count_params() == 3
+
+    trained = configuration.preset("smoke")
+    model_file.save(model, run.best_model, trained)
+    settings = run.model_settings(command)
+    assert settings.model == trained.model and settings.predict.threshold == 0.3  # predict settings stay the command's
+    assert keras.saving.load_model(run.best_model, compile=False).count_params() == 3
+
+
+def test_a_damaged_model_file_is_named_in_one_line(tmp_path):
+    from pipeline import model_file
+
+    (tmp_path / "best.keras").write_text("not a zip")
+    with pytest.raises(PipelineError, match="best.keras: cannot read the configuration"):
+        model_file.trained_config(tmp_path / "best.keras")
