@@ -119,3 +119,18 @@ def test_a_damaged_model_file_is_named_in_one_line(tmp_path):
     (tmp_path / "best.keras").write_text("not a zip")
     with pytest.raises(PipelineError, match="best.keras: cannot read the configuration"):
         model_file.trained_config(tmp_path / "best.keras")
+
+
+def test_a_model_file_with_its_settings_keeps_keras_three_members(tmp_path):
+    """Keras extracts an archive of more than three members to disk on every load: the
+    settings go into its metadata, not a member of their own."""
+    import zipfile
+
+    import keras
+
+    from pipeline import model_file
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model_file.save(model, tmp_path / "m.keras", configuration.preset("smoke"))
+    assert len(zipfile.ZipFile(tmp_path / "m.keras").namelist()) == 3
+    assert model_file.trained_config(tmp_path / "m.keras") == configuration.preset("smoke")
