@@ -7,10 +7,11 @@ one line naming the target. `check_output_folder`, `check_output_file` and
 `check_free_space` let a command refuse an unusable output before any work starts.
 
 Images are read with the axes their file declares, never guessed from the shape (see
-`read_stack`, and `read_slices` for files of one value per pixel); a colour image meets a 1-channel model through one rule, `COLOUR_AS_GREY`,
-which the serving signature applies too. Which paths are images, and the NAME their outputs
-are named after, is decided here too (`image_files`, `image_name`), so that every reader
-and both runners of the predict stage agree.
+`read_stack`, and `read_slices` for files of one value per pixel); a colour image meets a
+1-channel model through one rule, `COLOUR_AS_GREY`, which the serving signature also
+applies. Which paths are images, and the NAME their outputs are named after, is decided
+here too (`image_files`, `image_name`), so that every reader and both runners of the
+predict stage agree.
 """
 
 from __future__ import annotations

@@ -5,20 +5,21 @@ training tiles (`input_pipeline`) and every whole-image prediction (`inference`:
 predict and evaluate stages and the exported SavedModel) normalise with `normalize`.
 Each image is normalised whole, before mirror padding and tiling, so that a pixel gets
 the same value in every tile that contains it. An image larger than memory is never held
-whole: `large_image.statistics` computes the same mean and scale (this module's rule)
-in one streaming pass, and each chunk is normalised with them by `standardize`.
+whole: `large_image.statistics` computes the same mean and standard deviation (this
+module's rule) in one streaming pass, and each chunk is normalised with them by
+`standardize`.
 
 The rule: (image - mean) / standard deviation, over all pixels and channels of one
-image, computed in float64 and returned as float32. It depends on the image's shape
-only, never on its magnitude: an image scaled by any factor, or shifted by any offset,
-gives the same normalised image up to float rounding, from 1e-30 to 1e30 and beyond
-(float64 holds the squares of every float32 value, and `normalize` first divides by the
-largest magnitude, so that float64 images of any finite size are safe too). There is
-no floor on the standard deviation (tf.image.per_image_standardization's
-1 / sqrt(number of values) made faint images all noise-free zeros and broke the scale
-invariance): it is 0 only for an exactly constant image, which normalises to all zeros.
-The predict stage says so in a notice (`notice_constant`), since the mask of such an
-image is only the model's answer to a blank input; the served model returns it silently.
+image, computed in float64 and returned as float32. It never depends on the image's
+magnitude: an image scaled by any factor, or shifted by any offset, gives the same
+normalised image up to float rounding, from 1e-30 to 1e30 and beyond (float64 holds the
+squares of every float32 value, and `normalize` first divides by the largest magnitude,
+so that float64 images of any finite size are safe too). There is no floor on the
+standard deviation (tf.image.per_image_standardization divided by at least
+1 / sqrt(number of values), which flattened faint images towards zero, so that they came
+out all one class): it is 0 only for an exactly constant image, which normalises to all
+zeros. The predict stage says so in a notice (`notice_constant`), since the mask of such
+an image is only the model's answer to a blank input; the served model returns it silently.
 
 A multi-channel image is normalised with one mean and one standard deviation over all
 its pixels and channels, not per channel: the channels keep their ratios (the hue of an
