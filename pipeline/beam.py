@@ -52,6 +52,7 @@ from pipeline import chunk_grid, io, large_image, outputs
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter
+from pipeline.normalization import notice_constant
 
 FAILED = "failed"  # the tag of the dead-letter outputs: (file, reason) records
 
@@ -221,6 +222,7 @@ class ReadInput(beam.DoFn):
         except (PipelineError, OSError) as error:
             yield beam.pvalue.TaggedOutput(FAILED, failure(path, error))
             return
+        notice_constant(stack, path)
         yield Input(io.image_name(Path(path)), path, calibration), stack
 
 

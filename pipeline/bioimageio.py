@@ -16,13 +16,12 @@ Conventions of the description:
   `ParameterizedSize`); the output is smaller by the context on each border, which the
   network has already cut off, so it is a `SizeReference` with offset `-2 * context`,
   not a halo (a halo would be cut off by the tool a second time).
-- Pre-processing is the training's `normalize` (`tf.image.per_image_standardization`),
-  spelled as the spec's `zero_mean_unit_variance` over y, x and channel of each image.
-  `normalize` divides by max(std, 1 / sqrt(values in the image)), the spec by std + eps
-  (eps = 1e-6, its default and what bioimageio.core applies whatever the file says): the
-  two agree to a relative 1e-6 / std, so to 1e-6 for grey-value images (std >= 1), and
-  differ only for an image flatter than 1 / sqrt(values), which `normalize` leaves
-  nearly flat and the spec stretches.
+- Pre-processing is the training's `normalize`, spelled as the spec's
+  `zero_mean_unit_variance` over y, x and channel of each image. `normalize` divides by
+  the standard deviation (a constant image gives zeros), the spec by std + eps (eps =
+  1e-6, its default and what bioimageio.core applies whatever the file says): the two
+  agree to a relative 1e-6 / std, so to 1e-6 for grey-value images (std >= 1), and differ
+  only for images with a standard deviation near 1e-6 or below, which the spec flattens.
 - The output is the network's softmax as it is: no post-processing.
 
 Written as plain YAML, so that exporting needs no `bioimageio` package; the tests check

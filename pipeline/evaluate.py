@@ -131,7 +131,7 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
     """
     if output is not None:
         io.check_output_file(Path(output))
-    probability, truth = _read_grey(prediction), _read_grey(ground_truth)
+    probability, truth = _read_grey(prediction, "prediction"), _read_grey(ground_truth, "ground truth")
     if probability.shape != truth.shape:
         raise PipelineError(f"{prediction}: shape {probability.shape} differs from {ground_truth}'s {truth.shape}")
     if probability.dtype.kind != "f":
@@ -154,9 +154,9 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
     return report
 
 
-def _read_grey(path: Path) -> np.ndarray:
-    """A grey image [H, W] or stack [D, H, W] as its file's axes say."""
-    stack = io.read_stack(path)[..., 0]
+def _read_grey(path: Path, role: str) -> np.ndarray:
+    """A grey image [H, W] or stack [D, H, W], whatever its file calls the slice axis (`io.read_slices`)."""
+    stack = io.read_slices(path, role)
     return stack[0] if len(stack) == 1 else stack
 
 

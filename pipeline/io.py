@@ -7,10 +7,11 @@ one line naming the target. `check_output_folder`, `check_output_file` and
 `check_free_space` let a command refuse an unusable output before any work starts.
 
 Images are read with the axes their file declares, never guessed from the shape (see
-`read_stack`); a colour image meets a 1-channel model through one rule, `COLOUR_AS_GREY`,
-which the serving signature applies too. Which paths are images, and the NAME their outputs
-are named after, is decided here too (`image_files`, `image_name`), so that every reader
-and both runners of the predict stage agree.
+`read_stack`, and `read_slices` for files of one value per pixel); a colour image meets a
+1-channel model through one rule, `COLOUR_AS_GREY`, which the serving signature also
+applies. Which paths are images, and the NAME their outputs are named after, is decided
+here too (`image_files`, `image_name`), so that every reader and both runners of the
+predict stage agree.
 """
 
 from __future__ import annotations
@@ -352,21 +353,23 @@ def _read_file(path: Path) -> tuple[np.ndarray, str]:
     return array, axes
 
 
-def _as_nhwc(array: np.ndarray, axes: str, path: Path) -> np.ndarray:
+def _as_nhwc(array: np.ndarray, axes: str, path: Path, channel_axes: str = "CS") -> np.ndarray:
     """[N, H, W, C] from the file's axes.
 
-    Y and X are the image's rows and columns; S (the samples of a colour pixel) or C
-    (ImageJ/OME channels) the channels; any other letter (Q, I, Z, T, ...) the slices.
-    Axes of length 1 are dropped; more than one slice or channel axis is refused.
+    Y and X are the image's rows and columns; the letters of `channel_axes`, by default S
+    (the samples of a colour pixel) and C (ImageJ/OME channels), the channels; any other
+    letter (Q, I, Z, T, ...) the slices. Axes of length 1 are dropped; more than one slice
+    or channel axis is refused.
     """
     kept = [(letter, size) for letter, size in zip(axes, array.shape) if letter in "YX" or size > 1]
     letters = "".join(letter for letter, _ in kept)
-    slices = [i for i, letter in enumerate(letters) if letter not in "YXSC"]
-    channels = [i for i, letter in enumerate(letters) if letter in "SC"]
+    slices = [i for i, letter in enumerate(letters) if letter not in "YX" + channel_axes]
+    channels = [i for i, letter in enumerate(letters) if letter in channel_axes]
     if letters.count("Y") != 1 or letters.count("X") != 1 or len(slices) > 1 or len(channels) > 1:
+        slice_letters = "Z, T, ..." if "C" in channel_axes else "Z, C, T, ..."
         raise PipelineError(
             f"{path}: axes {axes} of shape {array.shape} are not one image or stack: expected Y and X, "
-            "at most one slice axis (Z, T, ...) and one channel axis (C or S)"
+            f"at most one slice axis ({slice_letters}) and one channel axis ({' or '.join(channel_axes)})"
         )
     order = slices + [letters.index("Y"), letters.index("X")] + channels
     stack = np.transpose(array.reshape([size for _, size in kept]), order)
@@ -384,17 +387,26 @@ def as_model_channels(stack: np.ndarray, channels: int, path: Path) -> np.ndarra
     if have == channels:
         return stack
     if channels == 1 and have in (3, 4):
-        # The same test as the serving signature's (inference._as_batch).
-        grey = (stack[..., 1:3] == stack[..., :1]).all() and (stack[..., 3:] == stack[:, :1, :1, 3:]).all()
-        if not grey:
+        if not _grey_as_colour(stack):
             raise PipelineError(
                 f"{path}: colour image ({have} channels) but the model takes 1 channel; "
                 f"convert it to grey or train with model.input_channels={have}"
             )
-        print(f"notice: {path}: colour image with identical R, G and B channels read as grey", file=sys.stderr)
-        return stack[..., :1]
+        return _as_grey(stack, path)
     described = "grey image (1 channel)" if have == 1 else f"image of {have} channels"
     raise PipelineError(f"{path}: {described} but the model takes {channels} channel{'s' if channels > 1 else ''}")
+
+
+def _grey_as_colour(stack: np.ndarray) -> bool:
+    """Whether an [N, H, W, 3|4] stack is grey stored as colour by `COLOUR_AS_GREY`."""
+    # The same test as the serving signature's (inference._as_batch).
+    return bool((stack[..., 1:3] == stack[..., :1]).all() and (stack[..., 3:] == stack[:, :1, :1, 3:]).all())
+
+
+def _as_grey(stack: np.ndarray, path: Path) -> np.ndarray:
+    """The grey channel [N, H, W, 1] of grey stored as colour, with a one-line notice on stderr."""
+    print(f"notice: {path}: colour image with identical R, G and B channels read as grey", file=sys.stderr)
+    return stack[..., :1]
 
 
 def read_stack(path: Path, channels: int | None = 1) -> np.ndarray:
@@ -406,10 +418,39 @@ def read_stack(path: Path, channels: int | None = 1) -> np.ndarray:
     infinite pixels are refused.
     """
     array, axes = _read_file(path)
-    stack = _as_nhwc(array, axes, path)
+    stack = _finite(_as_nhwc(array, axes, path), path)
+    return stack if channels is None else as_model_channels(stack, channels, path)
+
+
+def read_slices(path: Path, role: str) -> np.ndarray:
+    """A grey image or stack of 2-D slices as [N, H, W]; `role` names the file in errors
+    ("prediction", "ground truth").
+
+    For files that hold one value per pixel by definition, such as evaluation's: every axis
+    but Y, X and S (the samples of a colour pixel) is the slice axis, whatever the file
+    calls it, C included (`tifffile.imwrite(path, stack, imagej=True)` declares a stack's
+    slices as ImageJ channels). Samples follow `COLOUR_AS_GREY`'s test: grey stored as
+    colour is read as grey, with a notice; real colour is refused. NaN or infinite pixels
+    are refused.
+    """
+    array, axes = _read_file(path)
+    stack = _finite(_as_nhwc(array, axes, path, channel_axes="S"), path)
+    have = stack.shape[-1]
+    if have in (3, 4) and _grey_as_colour(stack):
+        stack = _as_grey(stack, path)
+    elif have != 1:
+        raise PipelineError(
+            f"{path}: the {role} file has {have} values per pixel (colour); expected one (a grey image or stack), "
+            "or colour with identical R, G and B channels and a constant alpha"
+        )
+    return stack[..., 0]
+
+
+def _finite(stack: np.ndarray, path: Path) -> np.ndarray:
+    """`stack`, or a one-line error counting its NaN or infinite pixels."""
     if stack.dtype.kind == "f" and not np.isfinite(stack).all():
         raise PipelineError(f"{path}: {np.count_nonzero(~np.isfinite(stack))} NaN/infinite pixel values")
-    return stack if channels is None else as_model_channels(stack, channels, path)
+    return stack
 
 
 def is_ome_zarr(path: Path) -> bool:

@@ -53,6 +53,7 @@ from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel_size_and_format
 from pipeline.mirror import mirror_pad
+from pipeline.normalization import constant_notice, standardize
 from pipeline.tiling import padding, predict_padded
 
 TIFF_TILE = 256  # side of the output TIFFs' tiles: what viewers of tiled TIFFs read well
@@ -121,15 +122,17 @@ def is_large(path: Path, config: Config) -> bool:
 
 
 def statistics(path: Path, config: Config) -> tuple[float, float]:
-    """(mean, scale) that `normalization.normalize` would give the whole image, in one streaming pass.
+    """(mean, standard deviation) that `normalization.normalize` gives the whole image, in one streaming pass.
 
-    tf.image.per_image_standardization's rule over all pixels and channels the model reads:
-    scale = max(standard deviation, 1 / sqrt(number of values)). Chunk by chunk in float64
-    (Chan et al.'s pairwise update of mean and sum of squared deviations). Refuses NaN or
+    `normalization`'s rule over all pixels and channels the model reads: chunk by chunk in
+    float64 (Chan et al.'s pairwise update of mean and sum of squared deviations), which
+    holds the squares of any float32 image; no floor on the deviation, which is 0 only for
+    a constant image (its lowest pixel equals its highest), with a notice. Refuses NaN or
     infinite pixels, and a colour image that `open_lazy` took for grey but is not.
     """
     channels = config.model.input_channels
     count, mean, squares, invalid = 0, 0.0, 0.0, 0
+    low, high = math.inf, -math.inf
     with contextlib.closing(open_lazy(path, None)) as image:
         as_grey = channels == 1 and image.shape[2] in (3, 4)
         first = image[0:1, 0:1][0, 0]
@@ -142,9 +145,13 @@ def statistics(path: Path, config: Config) -> tuple[float, float]:
             if block.dtype.kind == "f":
                 invalid += np.count_nonzero(~np.isfinite(values))
             count, mean, squares = _merged(count, mean, squares, values)
+            low, high = min(low, values.min()), max(high, values.max())
     if invalid:
         raise PipelineError(f"{path}: {invalid} NaN/infinite pixel values")
-    return mean, max(math.sqrt(squares / count), 1 / math.sqrt(count))
+    if low == high:
+        print(constant_notice(path, low), file=sys.stderr)
+        return float(low), 0.0
+    return mean, math.sqrt(squares / count)
 
 
 def _merged(count: int, mean: float, squares: float, values: np.ndarray) -> tuple[int, float, float]:
@@ -200,9 +207,7 @@ def _predict_view(model: keras.Model, image: LazyImage, chunk: Chunk, view: tupl
         region = np.swapaxes(_gather(image, col_sources, row_sources), 0, 1)
     else:
         region = _gather(image, row_sources, col_sources)
-    mean, scale = stats
-    # As tf.image.per_image_standardization computes it: in float32, subtract, then divide.
-    normalised = (region.astype(np.float32) - np.float32(mean)) / np.float32(scale)
+    normalised = standardize(region, *stats)
     tile, step = config.predict.tile_size, geometry(config)[2]
     output = _predict(model, tf.constant(normalised), tile, step, config.predict.tiles_per_batch)
     output = output[row_skip:row_skip + along_rows[1], col_skip:col_skip + along_cols[1], 1].numpy()

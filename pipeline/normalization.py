@@ -5,8 +5,21 @@ training tiles (`input_pipeline`) and every whole-image prediction (`inference`:
 predict and evaluate stages and the exported SavedModel) normalise with `normalize`.
 Each image is normalised whole, before mirror padding and tiling, so that a pixel gets
 the same value in every tile that contains it. An image larger than memory is never held
-whole: `large_image.statistics` computes the same mean and scale (this function's rule)
-in one streaming pass, and each chunk is normalised with them.
+whole: `large_image.statistics` computes the same mean and standard deviation (this
+module's rule) in one streaming pass, and each chunk is normalised with them by
+`standardize`.
+
+The rule: (image - mean) / standard deviation, over all pixels and channels of one
+image, computed in float64 and returned as float32. It never depends on the image's
+magnitude: an image scaled by any factor, or shifted by any offset, gives the same
+normalised image up to float rounding, from 1e-30 to 1e30 and beyond (float64 holds the
+squares of every float32 value, and `normalize` first divides by the largest magnitude,
+so that float64 images of any finite size are safe too). There is no floor on the
+standard deviation (tf.image.per_image_standardization divided by at least
+1 / sqrt(number of values), which flattened faint images towards zero, so that they came
+out all one class): it is 0 only for an exactly constant image, which normalises to all
+zeros. The predict stage says so in a notice (`notice_constant`), since the mask of such
+an image is only the model's answer to a blank input; the served model returns it silently.
 
 A multi-channel image is normalised with one mean and one standard deviation over all
 its pixels and channels, not per channel: the channels keep their ratios (the hue of an
@@ -18,9 +31,48 @@ a model trained on them sees the same normalised values as when it predicts the 
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import tensorflow as tf
+
+_IMAGE_AXES = [-3, -2, -1]  # rows, columns and channels of one image
 
 
 def normalize(images: tf.Tensor) -> tf.Tensor:
-    """Zero mean, unit variance per whole image over all its channels ([H, W, C] or [N, H, W, C]), any dtype."""
-    return tf.image.per_image_standardization(tf.cast(images, tf.float32))
+    """Zero mean, unit variance per whole image over all its channels ([H, W, C] or [N, H, W, C]),
+    any dtype -> float32; a constant image -> zeros (the module's rule)."""
+    values = tf.cast(images, tf.float64)
+    low = tf.reduce_min(values, axis=_IMAGE_AXES, keepdims=True)
+    high = tf.reduce_max(values, axis=_IMAGE_AXES, keepdims=True)
+    # Dividing by the largest magnitude first keeps the squares of float64 images finite;
+    # for the rest it is a no-op up to rounding (the rule is scale invariant).
+    values = tf.math.divide_no_nan(values, tf.maximum(tf.abs(low), tf.abs(high)))
+    centred = values - tf.reduce_mean(values, axis=_IMAGE_AXES, keepdims=True)
+    # Constant means every pixel equal, tested on the pixels rather than left to the
+    # rounding of the mean: a tiny deviation left by it would turn zeros into +-1.
+    deviation = tf.where(high > low, tf.sqrt(tf.reduce_mean(tf.square(centred), axis=_IMAGE_AXES, keepdims=True)),
+                         tf.zeros_like(high))
+    return tf.cast(tf.math.divide_no_nan(centred, deviation), tf.float32)
+
+
+def standardize(values: np.ndarray, mean: float, deviation: float) -> np.ndarray:
+    """float32 (values - mean) / deviation in float64, as `normalize` does with an image's own
+    mean and standard deviation; zeros where `deviation` is 0 (a constant image)."""
+    if deviation == 0:
+        return np.zeros(values.shape, np.float32)
+    return ((values.astype(np.float64) - mean) / deviation).astype(np.float32)
+
+
+def notice_constant(images: np.ndarray, source: object) -> None:
+    """Prints `constant_notice` for each constant image of an [N, H, W, C] stack read from `source`."""
+    for index, image in enumerate(images):
+        value = image.flat[0]
+        if (image == value).all():
+            print(constant_notice(source if len(images) == 1 else f"{source} slice {index}", value), file=sys.stderr)
+
+
+def constant_notice(source: object, value: float) -> str:
+    """The notice for an image whose every pixel is `value`, which `normalize` makes all zeros."""
+    return (f"notice: {source}: constant image (every pixel {value:g}): normalised to zeros, so its mask is "
+            "only the model's answer to a blank image")

@@ -26,6 +26,7 @@ from pipeline.config import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter, load_model
+from pipeline.normalization import notice_constant
 from pipeline.rundir import RunDir
 
 # A file of input paths, one a line, rather than an image.
@@ -190,5 +191,9 @@ def _test_split(config: Config, run: RunDir) -> dict[str, tuple[np.ndarray, io.C
 
 
 def _read(files: list[Path], channels: int) -> dict[str, tuple[np.ndarray, io.Calibration | None]]:
-    """Named ([N, H, W, C] stack, the pixel size its file declares) of each file, read whole."""
-    return {io.image_name(file): (io.read_stack(file, channels), io.read_calibration(file)) for file in files}
+    """Named ([N, H, W, C] stack, the pixel size its file declares) of each file, read whole; a
+    constant image gets a notice (`normalization.notice_constant`)."""
+    stacks = {io.image_name(file): (io.read_stack(file, channels), io.read_calibration(file)) for file in files}
+    for file, (stack, _) in zip(files, stacks.values()):
+        notice_constant(stack, file)
+    return stacks

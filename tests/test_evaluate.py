@@ -5,6 +5,7 @@ import json
 import cv2
 import keras
 import numpy as np
+import pytest
 import tifffile
 
 from fakes import CTC_NAME, write_ctc
@@ -146,3 +147,53 @@ def test_an_unlabelled_test_split_is_refused_in_one_line(tmp_path, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(run_dir / "prepared" / "test.npz") in error and "--split val" in error
     assert not (run_dir / "evaluation").exists()
+
+
+def _score(prediction, truth, capsys) -> tuple[dict, str]:
+    """The report of scoring two files through the command line, and what it printed on stderr."""
+    output = prediction.parent / f"report-{prediction.stem}-{truth.stem}.json"
+    assert main(["--stage", "evaluate", "--prediction", str(prediction), "--ground-truth", str(truth),
+                 "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    return {key: value for key, value in report.items() if key not in ("prediction", "ground_truth")}, \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("axes", [None, "ZYX", "CYX", "TYX"])
+def test_imagej_stacks_are_scored_whatever_their_slice_axis_is_called(tmp_path, capsys, axes):
+    prediction, truth = _pair(tmp_path)
+    expected, _ = _score(prediction, truth, capsys)
+    metadata = {} if axes is None else {"metadata": {"axes": axes}}  # None: tifffile's own choice, CYX
+    for path in (prediction, truth):
+        imagej = path.with_name(f"imagej-{path.name}")
+        tifffile.imwrite(imagej, tifffile.imread(path), imagej=True, **metadata)
+        with tifffile.TiffFile(imagej) as tiff:
+            assert tiff.series[0].axes == (axes or "CYX")
+    imagej_prediction, imagej_truth = (path.with_name(f"imagej-{path.name}") for path in (prediction, truth))
+    for pair in ((imagej_prediction, truth), (prediction, imagej_truth), (imagej_prediction, imagej_truth)):
+        report, err = _score(*pair, capsys)
+        assert report == expected and err == ""
+
+
+def test_evaluation_errors_name_the_file_and_never_a_model(tmp_path, capsys):
+    prediction, truth = _pair(tmp_path)
+    colour = np.stack([tifffile.imread(truth)[0]] * 3, -1)
+    colour[5, 5, 1] = 0  # real colour: G differs from R in one pixel
+    tifffile.imwrite(tmp_path / "colour.tif", colour, photometric="rgb")
+    two_axes = tmp_path / "zc.tif"
+    tifffile.imwrite(two_axes, np.zeros((3, 2, 24, 24), np.uint8), imagej=True, metadata={"axes": "ZCYX"})
+    for args, named in (((prediction, tmp_path / "colour.tif"), "the ground truth file has 3 values per pixel"),
+                        ((tmp_path / "colour.tif", truth), "the prediction file has 3 values per pixel"),
+                        ((two_axes, truth), "axes ZCYX of shape (3, 2, 24, 24) are not one image or stack")):
+        assert main(["--stage", "evaluate", "--prediction", str(args[0]), "--ground-truth", str(args[1])]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and named in error and "model" not in error
+
+
+def test_grey_stored_as_colour_is_scored_as_grey(tmp_path, capsys):
+    prediction, truth = _pair(tmp_path)
+    expected, _ = _score(prediction, truth, capsys)
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.stack([tifffile.imread(truth)] * 3, -1), photometric="rgb")  # 3 RGB slices
+    report, err = _score(prediction, rgb, capsys)
+    assert report == expected and err == f"notice: {rgb}: colour image with identical R, G and B channels read as grey\n"

@@ -97,3 +97,25 @@ def test_connected_components_follow_a_long_winding_cell():
     labels = connected_components(tf.constant(cells)).numpy()
     assert set(np.unique(labels)) == {0, 1} and (labels[cells] == 1).all()
     assert connected_components(tf.zeros((5, 7), tf.bool)).numpy().max() == 0
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-3, 1e3, 1e18, 1e20, 1e30])
+def test_an_image_of_any_magnitude_gives_the_mask_of_its_unit_version(segment, scale):
+    unit = image() / np.float32(255)
+    expected = segment(tf.constant(unit))
+    result = segment(tf.constant((unit.astype(np.float64) * scale).astype(np.float32)))
+    probability = expected["probabilities"].numpy()[..., 1]
+    assert 0.05 < (probability > 0.5).mean() < 0.95  # the threshold matters here
+    np.testing.assert_allclose(result["probabilities"].numpy(), expected["probabilities"].numpy(), atol=1e-5)
+    certain = np.abs(probability - 0.5) > 1e-5
+    np.testing.assert_array_equal(result["mask"].numpy()[certain], expected["mask"].numpy()[certain])
+
+
+def test_an_offset_image_gives_the_mask_of_its_unit_version_up_to_its_rounding(segment):
+    unit = image() / np.float32(255)
+    expected = segment(tf.constant(unit))
+    result = segment(tf.constant(unit + np.float32(1000)))  # pixels rounded to 6e-5, 2e-4 of the deviation
+    probability = expected["probabilities"].numpy()[..., 1]
+    np.testing.assert_allclose(result["probabilities"].numpy(), expected["probabilities"].numpy(), atol=1e-3)
+    certain = np.abs(probability - 0.5) > 1e-3
+    np.testing.assert_array_equal(result["mask"].numpy()[certain], expected["mask"].numpy()[certain])

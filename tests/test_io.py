@@ -282,11 +282,42 @@ def test_two_stack_axes_are_refused_naming_the_axes(tmp_path):
         f"{tmp_path / 'tz.tif'}: axes TZYX of shape (2, 3, 20, 25) are not one image or stack")
 
 
+@pytest.mark.parametrize("axes", ["CYX", "ZYX", "TYX", "QYX"])
+def test_files_of_one_value_per_pixel_take_any_leading_axis_as_slices(tmp_path, axes):
+    stack = np.random.default_rng(0).uniform(size=(3, 20, 25)).astype(np.float32)
+    path = tmp_path / "stack.tif"
+    if axes == "QYX":  # plain pages
+        tifffile.imwrite(path, stack, photometric="minisblack")
+    else:
+        tifffile.imwrite(path, stack, imagej=True, metadata={"axes": axes})
+    with tifffile.TiffFile(path) as tiff:
+        assert tiff.series[0].axes == axes
+    np.testing.assert_array_equal(io.read_slices(path, "prediction"), stack)
+    if axes == "CYX":  # a model reads ImageJ channels as channels
+        np.testing.assert_array_equal(io.read_stack(path, 3), np.moveaxis(stack, 0, -1)[None])
+
+
+def test_files_of_one_value_per_pixel_refuse_colour_and_two_slice_axes_in_their_terms(tmp_path, capsys):
+    image = colour()
+    tifffile.imwrite(tmp_path / "rgb.tif", image, photometric="rgb")
+    assert refusal(io.read_slices, tmp_path / "rgb.tif", "ground truth") == (
+        f"{tmp_path / 'rgb.tif'}: the ground truth file has 3 values per pixel (colour); expected one (a grey image "
+        "or stack), or colour with identical R, G and B channels and a constant alpha")
+    tifffile.imwrite(tmp_path / "g.tif", np.stack([grey()] * 3, -1), photometric="rgb")
+    np.testing.assert_array_equal(io.read_slices(tmp_path / "g.tif", "prediction"), grey()[None])
+    assert "read as grey" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "zc.tif", np.zeros((2, 3, 20, 25), np.uint8), imagej=True, metadata={"axes": "ZCYX"})
+    assert refusal(io.read_slices, tmp_path / "zc.tif", "prediction") == (
+        f"{tmp_path / 'zc.tif'}: axes ZCYX of shape (2, 3, 20, 25) are not one image or stack: expected Y and X, "
+        "at most one slice axis (Z, C, T, ...) and one channel axis (S)")
+
+
 def test_nan_and_infinite_pixels_are_refused(tmp_path):
     image = np.random.default_rng(0).uniform(size=(20, 25)).astype(np.float32)
     image[1, 2], image[3, 4], image[5, 6] = np.nan, np.inf, -np.inf
     tifffile.imwrite(tmp_path / "nan.tif", image)
     assert refusal(io.read_stack, tmp_path / "nan.tif") == f"{tmp_path / 'nan.tif'}: 3 NaN/infinite pixel values"
+    assert refusal(io.read_slices, tmp_path / "nan.tif", "prediction") == refusal(io.read_stack, tmp_path / "nan.tif")
 
 
 # --- input folders -----------------------------------------------------------------------------

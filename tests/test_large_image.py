@@ -21,6 +21,7 @@ from pipeline.config import preset
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter
 from pipeline.model import unet
+from pipeline.normalization import normalize, standardize
 
 HEIGHT, WIDTH = 290, 250  # chunks of 100: 3 x 3, the last row 90 high (not whole steps) and column 50 wide
 
@@ -138,7 +139,7 @@ def test_test_time_augmentation_is_exact_chunk_by_chunk(tmp_path, model, image):
     np.testing.assert_allclose(chunked, Segmenter(model, config)(part[..., None]), atol=1e-5)
 
 
-def test_statistics_are_per_image_standardization_of_the_whole_image(tmp_path, image):
+def test_statistics_are_the_whole_image_s_normalisation(tmp_path, image, capsys):
     config = small_config(chunk_size=40)
     colour = np.stack([image, image, image], -1)
     source = write_tiled_tiff(tmp_path / "grey-as-colour.tif", colour, photometric="rgb")
@@ -146,11 +147,43 @@ def test_statistics_are_per_image_standardization_of_the_whole_image(tmp_path, i
     as_float = image.astype(np.float64)
     assert mean == pytest.approx(as_float.mean(), rel=1e-12)
     assert scale == pytest.approx(as_float.std(), rel=1e-12)
-    flat = write_tiled_tiff(tmp_path / "flat.tif", np.full((HEIGHT, WIDTH), 7, np.uint8))
-    assert large_image.statistics(flat, config) == (7.0, pytest.approx(1 / np.sqrt(HEIGHT * WIDTH)))
-    standardized = tf.image.per_image_standardization(image[..., None].astype(np.float32)).numpy()[..., 0]
-    np.testing.assert_allclose((image.astype(np.float32) - np.float32(mean)) / np.float32(scale), standardized,
-                               atol=1e-5)
+    np.testing.assert_allclose(standardize(image, mean, scale), normalize(image[..., None]).numpy()[..., 0], atol=1e-6)
+    assert capsys.readouterr().err == ""
+    # A constant image: deviation 0 (no floor), normalised to zeros, with a notice.
+    flat = write_tiled_tiff(tmp_path / "flat.tif", np.full((HEIGHT, WIDTH), 0.1, np.float32))
+    assert large_image.statistics(flat, config) == (pytest.approx(0.1), 0.0)
+    assert f"notice: {flat}: constant image (every pixel 0.1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e-3, 1e3, 1e18, 1e20, 1e30, "offset"])
+def test_chunks_of_an_image_of_any_magnitude_give_the_mask_of_its_unit_version(tmp_path, model, image, scale):
+    config = small_config()
+    unit = (image[:130, :170] / np.float32(255)).astype(np.float32)  # 2 x 2 chunks
+    values = unit + np.float32(1000) if scale == "offset" else (unit.astype(np.float64) * scale).astype(np.float32)
+    source = write_tiled_tiff(tmp_path / "big.tif", values)
+    stats = large_image.statistics(source, config)
+    chunked = np.zeros(unit.shape, np.float32)
+    for chunk in chunk_grid.chunks(*unit.shape, config):
+        chunked[chunk.box] = large_image.predict_chunk(model, source, chunk, stats, config)
+    segment = Segmenter(model, config)
+    whole, expected = segment(values[..., None]), segment(unit[..., None])
+    assert 0.05 < instances.cell_mask(expected, 0.5).mean() < 0.95  # the threshold matters here
+    tolerance = 1e-3 if scale == "offset" else 1e-5  # the offset pixels' own rounding, 2e-4 of the deviation
+    np.testing.assert_allclose(chunked, whole, atol=1e-5)
+    np.testing.assert_allclose(chunked, expected, atol=tolerance)
+    certain = np.abs(expected - 0.5) > tolerance
+    mask, expected_mask = instances.cell_mask(chunked, 0.5), instances.cell_mask(expected, 0.5)
+    np.testing.assert_array_equal(mask[certain], expected_mask[certain])
+
+
+def test_a_constant_image_predicts_chunk_by_chunk_as_a_blank_one(tmp_path, model):
+    config = small_config()
+    blank = np.zeros((130, 170), np.float32)
+    source = write_tiled_tiff(tmp_path / "big.tif", np.full(blank.shape, -3e30, np.float32))
+    stats = large_image.statistics(source, config)
+    chunk = chunk_grid.chunks(*blank.shape, config)[3]
+    np.testing.assert_allclose(large_image.predict_chunk(model, source, chunk, stats, config),
+                               Segmenter(model, config)(blank[..., None])[chunk.box], atol=1e-6)
 
 
 def cells_across_chunks() -> np.ndarray:
