@@ -120,6 +120,25 @@ def test_bad_invocation_is_refused_with_one_line_and_changes_nothing(smoke_run, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--preset", "huge"], "error: argument --preset: invalid choice: 'huge' (choose from 'cpu', 'paper', 'smoke')"),
+    (["--dataset", "isbi"], "error: argument --dataset: invalid choice: 'isbi' (choose from 'synthetic', 'isbi2012', "),
+    (["--stage", "fit"], "error: argument --stage: invalid choice: 'fit' (choose from 'prepare', 'train', "),
+    (["--stage", "train", "--epochs", "3"], "error: unrecognized arguments: --epochs 3"),
+    (["--stage", "train", "--run-dir"], "error: argument --run-dir: expected one argument"),
+])
+def test_a_bad_argument_is_one_error_line_naming_the_choices(capsys, args, expected):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(expected) and captured.err.count("\n") == 1 and "usage" not in captured.err
+
+
+def test_help_still_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("usage: run_pipeline.py")
+
+
 def test_run_directory_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("")
     line = error_line(pipeline(["--stage", "prepare", "--preset", "smoke", "--run-dir", "run"], tmp_path))
