@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -108,6 +109,39 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             with io.atomic_path(self.path, overwrite=True) as temporary:
                 self.model.save(temporary)
             io.atomic_write_text(self.record, json.dumps({self.monitor: value, "epoch": epoch + 1}))
+
+
+class HistoryLog(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger appending to `path`, which keeps one row per epoch across resumes.
+
+    The backup is the last callback of an epoch, so a run that fails (a disk filling up)
+    or is killed during an epoch's callbacks resumes at that epoch: the rows of it and
+    later, whole or cut short, are dropped before training goes on, and written again.
+    """
+
+    def __init__(self, path: Path, resumed_epoch: int):
+        super().__init__(str(path), append=True)
+        self.path, self.resumed_epoch = Path(path), resumed_epoch
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        _keep_rows_before(self.path, self.resumed_epoch)
+        super().on_train_begin(logs)
+
+
+def _keep_rows_before(path: Path, epoch: int) -> None:
+    """Keeps the header and the whole rows of the epochs before `epoch` (0-based, as logged)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        header, *rows = list(csv.reader(handle)) or [[]]
+    kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) < epoch]
+    if kept == rows:
+        return
+    if not kept:  # the header too, which may be the part cut short: CSVLogger writes it again
+        path.unlink()
+        return
+    with io.atomic_path(path, overwrite=True) as temporary, open(temporary, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *kept])
 
 
 class ChallengeScores(keras.callbacks.Callback):
