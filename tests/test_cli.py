@@ -7,7 +7,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline import io
 from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -233,9 +233,10 @@ def test_stage_all_keeps_its_export_in_the_run_and_records_where_a_version_came_
 def test_an_export_killed_earlier_leaves_no_scratch_folder_behind(trained, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    abandoned = tmp_path / "saved" / "unet" / f".tmp-1-{socket.gethostname()}-{dead.pid}"
+    # Named as an export writing versions 1 and 2 names them: the first's writer has died.
+    abandoned = tmp_path / "saved" / "unet" / io.scratch_name("new-1").replace(f"-{os.getpid()}-", f"-{dead.pid}-")
     (abandoned / "variables").mkdir(parents=True)
-    alive = tmp_path / "saved" / "unet" / f".tmp-2-{socket.gethostname()}-{os.getpid()}"
+    alive = tmp_path / "saved" / "unet" / io.scratch_name("new-2")
     alive.mkdir()
     assert main(["--stage", "export", "--run-dir", str(trained), "--set", f"export.root={tmp_path / 'saved'}"]) == 0
     assert not abandoned.exists() and alive.exists()
