@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config as configuration
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_model
 from pipeline.model import unet
@@ -133,6 +133,17 @@ def test_each_recorded_collapse_stops_at_its_epoch(collapsed, losses, val_losses
                 f"training loss {losses[0]:.3g} -> {collapse[0]:.3g}; the backup of epoch {collapsed - 1} ")
     with pytest.raises(PipelineError, match=f"^{re.escape(expected)}"):
         guard.on_epoch_end(collapsed - 1, {"loss": collapse[0], "val_loss": collapse[1]})
+
+
+def test_a_resumed_history_drops_the_rows_of_the_repeated_epochs_whole_or_cut_short(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_loss\r\n0,0.5,0.4\r\n1,0.4,0.3\r\n2,0.35,0.3\r\n3,0.3")  # the disk filled up
+    log = HistoryLog(path, resumed_epoch=2)  # the backup holds 2 finished epochs: 2 and 3 (0-based) come again
+    log.on_train_begin()
+    for epoch in (2, 3):
+        log.on_epoch_end(epoch, {"loss": 0.25, "val_loss": 0.2})
+    log.on_train_end()
+    assert path.read_bytes().decode() == ("epoch,loss,val_loss\r\n0,0.5,0.4\r\n1,0.4,0.3\r\n2,0.25,0.2\r\n3,0.25,0.2\r\n")
 
 
 def logged_images(log_dir) -> dict[str, np.ndarray]:
