@@ -60,9 +60,10 @@ Failure = tuple[str, str]
 
 
 def predict(files: Sequence[Path], output_dir: Path, model_path: Path, config: Config,
-            options: Sequence[str] = ()) -> list[Failure]:
+            options: Sequence[str] = (), refused: Sequence[Failure] = ()) -> list[Failure]:
     """Segments `files` into `output_dir` with the model at `model_path`; returns the
-    failures (file, reason) that `failures.csv` lists.
+    failures (file, reason) that `failures.csv` lists, the driver's `refused` inputs
+    (e.g. a listed path that does not exist) among them.
 
     `options` are Beam pipeline options as on a command line (`PipelineOptions`), e.g.
     ["--direct_num_workers=2", "--direct_running_mode=multi_processing"]; without them,
@@ -76,9 +77,9 @@ def predict(files: Sequence[Path], output_dir: Path, model_path: Path, config: C
     large, whole = [], []
     for file in files:
         (large if large_image.is_large(file, config) else whole).append(file)
-    planned, refused = plan_large(large, output_dir, config)
+    planned, refused_large = plan_large(large, output_dir, config)
     try:
-        build(pipeline, whole, planned, refused, output_dir, model_path, config)
+        build(pipeline, whole, planned, [*refused, *refused_large], output_dir, model_path, config)
         pipeline.run().wait_until_finish()
     finally:  # a scratch folder that no finish removed: the pipeline failed, or the input did
         for each in planned:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -27,20 +28,35 @@ class StopOnDivergence(keras.callbacks.Callback):
     """Stops training when it diverges, with a message naming where.
 
     Two signs: a NaN or infinite loss at any step, and a collapse at an epoch's end: the
-    validation loss at least 1.5 times its lowest so far while the training loss rose too,
-    to at least 1.2 times its lowest. A collapsed network predicts one class everywhere
-    and does not come back (ISBI runs in mixed precision on an Intel Xeon: the validation
-    loss tripled within one epoch and stayed there). The training loss is an epoch's mean,
-    so a collapse late in an epoch raises it less: from 0.4 to 1.1, as in those runs, 1.2
-    catches one in the first 88% of the epoch, and a later one at the next epoch's end. Overfitting raises the validation loss
-    alone, and an epoch's noise moves the two together by a few percent.
+    validation loss at least 1.5 times its lowest so far and at least `collapsed_loss`,
+    while the training loss rose too, to at least 1.2 times its lowest. A collapsed network
+    predicts one class everywhere and does not come back (ISBI runs in mixed precision on
+    an Intel Xeon: the validation loss tripled within one epoch, to 1.011-1.013, and stayed
+    there). The training loss is an epoch's mean, so a collapse late in an epoch raises it
+    less: from 0.4 to 1.1, as in those runs, 1.2 catches one in the first 88% of the epoch,
+    and a later one at the next epoch's end. Overfitting raises the validation loss alone,
+    and an epoch's noise moves the two together by a few percent.
+
+    The ratios alone also stop a healthy run late in training, where the losses are small
+    and a few hundredths are a large ratio: a validation loss of 0.091 -> 0.139 at epoch 99
+    with the training loss 1.2 times its lowest, while the cell IoU was 0.96. Hence the
+    level too: ln 2 = 0.693 is about the lowest validation loss of a network that ignores
+    its input, as a collapsed one does. The class-balancing weights give each class half
+    the weight, so one prediction for every pixel loses at least ln 2 (the border term
+    only adds to it), while a network that segments lies well below it from its first
+    epoch on (0.31-0.44 on ISBI). Without class balance and border term
+    (`weight_map.class_balance=false`, `weight_map.w0=0`) the least is the entropy of the
+    class frequencies, below ln 2: a collapse to those would go unnoticed.
+
     It raises instead of setting `stop_training`, so that no epoch-end callback runs on
     the broken weights: the last backup and the best model stay those of the epoch before.
     """
 
-    def __init__(self, validation_factor: float = 1.5, training_factor: float = 1.2):
+    def __init__(self, validation_factor: float = 1.5, training_factor: float = 1.2,
+                 collapsed_loss: float = math.log(2)):
         super().__init__()
         self.factors = {"val_loss": validation_factor, "loss": training_factor}
+        self.collapsed_loss = collapsed_loss
         self.lowest: dict[str, float] = {}
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -58,7 +74,7 @@ class StopOnDivergence(keras.callbacks.Callback):
         losses = {name: float(logs[name]) for name in self.factors if name in (logs or {})}
         if len(losses) < 2:
             return  # a training loss that rises alone is no proof
-        if self.lowest and all(losses[name] >= factor * self.lowest[name] for name, factor in self.factors.items()):
+        if self.lowest and self._collapsed(losses):
             raise PipelineError(
                 f"training diverged at epoch {epoch + 1}: validation loss {self.lowest['val_loss']:.3g} -> "
                 f"{losses['val_loss']:.3g}, training loss {self.lowest['loss']:.3g} -> {losses['loss']:.3g}; "
@@ -66,6 +82,10 @@ class StopOnDivergence(keras.callbacks.Callback):
                 "train.learning_rate or a train.clipnorm)"
             )
         self.lowest = {name: min(value, self.lowest.get(name, math.inf)) for name, value in losses.items()}
+
+    def _collapsed(self, losses: dict[str, float]) -> bool:
+        risen = all(losses[name] >= factor * self.lowest[name] for name, factor in self.factors.items())
+        return risen and losses["val_loss"] >= self.collapsed_loss
 
 
 class BestModelCheckpoint(keras.callbacks.Callback):
@@ -91,6 +111,39 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             with io.atomic_path(self.path, overwrite=True) as temporary:
                 model_file.save(self.model, temporary, self.config)
             io.atomic_write_text(self.record, json.dumps({self.monitor: value, "epoch": epoch + 1}))
+
+
+class HistoryLog(keras.callbacks.CSVLogger):
+    """Keras' CSVLogger appending to `path`, which keeps one row per epoch across resumes.
+
+    The backup is the last callback of an epoch, so a run that fails (a disk filling up)
+    or is killed during an epoch's callbacks resumes at that epoch: the rows of it and
+    later, whole or cut short, are dropped before training goes on, and written again.
+    """
+
+    def __init__(self, path: Path, resumed_epoch: int):
+        super().__init__(str(path), append=True)
+        self.path, self.resumed_epoch = Path(path), resumed_epoch
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        _keep_rows_before(self.path, self.resumed_epoch)
+        super().on_train_begin(logs)
+
+
+def _keep_rows_before(path: Path, epoch: int) -> None:
+    """Keeps the header and the whole rows of the epochs before `epoch` (0-based, as logged)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        header, *rows = list(csv.reader(handle)) or [[]]
+    kept = [row for row in rows if len(row) == len(header) and row[0].isdigit() and int(row[0]) < epoch]
+    if kept == rows:
+        return
+    if not kept:  # the header too, which may be the part cut short: CSVLogger writes it again
+        path.unlink()
+        return
+    with io.atomic_path(path, overwrite=True) as temporary, open(temporary, "w", newline="") as handle:
+        csv.writer(handle).writerows([header, *kept])
 
 
 class ChallengeScores(keras.callbacks.Callback):

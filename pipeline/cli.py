@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 
 from pipeline import config as configuration
@@ -18,8 +19,15 @@ STAGES = ("prepare", "train", "evaluate", "export", "predict")
 RUNNERS = ("local", "beam")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as our one line (`error: ...`, exit 2) instead of the usage text."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise PipelineError(message)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run_pipeline.py",
         description="U-Net (Ronneberger et al. 2015): prepare, train, evaluate, export, predict.",
     )
@@ -52,7 +60,8 @@ def parser() -> argparse.ArgumentParser:
                    help="predict: in this process (default), or as an Apache Beam pipeline, whose options "
                    "follow a bare --, e.g. -- --direct_num_workers=2 or -- --runner=FlinkRunner ...")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing trained model, prepared data, predictions or export version")
+                   help="replace an existing trained model, prepared data, predictions, export version "
+                   "or evaluation report")
     return p
 
 
@@ -124,7 +133,7 @@ def _score_files(args: argparse.Namespace) -> int:
         raise PipelineError("--prediction and --ground-truth go together, with --stage evaluate")
     from pipeline import evaluate
 
-    evaluate.score_files(args.prediction, args.ground_truth, args.output)
+    evaluate.score_files(args.prediction, args.ground_truth, args.output, overwrite=args.overwrite)
     return 0
 
 

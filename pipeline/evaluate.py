@@ -122,15 +122,18 @@ def _selection(split_name: str, held_out: bool, train: TrainConfig) -> str:
             "(docs/evaluation.md, 'Model selection and the score')")
 
 
-def score_files(prediction: Path, ground_truth: Path, output: Path | None = None, threshold: float = 0.5) -> dict:
+def score_files(prediction: Path, ground_truth: Path, output: Path | None = None, threshold: float = 0.5,
+                overwrite: bool = False) -> dict:
     """Scores a probability-of-cell TIFF (image or stack) against ISBI-style labels.
 
     Prints the table; writes the JSON report to `output` when given, and the error
-    pictures into the folder `<output without suffix>_panels/` beside it. Warnings name
-    the ground truth file, and in a stack the slice.
+    pictures into the folder `<output without suffix>_panels/` beside it. An existing
+    report is refused before any reading unless `overwrite`. Warnings name the ground
+    truth file, and in a stack the slice.
     """
     if output is not None:
         io.check_output_file(Path(output))
+        io.refuse_existing([Path(output)], overwrite)
     probability, truth = _read_grey(prediction, "prediction"), _read_grey(ground_truth, "ground truth")
     if probability.shape != truth.shape:
         raise PipelineError(f"{prediction}: shape {probability.shape} differs from {ground_truth}'s {truth.shape}")
@@ -145,7 +148,7 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
     report = ({"prediction": str(prediction), "ground_truth": str(ground_truth)}
               | report_for(probability, cells, threshold, names=names))
     if output is not None:
-        _write(report, Path(output))
+        _write(report, Path(output), overwrite)
         folder = Path(output).with_suffix("").with_name(Path(output).stem + "_panels")
         for index, (p, t) in enumerate(zip(probability, cells)):
             io.write_png(folder / f"panel_{index:03d}.png", panel(p, t, threshold), overwrite=True)
@@ -160,7 +163,7 @@ def _read_grey(path: Path, role: str) -> np.ndarray:
     return stack[0] if len(stack) == 1 else stack
 
 
-def _write(report: dict, path: Path) -> None:
-    io.atomic_write_text(path, json.dumps(report, indent=2))
+def _write(report: dict, path: Path, overwrite: bool = True) -> None:
+    io.atomic_write_text(path, json.dumps(report, indent=2), overwrite)
     print(table(report))
     print(f"evaluation report -> {path}")

@@ -145,8 +145,8 @@ def export_model(
         input_signature=[tf.TensorSpec([None, tile, tile, channels], tf.float32, "tiles")],
     )
     model_root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(model_root)
-    temporary = model_root / _scratch_name("tmp", version)
+    io.remove_abandoned(model_root)
+    temporary = model_root / io.scratch_name(f"new-{version}")
     try:
         archive.write_out(str(temporary), verbose=False)
         write_warmup_requests(temporary / WARMUP_FILE, config.export.name, config)
@@ -158,7 +158,7 @@ def export_model(
         shutil.rmtree(temporary, ignore_errors=True)  # the error that got us here matters more
         raise
     if target.exists():  # overwrite asked: swap, then drop the old version
-        retired = model_root / _scratch_name("old", version)
+        retired = model_root / io.scratch_name(f"old-{version}")
         os.rename(target, retired)
         os.rename(temporary, target)
         shutil.rmtree(retired)
@@ -166,32 +166,6 @@ def export_model(
         os.rename(temporary, target)
     write_models_config(model_root.parent)
     return target
-
-
-def _scratch_name(kind: str, version: int) -> str:
-    # Host and process name the writer, so that a later export can tell an abandoned
-    # folder from one that another export is writing right now (also on a shared disk).
-    return f".{kind}-{version}-{socket.gethostname()}-{os.getpid()}"
-
-
-def _remove_abandoned(model_root: Path) -> None:
-    """Removes scratch folders of exports on this machine whose process no longer runs."""
-    host = socket.gethostname()
-    for folder in model_root.glob(".*-*"):
-        kind, _, rest = folder.name[1:].partition("-")
-        writer_host, _, pid = rest.partition("-")[2].rpartition("-")
-        if kind in ("tmp", "old") and writer_host == host and pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def provenance(config: Config, run: RunDir) -> dict:

@@ -3,7 +3,8 @@
 Every writer goes through `atomic_paths`: the data goes to hidden temporary files next to
 the targets, which are renamed into place only when all of them are complete; an existing
 target is refused unless the caller asks to overwrite it, and a file-system error becomes
-one line naming the target. `check_output_folder`, `check_output_file` and
+one line naming the target. Temporaries name their writer (`scratch_name`), so that the
+next write into their folder removes those of a killed process (`remove_abandoned`). `check_output_folder`, `check_output_file` and
 `check_free_space` let a command refuse an unusable output before any work starts.
 
 Images are read with the axes their file declares, never guessed from the shape (see
@@ -20,8 +21,10 @@ import contextlib
 import dataclasses
 import errno
 import os
+import re
 import secrets
 import shutil
+import socket
 import stat
 import sys
 from io import BytesIO
@@ -82,6 +85,7 @@ def atomic_paths(targets: Sequence[Path], overwrite: bool = False) -> Iterator[l
                 for folder in missing_folders(current.parent):
                     os.mkdir(folder)
                     folders.append(folder)
+                _remove_abandoned_once(current.parent)
                 temporary = _create_temporary(current)
                 temporaries[temporary] = current
                 if current.exists():
@@ -132,9 +136,59 @@ def _create_temporary(target: Path) -> Path:
 
     The name keeps the target's suffix, which some writers (Keras, OpenCV) go by.
     """
-    temporary = target.parent / f".{target.stem}.{secrets.token_hex(6)}.tmp{target.suffix}"
+    temporary = target.parent / scratch_name(target.stem, target.suffix)
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return temporary
+
+
+def scratch_name(label: str, suffix: str = "") -> str:
+    """A hidden name for a temporary file or folder, `.LABEL.tmp-HOST-PID-TOKEN[SUFFIX]`.
+
+    Host and process name the writer, so that `remove_abandoned` can tell what a killed
+    process left from what another process is writing right now, also on a shared disk.
+    """
+    return f".{label}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}{suffix}"
+
+
+def remove_abandoned(folder: Path) -> None:
+    """Removes the temporary files and folders (`scratch_name`) in `folder` whose writer,
+    a process of this host, no longer runs; those of other hosts cannot be asked about."""
+    written_here = re.compile(rf"\..*\.tmp-{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{12}}(\.[^.]*)?")
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # not there (yet), or not ours to list: nothing of ours to remove
+        return
+    for entry in entries:
+        writer = written_here.fullmatch(entry.name)
+        if writer is None or _running(int(writer[1])):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):  # another process removed it first
+                os.unlink(entry.path)
+
+
+_SWEPT: set[str] = set()  # folders this process has cleared; a folder of many outputs is written to many times
+
+
+def _remove_abandoned_once(folder: Path) -> None:
+    """`remove_abandoned` at this process's first write into `folder`."""
+    key = os.path.abspath(folder)
+    if key not in _SWEPT:
+        remove_abandoned(folder)
+        _SWEPT.add(key)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` of this host runs (a reused number counts: nothing is removed then)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _nearest_existing(path: Path) -> Path:

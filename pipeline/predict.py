@@ -111,7 +111,8 @@ def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: 
     if input_path is None:
         raise PipelineError("--runner beam predicts files: give --input (an image, a folder, a glob pattern "
                             f"or a {LIST_SUFFIX} list of paths)")
-    files = input_files(input_path)
+    missing: list[Path] = []
+    files = input_files(input_path, missing)
     for file in files:
         io.refuse_existing(_existing(file, output_dir, config), overwrite)
     io.refuse_existing([outputs.failures_path(output_dir)], overwrite)
@@ -119,12 +120,13 @@ def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: 
     run.save_config(config)
     from pipeline import beam  # Apache Beam: only for this runner (the `beam` extra)
 
-    failures = beam.predict(files, output_dir, model_path, config, beam_options)
-    failed = {file for file, _ in failures}
-    print(f"segmented {len(files) - len(failed)}, failed {len(failed)} (see {outputs.FAILURES})")
+    refused = [(str(path), "no such file or folder") for path in missing]
+    failures = beam.predict(files, output_dir, model_path, config, beam_options, refused)
+    failed, total = {file for file, _ in failures}, len(files) + len(missing)
+    print(f"segmented {total - len(failed)}, failed {len(failed)} (see {outputs.FAILURES})")
     if failed:
-        raise PipelineError(f"{outputs.failures_path(output_dir)}: {len(failed)} of {len(files)} input(s) failed; "
-                            f"the other {len(files) - len(failed)} are written")
+        raise PipelineError(f"{outputs.failures_path(output_dir)}: {len(failed)} of {total} input(s) failed; "
+                            f"the other {total - len(failed)} are written")
     return [path for file in files for path in _existing(file, output_dir, config)]
 
 
@@ -136,7 +138,7 @@ def _existing(file: Path, output_dir: Path, config: Config) -> list[Path]:
     return outputs.existing(output_dir, io.image_name(file))
 
 
-def input_files(input_path: Path) -> list[Path]:
+def input_files(input_path: Path, missing: list[Path] | None = None) -> list[Path]:
     """The images an input names, for both runners.
 
     An image file or an OME-Zarr image (NAME.zarr, NAME.ome.zarr); a folder (its TIFF and
@@ -144,13 +146,19 @@ def input_files(input_path: Path) -> list[Path]:
     line, e.g. 'data/*/em_*.tif'; the images it matches, sorted); or a list file
     (`LIST_SUFFIX`: a path a line, of an image or a folder, relative ones relative to the
     list file; blank lines and lines starting with # skipped). Two inputs with one name are
-    refused (`io.refuse_same_names`): their outputs would overwrite each other.
+    refused (`io.refuse_same_names`): their outputs would overwrite each other. A listed
+    path that does not exist is refused, or, given a `missing` list (the Beam runner's,
+    which lists it in failures.csv), added to it and left out.
     """
     path = Path(input_path)
     if not path.exists() and any(character in str(path) for character in "*?["):
         files = _glob(str(path))
     elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:
-        files = [file for entry in _listed(path) for file in io.image_files(entry)]
+        entries = _listed(path)
+        if missing is not None:
+            missing += [entry for entry in entries if not entry.exists()]
+            entries = [entry for entry in entries if entry.exists()]
+        files = [file for entry in entries for file in io.image_files(entry)]
     else:
         files = io.image_files(path)
     io.refuse_same_names(files)

@@ -31,7 +31,7 @@ import tensorflow as tf
 from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
 from pipeline import allocator, bioimageio, input_pipeline, io, model_file, rundir
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
 from pipeline.config import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
@@ -292,12 +292,15 @@ def resumed_epoch(backup_dir: Path) -> int:
 def callbacks(
     config: Config, run: RunDir, task_id: int | None, val_tile: tuple[np.ndarray, ...], val_split: dict
 ) -> list[keras.callbacks.Callback]:
-    """Backup and NaN guard on every worker; checkpoints and logs on the chief only.
+    """Backup and divergence guard on every worker; checkpoints and logs on the chief only.
 
     The challenge scores, when they choose the model, come first: the callbacks after
     them read them from the same epoch's logs (every worker, as early stopping needs them).
+    The backup comes last: an epoch counts as finished only once everything else of it is
+    written, so a run that fails in any of them (a disk filling up) resumes at that epoch.
     """
-    chosen = [StopOnDivergence(), keras.callbacks.BackupAndRestore(str(run.backup(task_id)), double_checkpoint=True)]
+    backup = run.backup(task_id)
+    chosen = [StopOnDivergence()]
     if config.train.select_by in ("val_rand_error", "val_warping_error"):
         chosen.insert(0, ChallengeScores(val_split["images"], val_split["instances"] > 0, val_split.get("sizes"),
                                          config))
@@ -305,14 +308,14 @@ def callbacks(
         chosen += [
             BestModelCheckpoint(run.best_model, run.best_record, config, recorded_score(config.train),
                                 last=keeps_last_epoch(config.train)),
-            keras.callbacks.CSVLogger(str(run.history), append=True),
+            HistoryLog(run.history, resumed_epoch(backup)),
             keras.callbacks.TensorBoard(log_dir=str(run.logs)),
             ValidationImages(run.logs, *val_tile),
         ]
     if config.train.early_stopping_patience:
         chosen.append(keras.callbacks.EarlyStopping(
             config.train.select_by, patience=config.train.early_stopping_patience, restore_best_weights=True))
-    return chosen
+    return chosen + [keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True)]
 
 
 def fit_distributed(

@@ -82,6 +82,26 @@ def test_a_corrupt_tiff_is_listed_while_every_good_input_is_written(untrained_ru
     assert not list(out.glob("broken*"))
 
 
+def test_a_listed_path_that_does_not_exist_is_listed_while_the_others_are_written(untrained_run, images, tmp_path,
+                                                                                  capsys):
+    _, run = untrained_run
+    listing = tmp_path / "inputs.txt"
+    listing.write_text(f"{images / 'em.tif'}\nin/gone.tif\nin/small.png\n")
+    out = tmp_path / "out"
+    # The local runner checks every input before it writes anything: it refuses the batch.
+    assert main(predict_args(run.root, listing, out)) == 2
+    assert capsys.readouterr().err == f"error: {images / 'gone.tif'}: no such file or folder\n"
+    assert not out.exists()
+
+    assert main(predict_args(run.root, listing, out, "--runner", "beam")) == 2
+    captured = capsys.readouterr()
+    assert "segmented 2, failed 1 (see failures.csv)" in captured.out
+    assert captured.err == f"error: {out / 'failures.csv'}: 1 of 3 input(s) failed; the other 2 are written\n"
+    assert outputs.read_failures(out) == [(str(images / "gone.tif"), "no such file or folder")]
+    for name in ("em", "small"):
+        assert (out / f"{name}_labels.tif").exists() and (out / f"{name}_instances.csv").exists()
+
+
 @pytest.mark.parametrize("existing", ["stack_overlay_007.png", "failures.csv"])
 def test_existing_outputs_are_refused_before_the_pipeline_starts(untrained_run, images, tmp_path, capsys, existing):
     _, run = untrained_run

@@ -3,6 +3,7 @@ a collapse at its epoch's end, validation pictures reach TensorBoard, in colour 
 challenge's errors are evaluate's."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -11,7 +12,7 @@ import tensorflow as tf
 
 from pipeline import config as configuration
 from pipeline import model_file
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, StopOnDivergence, ValidationImages
+from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_model
 from pipeline.model import unet
@@ -94,6 +95,58 @@ def test_a_collapse_is_the_validation_loss_up_by_half_with_the_training_loss_up_
     with pytest.raises(PipelineError, match=r"^training diverged at epoch 8: validation loss 0.32 -> 1.01, "
                                             r"training loss 0.41 -> 0.576; the backup of epoch 7 and the best model "):
         guard.on_epoch_end(7, {"loss": 0.576, "val_loss": 1.01})
+
+
+def declining(first: float, last: float, epochs: int) -> list[float]:
+    """A loss falling from `first` towards `last` as a healthy run's does, reaching it at the last epoch."""
+    return [last + (first - last) * (0.9**epoch - 0.9 ** (epochs - 1)) / (1 - 0.9 ** (epochs - 1))
+            for epoch in range(epochs)]
+
+
+def test_a_long_healthy_run_whose_small_losses_rise_by_half_is_not_stopped():
+    # The false alarm: after 98 epochs (validation loss down to 0.091, cell IoU 0.96) the
+    # validation loss rose to 0.139 at epoch 99 and the training loss by a quarter: ratios
+    # of a collapse, at a level far below one.
+    guard = StopOnDivergence()
+    for epoch, (loss, val_loss) in enumerate(zip(declining(0.62, 0.052, 98), declining(0.44, 0.091, 98))):
+        guard.on_epoch_end(epoch, {"loss": loss, "val_loss": val_loss})
+    guard.on_epoch_end(98, {"loss": 0.065, "val_loss": 0.139})
+    with pytest.raises(PipelineError, match=r"^training diverged at epoch 100: validation loss 0.091 -> 1.01, "):
+        guard.on_epoch_end(99, {"loss": 1.1, "val_loss": 1.011})  # a collapse after it is still one
+
+
+# The recorded collapses (docs/results.md, "A collapse in mixed precision on an Intel Xeon"):
+# the epoch, the training and validation losses' ranges in the epochs before, and the
+# epoch's own losses.
+COLLAPSES = [
+    (24, (0.399, 0.414), (0.313, 0.350), (0.820, 1.011)),
+    (31, (0.383, 0.394), (0.310, 0.320), (0.821, 1.011)),
+    (17, (0.410, 0.429), (0.316, 0.356), (0.576, 1.013)),
+]
+
+
+@pytest.mark.parametrize("collapsed, losses, val_losses, collapse", COLLAPSES, ids=["16 slices", "with validation",
+                                                                                  "again"])
+def test_each_recorded_collapse_stops_at_its_epoch(collapsed, losses, val_losses, collapse):
+    guard = StopOnDivergence()
+    guard.on_epoch_end(0, {"loss": 0.62, "val_loss": 0.44})  # a first epoch of those runs
+    for epoch in range(1, collapsed - 1):  # then the ends of the recorded ranges in turn
+        guard.on_epoch_end(epoch, {"loss": losses[epoch % 2], "val_loss": val_losses[epoch % 2]})
+    expected = (f"training diverged at epoch {collapsed}: validation loss {val_losses[0]:.3g} -> {collapse[1]:.3g}, "
+                f"training loss {losses[0]:.3g} -> {collapse[0]:.3g}; the backup of epoch {collapsed - 1} ")
+    with pytest.raises(PipelineError, match=f"^{re.escape(expected)}"):
+        guard.on_epoch_end(collapsed - 1, {"loss": collapse[0], "val_loss": collapse[1]})
+
+
+def test_a_resumed_history_drops_the_rows_of_the_repeated_epochs_whole_or_cut_short(tmp_path):
+    path = tmp_path / "history.csv"
+    path.write_text("epoch,loss,val_loss\r\n0,0.5,0.4\r\n1,0.4,0.3\r\n2,0.35,0.3\r\n3,0.3")  # the disk filled up
+    log = HistoryLog(path, resumed_epoch=2)  # the backup holds 2 finished epochs: 2 and 3 (0-based) come again
+    log.on_train_begin()
+    for epoch in (2, 3):
+        log.on_epoch_end(epoch, {"loss": 0.25, "val_loss": 0.2})
+    log.on_train_end()
+    assert path.read_bytes().decode() == ("epoch,loss,val_loss\r\n0,0.5,0.4\r\n1,0.4,0.3\r\n2,0.25,0.2\r\n3,0.25,0.2\r\n")
 
 
 def logged_images(log_dir) -> dict[str, np.ndarray]:

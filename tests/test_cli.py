@@ -7,7 +7,6 @@ import os
 import re
 import resource
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from pipeline import io
 from pipeline.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,25 @@ def test_bad_invocation_is_refused_with_one_line_and_changes_nothing(smoke_run, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--preset", "huge"], "error: argument --preset: invalid choice: 'huge' (choose from 'cpu', 'paper', 'smoke')"),
+    (["--dataset", "isbi"], "error: argument --dataset: invalid choice: 'isbi' (choose from 'synthetic', 'isbi2012', "),
+    (["--stage", "fit"], "error: argument --stage: invalid choice: 'fit' (choose from 'prepare', 'train', "),
+    (["--stage", "train", "--epochs", "3"], "error: unrecognized arguments: --epochs 3"),
+    (["--stage", "train", "--run-dir"], "error: argument --run-dir: expected one argument"),
+])
+def test_a_bad_argument_is_one_error_line_naming_the_choices(capsys, args, expected):
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(expected) and captured.err.count("\n") == 1 and "usage" not in captured.err
+
+
+def test_help_still_prints_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("usage: run_pipeline.py")
+
+
 def test_run_directory_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "run").write_text("")
     line = error_line(pipeline(["--stage", "prepare", "--preset", "smoke", "--run-dir", "run"], tmp_path))
@@ -214,9 +233,10 @@ def test_stage_all_keeps_its_export_in_the_run_and_records_where_a_version_came_
 def test_an_export_killed_earlier_leaves_no_scratch_folder_behind(trained, tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    abandoned = tmp_path / "saved" / "unet" / f".tmp-1-{socket.gethostname()}-{dead.pid}"
+    # Named as an export writing versions 1 and 2 names them: the first's writer has died.
+    abandoned = tmp_path / "saved" / "unet" / io.scratch_name("new-1").replace(f"-{os.getpid()}-", f"-{dead.pid}-")
     (abandoned / "variables").mkdir(parents=True)
-    alive = tmp_path / "saved" / "unet" / f".tmp-2-{socket.gethostname()}-{os.getpid()}"
+    alive = tmp_path / "saved" / "unet" / io.scratch_name("new-2")
     alive.mkdir()
     assert main(["--stage", "export", "--run-dir", str(trained), "--set", f"export.root={tmp_path / 'saved'}"]) == 0
     assert not abandoned.exists() and alive.exists()

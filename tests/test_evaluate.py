@@ -47,6 +47,18 @@ def test_scores_any_prediction_and_writes_headline_keys(tmp_path, capsys):
     assert tuple(panel[5, 2 * 28 + 11]) == (255, 0, 255)  # the merger pixel in its colour
 
 
+def test_an_existing_report_is_replaced_only_with_overwrite(tmp_path, capsys):
+    prediction, truth = _pair(tmp_path)
+    output = tmp_path / "report.json"
+    output.write_text("an earlier report")
+    args = ["--stage", "evaluate", "--prediction", str(prediction), "--ground-truth", str(truth), "--output", str(output)]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {output}: already exists (pass --overwrite to replace it)\n"
+    assert output.read_text() == "an earlier report" and not (tmp_path / "report_panels").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads(output.read_text())["warping_error"] == 1 / (3 * 24 * 24)
+
+
 def test_bad_prediction_file_is_a_one_line_error(tmp_path, capsys):
     prediction, truth = _pair(tmp_path)
     tifffile.imwrite(prediction, np.full((3, 24, 24), 2.0, np.float32), photometric="minisblack")

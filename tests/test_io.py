@@ -4,6 +4,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -133,6 +134,41 @@ def test_a_full_disk_leaves_nothing_of_the_group(tmp_path):
     assert child.returncode == 0, child.stderr
     assert child.stdout == f"{tmp_path / 'out' / 'large.tif'}: cannot write (File too large)\n"
     assert listing(tmp_path) == []
+
+
+def writer_inside(target: Path) -> subprocess.Popen:
+    """A process that has written part of `target` inside `atomic_path` and waits there."""
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from pipeline import io
+        with io.atomic_path(Path({str(target)!r})) as temporary:
+            temporary.write_bytes(b"half of a prepared split")
+            print("inside", flush=True)
+            time.sleep(300)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "inside\n"
+    return process
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_into_its_folder(tmp_path):
+    killed, alive = writer_inside(tmp_path / "train.npz"), writer_inside(tmp_path / "val.npz")
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        # Another machine's, on a shared disk: its process cannot be asked about.
+        elsewhere = f".test.tmp-elsewhere-{killed.pid}-{'0' * 12}.npz"
+        (tmp_path / elsewhere).write_bytes(b"")
+        assert len([name for name in listing(tmp_path) if name.startswith(".train.")]) == 1  # the killed one's
+        io.atomic_write_text(tmp_path / "config.yaml", "next: write\n")
+        assert not [name for name in listing(tmp_path) if name.startswith(".train.")]  # removed
+        [being_written] = [name for name in listing(tmp_path) if name.startswith(".val.")]
+        assert f"-{alive.pid}-" in being_written  # left alone: its writer runs
+        assert listing(tmp_path) == sorted([being_written, elsewhere, "config.yaml"])
+    finally:
+        alive.kill()
+        alive.wait()
 
 
 def test_a_writer_error_that_names_no_file_names_the_group(tmp_path):

@@ -1,5 +1,6 @@
 """Training that scales and survives: replicas, workers, kills, NaNs, mixed precision."""
 
+import errno
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import pytest
 import tensorflow as tf
 
 from pipeline import config as configuration
+from pipeline import train
 from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.train import (LearningRate, compiled_model, cpu_precision_problem, emulated_on_cpu, joined,
@@ -150,11 +152,39 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(prepared, tm
 
     output = finished(pipeline_process(args))
     assert "resuming after epoch" in output
-    # Logs are written after each epoch's backup: no epoch is logged twice.
-    logged = [int(line.split(",")[0]) for line in (killed / "train" / "history.csv").read_text().splitlines()[1:]]
-    assert logged == sorted(set(logged)) and logged[-1] == 7
+    assert logged_epochs(killed) == list(range(8))  # each once, wherever in its epoch the kill came
     for a, b in zip(weights(straight / "train" / "last.keras"), weights(killed / "train" / "last.keras")):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def logged_epochs(run_dir: Path) -> list[int]:
+    """The epochs of a run's history.csv, in its order (0-based, as Keras logs them)."""
+    return [int(line.split(",")[0]) for line in (run_dir / "train" / "history.csv").read_text().splitlines()[1:]]
+
+
+@pytest.mark.parametrize("failing", ["BestModelCheckpoint", "ValidationImages"])
+def test_a_full_disk_at_an_epoch_end_resumes_with_every_epoch_logged_once(prepared, tmp_path, capsys, monkeypatch,
+                                                                          failing):
+    # The disk fills up in a callback of the second epoch that writes before history.csv's
+    # row (the best model) or after it (the validation images); the same command again
+    # resumes and logs every epoch exactly once.
+    failed = []
+
+    class DiskFullOnce(getattr(train, failing)):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1 and not failed:
+                failed.append(epoch)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "train"))
+            super().on_epoch_end(epoch, logs)
+
+    monkeypatch.setattr(train, failing, DiskFullOnce)
+    run_dir = copy_of(prepared, tmp_path / "run")
+    args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=4"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"error: {run_dir / 'train'}: No space left on device\n"
+    assert main(args) == 0
+    assert "resuming after epoch 1" in capsys.readouterr().out
+    assert logged_epochs(run_dir) == [0, 1, 2, 3]
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_model(prepared, tmp_path, capsys):
