@@ -94,7 +94,10 @@ def atomic_paths(targets: Sequence[Path], overwrite: bool = False) -> Iterator[l
             yield list(temporaries)
             for temporary, current in temporaries.items():
                 existed = current.exists()
-                os.replace(temporary, current)
+                if overwrite:
+                    os.replace(temporary, current)
+                else:
+                    _rename_new(temporary, current)
                 if not existed:
                     added.append(current)
         except OSError as error:
@@ -103,6 +106,26 @@ def atomic_paths(targets: Sequence[Path], overwrite: bool = False) -> Iterator[l
     except BaseException:
         _remove([*added, *temporaries], folders)
         raise
+
+
+def _rename_new(temporary: Path, target: Path) -> None:
+    """Renames `temporary` to `target`, failing with FileExistsError if `target` exists by now.
+
+    The check before the work cannot see a file that another command writes meanwhile (two
+    predictions into one folder): a hard link is created only where no file is, so of two
+    such writers one gets an error instead of both a silent replace. Where the file system
+    has no hard links, the rename follows a last check.
+    """
+    try:
+        os.link(temporary, target)
+    except OSError as error:  # FileExistsError (EEXIST) among them, raised as it is
+        if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+            raise
+        if target.exists():
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(target)) from None
+        os.replace(temporary, target)
+        return
+    os.unlink(temporary)
 
 
 def _written_target(error: OSError, temporaries: dict[Path, Path], targets: list[Path]) -> str:

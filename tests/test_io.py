@@ -429,3 +429,20 @@ def test_files_without_a_pixel_size_have_no_calibration(tmp_path):
     tifffile.imwrite(tmp_path / "screen.tif", grey(), resolution=(72, 72), resolutionunit="INCH")
     cv2.imwrite(str(tmp_path / "a.png"), grey())
     assert [io.read_calibration(tmp_path / name) for name in ("plain.tif", "screen.tif", "a.png")] == [None] * 3
+
+
+def test_a_file_written_meanwhile_by_another_command_is_never_replaced(tmp_path):
+    """The existence check comes before the work; a file another command writes during it
+    (two predictions into one folder) must not be replaced by the rename at its end."""
+    target, other = tmp_path / "a_mask.tif", tmp_path / "a_prob.tif"
+    with pytest.raises(PipelineError, match="a_mask.tif: cannot write"):
+        with io.atomic_paths([other, target]) as (first, second):
+            first.write_text("ours")
+            second.write_text("ours")
+            target.write_text("the other command's")
+    assert target.read_text() == "the other command's"
+    assert not other.exists()  # the group appears whole or not at all
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_mask.tif"]
+    with io.atomic_paths([target], overwrite=True) as (temporary,):
+        temporary.write_text("asked to replace")
+    assert target.read_text() == "asked to replace"
