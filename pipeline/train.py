@@ -286,7 +286,13 @@ def _task_id(distribution: tf.distribute.Strategy) -> int | None:
 def resumed_epoch(backup_dir: Path) -> int:
     """Epochs finished by an interrupted run, from BackupAndRestore's own record (0 if none)."""
     record = Path(backup_dir) / "training_metadata.json"
-    return json.loads(record.read_text())["epoch"] if record.exists() else 0
+    if not record.exists():
+        return 0
+    try:
+        return int(json.loads(record.read_text())["epoch"])
+    except (ValueError, KeyError, TypeError):  # written by Keras in place: a full disk can cut it short
+        raise PipelineError(f"{record}: the backup of the interrupted training is damaged; start the training "
+                            "again with --overwrite") from None
 
 
 def callbacks(

@@ -327,3 +327,14 @@ def test_the_selection_rule_chooses_an_epoch_without_changing_the_training(prepa
         trained[selection] = weights(run_dir / "train" / "last.keras")
     for by_rand, by_last in zip(trained["val_rand_error"], trained["last"]):
         np.testing.assert_array_equal(by_rand, by_last)
+
+
+@pytest.mark.parametrize("text", ["", '{"epoch": ', "[]"])
+def test_a_damaged_backup_record_is_one_line_naming_it(tmp_path, text):
+    """Keras writes the backup's record in place, so a full disk can leave it cut short."""
+    assert train.resumed_epoch(tmp_path) == 0
+    (tmp_path / "training_metadata.json").write_text(text)
+    with pytest.raises(PipelineError, match="training_metadata.json: the backup of the interrupted training is damaged"):
+        train.resumed_epoch(tmp_path)
+    (tmp_path / "training_metadata.json").write_text('{"epoch": 3}')
+    assert train.resumed_epoch(tmp_path) == 3
