@@ -66,7 +66,6 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
     """
     from pipeline.inference import load_model
 
-    config = run.model_settings(config)
     test = rundir.load_split(run, "test", config)
     default = "test" if "instances" in test else "val"  # ISBI 2012's test labels are secret
     split_name = requested or default
@@ -75,6 +74,7 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
         raise PipelineError(f"{run.prepared(split_name)}: the {split_name} split has no labels to score against; "
                             f"score --split {default}")
     other = None if split_name == default else split_name  # where its report goes
+    config = run.model_settings(config)
     model = load_model(run)
     dataset = data.DATASETS[config.data.dataset]
     sequences = None
