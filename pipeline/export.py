@@ -17,7 +17,13 @@ Signatures (input `image`, outputs `mask` and `probabilities`):
   Normalisation, overlap-tile prediction with mirror extrapolation and, if configured,
   test-time augmentation all run inside the graph. `mask` is uint8 (255 = cell) with the
   input's layout minus the channel axis; `probabilities` adds the class axis.
-- `tile`: a batch of fixed-size, already normalised input tiles -> the raw network output.
+- `segment_png`: PNG files in, the mask and the cells' labels as PNG out.
+- `tile` (input `tiles`): a batch [N, T, T, C] of already normalised float32 tiles, T =
+  `predict.tile_size` -> the raw network output. Its input is declared of any shape, as
+  the others are, and checked in the graph before the network runs (rank, channels, tile
+  size, an empty batch, NaN or infinite values): a bad request gets an InvalidArgumentError
+  naming the expected shape, never the kernels' errors, a wrong answer or an abort that
+  would take a model server down.
 
 The zoo package lives in assets.extra/, which TF Serving does not read, so that it is
 written with its version, appears and is replaced together with it, and a server watching
@@ -51,7 +57,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from pipeline import bioimageio, io, rundir
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.inference import load_model, png_segmentation_function, segmentation_function
+from pipeline.inference import load_model, png_segmentation_function, segmentation_function, tile_function
 from pipeline.rundir import RunDir
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
@@ -130,8 +136,6 @@ def export_model(
     target = model_root / str(version)
     if target.exists() and not overwrite:
         raise PipelineError(f"{target}: export version {version} already exists (pass --overwrite to replace it)")
-    channels, tile = config.model.input_channels, config.predict.tile_size
-
     archive = keras.export.ExportArchive()
     archive.track(model)
     segment = segmentation_function(model, config)
@@ -139,11 +143,10 @@ def export_model(
         archive.add_endpoint(name, segment, input_signature=[tf.TensorSpec(None, dtype, "image")])
     archive.add_endpoint("segment_png", png_segmentation_function(model, config),
                          input_signature=[tf.TensorSpec(None, tf.string, "image_bytes")])
-    archive.add_endpoint(
-        "tile",
-        lambda tiles: {"probabilities": model(tiles, training=False)},
-        input_signature=[tf.TensorSpec([None, tile, tile, channels], tf.float32, "tiles")],
-    )
+    # Of any shape, like the others: a fixed [None, tile, tile, C] placeholder lets the graph
+    # assume that shape, and a request of another rank then reaches the kernels unchecked.
+    archive.add_endpoint("tile", tile_function(model, config),
+                         input_signature=[tf.TensorSpec(None, tf.float32, "tiles")])
     model_root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(model_root)
     temporary = model_root / _scratch_name("tmp", version)

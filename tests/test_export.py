@@ -2,6 +2,8 @@
 
 import base64
 import json
+import pickle
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +25,7 @@ from pipeline.export import PACKAGE_FILE, WARMUP_FILE, export_model, versions, w
 from pipeline.inference import Segmenter
 from pipeline.instances import cell_instances
 from pipeline.model import unet
+from pipeline.sizes import valid_input_sizes
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +111,8 @@ def test_saved_model_cli_shows_dynamic_shapes_and_runs_on_an_npy_file(exported, 
         assert f"signature_def['{signature}']" in shown.stdout
     default = shown.stdout.split("signature_def['serving_default']")[1].split("signature_def[")[0]
     assert default.count("shape: unknown_rank") == 3  # image in; mask and probabilities out
-    tile = shown.stdout.split("signature_def['tile']")[1]
-    assert "shape: (-1, 92, 92, 1)" in tile
+    tile = shown.stdout.split("signature_def['tile']")[1].split("signature_def[")[0]
+    assert "shape: unknown_rank" in tile and "shape: (-1, 52, 52, 2)" in tile  # any input, checked in the graph
     np.save(tmp_path / "x.npy", image_of((33, 47)))
     subprocess.run(cli + ["run", "--dir", str(exported[2]), "--tag_set", "serve", "--signature_def", "serving_default",
                           "--inputs", f"image={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out")],
@@ -195,3 +198,118 @@ def test_a_png_that_is_not_one_gets_an_error(exported):
     serve = tf.saved_model.load(str(exported[2])).signatures["segment_png"]
     with pytest.raises(tf.errors.InvalidArgumentError):
         serve(image_bytes=tf.constant(b"not a png"))
+
+
+# Every signature meets every bad input in a process of its own, as a model server would: an
+# abort (oneDNN's, for a tile of the wrong rank) kills the child, and the parent sees it.
+SIGNATURE_CHILD = textwrap.dedent("""
+    import json, pickle, sys
+    import tensorflow as tf
+    version, name, cases = sys.argv[1], sys.argv[2], pickle.loads(open(sys.argv[3], "rb").read())
+    signature = tf.saved_model.load(version).signatures[name]
+    [key] = signature.structured_input_signature[1]
+    for case, value in cases.items():
+        value = tf.constant(value)
+        print(json.dumps({"case": case}), flush=True)  # so that an abort names its case
+        try:
+            outputs = signature(**{key: value})
+            print(json.dumps({"case": case, "answer": {k: v.shape.as_list() for k, v in outputs.items()}}), flush=True)
+        except Exception as error:
+            print(json.dumps({"case": case, "error": type(error).__name__, "message": str(error)}), flush=True)
+""")
+
+
+def bad_images(dtype: type) -> dict[str, np.ndarray]:
+    """Inputs that every whole-image signature of `dtype` must refuse (for a 1-channel model)."""
+    shapes = {"a scalar": (), "rank 1": (5,), "rank 5": (1, 2, 20, 20, 1), "2 channels": (2, 20, 20, 2),
+              "empty height": (0, 20), "empty width": (20, 0), "empty batch": (0, 20, 20, 1)}
+    cases = {name: np.zeros(shape, dtype) for name, shape in shapes.items()}
+    cases["colour that is not grey"] = image_of((20, 20, 3), seed=8).astype(dtype)
+    cases["another dtype"] = np.zeros((20, 20), np.int32 if dtype == np.float32 else np.float32)
+    cases["strings"] = np.array([[b"1", b"2"]], object)
+    if dtype == np.float32:
+        for name, value in (("NaN", np.nan), ("infinity", np.inf), ("minus infinity", -np.inf)):
+            cases[name] = image_of((30, 30))
+            cases[name][3, 4] = value
+    return cases
+
+
+def bad_pngs() -> dict[str, np.ndarray]:
+    """Inputs that `segment_png` must refuse (for a 1-channel model)."""
+    png = cv2.imencode(".png", image_of((30, 30)).astype(np.uint8))[1].tobytes()
+    colour = cv2.imencode(".png", image_of((30, 30, 3), seed=9).astype(np.uint8))[1].tobytes()
+    return {
+        "not a PNG": np.array(b"not a png", object), "no bytes": np.array(b"", object),
+        "a truncated PNG": np.array(png[: len(png) // 2], object), "colour that is not grey": np.array(colour, object),
+        "a batch with one bad file": np.array([png, b"not a png"], object), "an empty batch": np.array([], object),
+        "another dtype": np.zeros((30, 30), np.uint8),
+    }
+
+
+def bad_tiles(tile: int, depth: int) -> dict[str, np.ndarray]:
+    """Inputs that the `tile` signature of a 1-channel model exported with `tile`-pixel tiles must refuse."""
+    other = valid_input_sizes(depth, tile + 1, tile + 64)[0]  # one the network takes, but not the export's
+    shapes = {"one tile without its batch axis": (tile, tile, 1), "a scalar": (), "rank 5": (1, 1, tile, tile, 1),
+              "2 channels": (1, tile, tile, 2), "another valid tile size": (1, other, other, 1),
+              "an invalid tile size": (1, tile + 1, tile + 1, 1), "not square": (1, tile, other, 1),
+              "an empty batch": (0, tile, tile, 1), "an empty tile": (1, 0, 0, 1)}
+    cases = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    cases["NaN"] = np.full((1, tile, tile, 1), np.nan, np.float32)
+    cases["infinity"] = np.full((2, tile, tile, 1), np.inf, np.float32)
+    cases["another dtype"] = np.zeros((1, tile, tile, 1), np.uint8)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def refusals(exported, tmp_path_factory) -> dict[str, tuple[dict, subprocess.CompletedProcess]]:
+    """signature -> (its bad inputs, the child process that fed them to it), the children run at once."""
+    _, config, version = exported
+    folder = tmp_path_factory.mktemp("refusals")
+    tables = {"serving_default": bad_images(np.float32), "segment_uint8": bad_images(np.uint8),
+              "segment_uint16": bad_images(np.uint16), "segment_png": bad_pngs(),
+              "tile": bad_tiles(config.predict.tile_size, config.model.depth)}
+    children = {}
+    for name, cases in tables.items():
+        (folder / f"{name}.pickle").write_bytes(pickle.dumps(cases))
+        children[name] = subprocess.Popen(
+            [sys.executable, "-c", SIGNATURE_CHILD, str(version), name, str(folder / f"{name}.pickle")],
+            stdout=open(folder / f"{name}.out", "w"), stderr=open(folder / f"{name}.err", "w"), text=True)
+    for child in children.values():
+        child.wait(timeout=600)
+    return {name: (tables[name], subprocess.CompletedProcess(child.args, child.returncode,
+                                                             (folder / f"{name}.out").read_text(),
+                                                             (folder / f"{name}.err").read_text()))
+            for name, child in children.items()}
+
+
+def finished(child: subprocess.CompletedProcess) -> dict[str, dict]:
+    """case -> what the child reported at its end: {"answer": shapes} or {"error": type, "message": ...}."""
+    records = [json.loads(line) for line in child.stdout.splitlines() if line.startswith('{"case"')]
+    return {record["case"]: record for record in records if len(record) > 1}
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "segment_uint8", "segment_uint16", "segment_png", "tile"])
+def test_every_signature_refuses_every_bad_input_without_dying(refusals, signature):
+    cases, child = refusals[signature]
+    if child.returncode != 0:
+        started = [line for line in child.stdout.splitlines() if line.startswith('{"case"')]
+        dying = json.loads(started[-1])["case"] if started else "loading the model"
+        cause = signal.Signals(-child.returncode).name if child.returncode < 0 else f"exit {child.returncode}"
+        pytest.fail(f"{signature} killed its process ({cause}) on {dying!r}: {child.stderr[-1500:]}")
+    outcomes = finished(child)
+    assert set(outcomes) == set(cases)
+    answered = {case: record["answer"] for case, record in outcomes.items() if "answer" in record}
+    assert not answered, f"{signature} answered bad inputs"
+    assert {record["error"] for record in outcomes.values()} == {"InvalidArgumentError"}
+
+
+def test_the_tile_signature_names_the_tile_size_it_takes(refusals, exported):
+    _, config, _ = exported
+    cases, child = refusals["tile"]
+    outcomes = finished(child)
+    expected = f"tiles must be [N, {config.predict.tile_size}, {config.predict.tile_size}, 1] with N > 0"
+    for case in set(cases) - {"NaN", "infinity", "another dtype"}:
+        assert expected in outcomes[case]["message"], case
+    for case in ("NaN", "infinity"):
+        assert "tiles contain NaN or infinite values" in outcomes[case]["message"]
+
