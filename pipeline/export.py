@@ -1,6 +1,7 @@
 """Stage `export`: a versioned SavedModel that TF Serving loads and runs on whole images.
 
     saved_models/models.config              model server configuration listing every model
+    saved_models/.export.lock               held while a version is published (`publication_lock`)
     saved_models/<name>/<version>/          integer versions, the layout the server watches
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests
@@ -29,21 +30,34 @@ The zoo package lives in assets.extra/, which TF Serving does not read, so that 
 written with its version, appears and is replaced together with it, and a server watching
 <name>/ never takes it for a version.
 
-A version is written to a hidden temporary folder and renamed into place, so a server never
-sees it half-written, and an existing version is never replaced unless asked. A failed
-export removes its temporary folder; those that a killed export left behind are removed by
-the next export on that machine.
+Publication. A version is written to a hidden temporary folder and renamed into place, so
+a server never sees it half-written, and an existing version is never replaced unless
+asked (`--overwrite`). Choosing the version number, writing what records it (provenance,
+zoo package), the rename and rewriting `models.config` happen under one lock on the
+export root (`.export.lock`, `publication_lock`), so that exports running at once, from
+one run or several, get versions of their own (1 and 2, never both 1), an explicit
+`export.version` that another export published meanwhile is refused, and `models.config`
+lists every model. The SavedModel itself, the long part, is written before the lock is
+taken. Every folder and file of a version gets the mode the umask gives. A failed export
+removes its temporary folder; those that a killed export left behind are removed by the
+next export on that machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
+import secrets
 import shutil
 import socket
+import stat
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -63,6 +77,7 @@ from pipeline.rundir import RunDir
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 PROVENANCE_FILE = Path("assets.extra") / "provenance.json"
 PACKAGE_FILE = Path("assets.extra") / "bioimageio.zip"
+LOCK_FILE = ".export.lock"  # in the export root: see `publication_lock`
 # The evaluation values a version records (those the report has).
 HEADLINE = ("warping_error", "rand_error", "pixel_error", "foreground_iou", "seg")
 
@@ -129,13 +144,65 @@ def export_model(
     `root` (default `export.root`) and returns its version folder.
 
     `example` [H, W, C] is the image the zoo package's test tile is cut from (default: a
-    synthetic EM image).
+    synthetic EM image). The SavedModel, which does not depend on the version, is written
+    first; the version is then chosen, its own files written, the folder renamed into
+    place and `models.config` rewritten under the root's lock (`publication_lock`), so
+    that exports running at once get versions of their own and none is lost.
     """
-    model_root = Path(root or config.export.root) / config.export.name
-    version = config.export.version or next_version(model_root)
-    target = model_root / str(version)
+    root = Path(root or config.export.root)
+    model_root = root / config.export.name
+    if config.export.version:  # refused before the long write; decided again under the lock
+        _refuse_existing(model_root / str(config.export.version), overwrite)
+    model_root.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(model_root)
+    temporary = model_root / _scratch_name("tmp", secrets.token_hex(4))
+    try:
+        _write_saved_model(temporary, model, config)
+        with publication_lock(root):
+            version = config.export.version or next_version(model_root)
+            target = model_root / str(version)
+            _refuse_existing(target, overwrite)
+            _write_version_files(temporary, model, config, version, provenance, example)
+            _publish(temporary, target)
+            write_models_config(root)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # the error that got us here matters more
+        raise
+    return target
+
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
-        raise PipelineError(f"{target}: export version {version} already exists (pass --overwrite to replace it)")
+        raise PipelineError(f"{target}: export version {target.name} already exists (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def publication_lock(root: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the export root (its file `.export.lock`) for the block.
+
+    A lock rather than an exclusive create or rename of the version folder: the version
+    must be known before its files are written (provenance and the zoo package record it),
+    and a reserved but empty version folder would be a broken version to a model server
+    watching the root; a rename is not exclusive either (a folder replaces an empty one).
+    `flock` belongs to the open file, so the lock of a killed export frees itself and
+    never needs clearing; Linux's NFS client maps it onto NFS byte-range locks. One lock
+    for the whole root, because `models.config` lists every model under it. Another
+    export into the root waits; it is told so on stderr.
+    """
+    descriptor = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another export into {root} to finish", file=sys.stderr, flush=True)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _archive(model: keras.Model, config: Config) -> keras.export.ExportArchive:
+    """The SavedModel's signatures: the whole-image ones, PNG and tile."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     segment = segmentation_function(model, config)
@@ -147,34 +214,57 @@ def export_model(
     # assume that shape, and a request of another rank then reaches the kernels unchecked.
     archive.add_endpoint("tile", tile_function(model, config),
                          input_signature=[tf.TensorSpec(None, tf.float32, "tiles")])
-    model_root.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(model_root)
-    temporary = model_root / _scratch_name("tmp", version)
-    try:
-        archive.write_out(str(temporary), verbose=False)
-        write_warmup_requests(temporary / WARMUP_FILE, config.export.name, config)
-        if provenance is not None:
-            provenance = provenance | {"version": version}
-            (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-        bioimageio.write_package(temporary / PACKAGE_FILE, model, config, version, example, provenance)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)  # the error that got us here matters more
-        raise
-    if target.exists():  # overwrite asked: swap, then drop the old version
-        retired = model_root / _scratch_name("old", version)
-        os.rename(target, retired)
-        os.rename(temporary, target)
-        shutil.rmtree(retired)
-    else:
-        os.rename(temporary, target)
-    write_models_config(model_root.parent)
-    return target
+    return archive
 
 
-def _scratch_name(kind: str, version: int) -> str:
+def _write_saved_model(folder: Path, model: keras.Model, config: Config) -> None:
+    """The SavedModel and its warm-up requests into a new `folder`: what does not depend on the version."""
+    os.mkdir(folder)  # with the umask's mode, which TensorFlow's writer does not give its folders
+    _archive(model, config).write_out(str(folder), verbose=False)
+    write_warmup_requests(folder / WARMUP_FILE, config.export.name, config)
+
+
+def _write_version_files(
+    folder: Path, model: keras.Model, config: Config, version: int, provenance: dict | None, example: np.ndarray | None,
+) -> None:
+    """What records the version (provenance, zoo package) into `folder`; then every folder gets the umask's mode."""
+    if provenance is not None:
+        provenance = provenance | {"version": version}
+        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    bioimageio.write_package(folder / PACKAGE_FILE, model, config, version, example, provenance)
+    _give_folders_the_mode_of(folder)
+
+
+def _give_folders_the_mode_of(folder: Path) -> None:
+    """Sets every folder under `folder` to its mode.
+
+    TensorFlow creates the SavedModel's folders (variables/, assets/) as 0755 whatever the
+    umask; `folder` itself was made by `os.mkdir`, so its mode is what the umask (and a
+    default ACL) gives a new folder, without reading the process-wide umask.
+    """
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    for path in folder.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def _publish(temporary: Path, target: Path) -> None:
+    """Renames the written version into place; an existing one (overwrite asked) is swapped out, then dropped."""
+    if not target.exists():
+        os.rename(temporary, target)
+        return
+    retired = target.parent / _scratch_name("old", int(target.name))
+    os.rename(target, retired)
+    os.rename(temporary, target)
+    shutil.rmtree(retired)
+
+
+def _scratch_name(kind: str, tag: int | str) -> str:
     # Host and process name the writer, so that a later export can tell an abandoned
     # folder from one that another export is writing right now (also on a shared disk).
-    return f".{kind}-{version}-{socket.gethostname()}-{os.getpid()}"
+    # `tag` (a version, or a random one before the version is chosen) keeps apart the
+    # folders of one process.
+    return f".{kind}-{tag}-{socket.gethostname()}-{os.getpid()}"
 
 
 def _remove_abandoned(model_root: Path) -> None:

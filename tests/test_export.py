@@ -2,12 +2,16 @@
 
 import base64
 import json
+import multiprocessing
+import os
 import pickle
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import cv2
 import keras
@@ -21,7 +25,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import config as configuration
 from pipeline.errors import PipelineError
-from pipeline.export import PACKAGE_FILE, WARMUP_FILE, export_model, versions, warmup_requests
+from pipeline.export import PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, versions, warmup_requests
 from pipeline.inference import Segmenter
 from pipeline.instances import cell_instances
 from pipeline.model import unet
@@ -313,3 +317,72 @@ def test_the_tile_signature_names_the_tile_size_it_takes(refusals, exported):
     for case in ("NaN", "infinity"):
         assert "tiles contain NaN or infinite values" in outcomes[case]["message"]
 
+
+def export_rounds(roots: list[str], name: str, version: int, seed: int, barrier, record: str) -> None:
+    """One exporting process: its own model (as from a run of its own), exported into each root
+    in turn as soon as every process is ready for it; what it got, target or refusal, to `record`."""
+    config = configuration.apply_overrides(configuration.preset("smoke"),
+                                           {"export": {"name": name, "version": version}}, "test")
+    keras.utils.set_random_seed(seed)
+    model = unet(config.model)
+    outcomes = []
+    for root in roots:
+        barrier.wait(timeout=600)
+        try:
+            outcomes.append(str(export_model(model, config, Path(root), provenance={"writer": seed})))
+        except PipelineError as error:
+            outcomes.append(f"refused: {error}")
+    Path(record).write_text(json.dumps(outcomes))
+
+
+def exports_at_once(tmp_path: Path, exporters: list[tuple[str, int]], rounds: int) -> tuple[list[Path], list[list]]:
+    """Processes started together, one per (name, version) exporter, each exporting into the
+    same fresh root each round: (the roots, per round what each exporter got; its seed is its index)."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(exporters))
+    roots = [tmp_path / f"round{index}" for index in range(rounds)]
+    processes = [context.Process(target=export_rounds, args=([str(root) for root in roots], name, version, seed,
+                                                             barrier, str(tmp_path / f"exporter{seed}.json")))
+                 for seed, (name, version) in enumerate(exporters)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=900)
+        assert process.exitcode == 0
+    outcomes = [json.loads((tmp_path / f"exporter{seed}.json").read_text()) for seed in range(len(exporters))]
+    return roots, [list(got) for got in zip(*outcomes)]
+
+
+def writer(version: Path) -> int:
+    return json.loads((version / PROVENANCE_FILE).read_text())["writer"]
+
+
+def test_exports_at_once_never_lose_a_version_and_the_server_config_lists_every_model(tmp_path):
+    # Two exports of the next version of one model, and two of one explicit version of another.
+    roots, rounds = exports_at_once(tmp_path, [("unet", 0), ("unet", 0), ("other", 1), ("other", 1)], rounds=3)
+    for root, got in zip(roots, rounds):
+        assert sorted(got[:2]) == [str(root / "unet" / "1"), str(root / "unet" / "2")], got
+        assert [writer(Path(target)) for target in got[:2]] == [0, 1]  # each version holds its exporter's model
+        [published] = [seed for seed in (2, 3) if got[seed] == str(root / "other" / "1")]
+        [refusal] = [outcome for outcome in got[2:] if outcome.startswith("refused")]
+        assert "export version 1 already exists (pass --overwrite to replace it)" in refusal
+        assert writer(root / "other" / "1") == published  # not replaced by the other one
+        assert sorted(p.name for p in (root / "unet").iterdir()) == ["1", "2"]  # and no scratch folder left
+        assert sorted(p.name for p in (root / "other").iterdir()) == ["1"]
+        listed = text_format.Parse((root / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+        assert sorted(entry.name for entry in listed.model_config_list.config) == ["other", "unet"]
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022])
+def test_every_folder_and_file_of_a_version_gets_the_mode_the_umask_gives(tmp_path, umask):
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"export": {"root": str(tmp_path)}}, "test")
+    previous = os.umask(umask)
+    try:
+        version = export_model(unet(config.model), config, provenance={})
+    finally:
+        os.umask(previous)
+    paths = [version, *version.rglob("*"), tmp_path / "models.config"]
+    assert len(paths) > 8
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(path.stat().st_mode)}"
