@@ -1,6 +1,7 @@
 """The SavedModel as TF Serving sees it: signatures, layouts, warm-up file, server config."""
 
 import base64
+import fcntl
 import json
 import multiprocessing
 import os
@@ -25,7 +26,9 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import config as configuration
 from pipeline.errors import PipelineError
-from pipeline.export import PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, versions, warmup_requests
+from pipeline.export import (
+    LOCK_FILE, PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, publication_lock, versions, warmup_requests,
+)
 from pipeline.inference import Segmenter
 from pipeline.instances import cell_instances
 from pipeline.model import unet
@@ -371,6 +374,23 @@ def test_exports_at_once_never_lose_a_version_and_the_server_config_lists_every_
         assert sorted(p.name for p in (root / "other").iterdir()) == ["1"]
         listed = text_format.Parse((root / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
         assert sorted(entry.name for entry in listed.model_config_list.config) == ["other", "unet"]
+
+
+def test_the_lock_of_a_killed_export_frees_itself(tmp_path):
+    script = ("import sys, time; from pathlib import Path; from pipeline.export import publication_lock\n"
+              f"with publication_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with open(tmp_path / LOCK_FILE) as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another export would wait for
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(tmp_path / LOCK_FILE) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once: nothing to clear by hand
+    with publication_lock(tmp_path):
+        pass
 
 
 @pytest.mark.parametrize("umask", [0o002, 0o022])
