@@ -1,6 +1,7 @@
 """Stage `export`: a versioned SavedModel that TF Serving loads and runs on whole images.
 
     saved_models/models.config              model server configuration listing every model
+    saved_models/.export.lock               held while a version is published (`publication_lock`)
     saved_models/<name>/<version>/          integer versions, the layout the server watches
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests
@@ -17,27 +18,45 @@ Signatures (input `image`, outputs `mask` and `probabilities`):
   Normalisation, overlap-tile prediction with mirror extrapolation and, if configured,
   test-time augmentation all run inside the graph. `mask` is uint8 (255 = cell) with the
   input's layout minus the channel axis; `probabilities` adds the class axis.
-- `tile`: a batch of fixed-size, already normalised input tiles -> the raw network output.
+- `segment_png`: PNG files in, the mask and the cells' labels as PNG out.
+- `tile` (input `tiles`): a batch [N, T, T, C] of already normalised float32 tiles, T =
+  `predict.tile_size` -> the raw network output. Its input is declared of any shape, as
+  the others are, and checked in the graph before the network runs (rank, channels, tile
+  size, an empty batch, NaN or infinite values): a bad request gets an InvalidArgumentError
+  naming the expected shape, never the kernels' errors, a wrong answer or an abort that
+  would take a model server down.
 
 The zoo package lives in assets.extra/, which TF Serving does not read, so that it is
 written with its version, appears and is replaced together with it, and a server watching
 <name>/ never takes it for a version.
 
-A version is written to a hidden temporary folder and renamed into place, so a server never
-sees it half-written, and an existing version is never replaced unless asked. A failed
-export removes its temporary folder; those that a killed export left behind are removed by
-the next export on that machine.
+Publication. A version is written to a hidden temporary folder and renamed into place, so
+a server never sees it half-written, and an existing version is never replaced unless
+asked (`--overwrite`). Choosing the version number, writing what records it (provenance,
+zoo package), the rename and rewriting `models.config` happen under one lock on the
+export root (`.export.lock`, `publication_lock`), so that exports running at once, from
+one run or several, get versions of their own (1 and 2, never both 1), an explicit
+`export.version` that another export published meanwhile is refused, and `models.config`
+lists every model. The SavedModel itself, the long part, is written before the lock is
+taken. Every folder and file of a version gets the mode the umask gives. A failed export
+removes its temporary folder; those that a killed export left behind are removed by the
+next export on that machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import socket
+import stat
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -51,12 +70,13 @@ from tensorflow_serving.config import model_server_config_pb2
 from pipeline import bioimageio, io, rundir
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.inference import load_model, png_segmentation_function, segmentation_function
+from pipeline.inference import load_model, png_segmentation_function, segmentation_function, tile_function
 from pipeline.rundir import RunDir
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 PROVENANCE_FILE = Path("assets.extra") / "provenance.json"
 PACKAGE_FILE = Path("assets.extra") / "bioimageio.zip"
+LOCK_FILE = ".export.lock"  # in the export root: see `publication_lock`
 # The evaluation values a version records (those the report has).
 HEADLINE = ("warping_error", "rand_error", "pixel_error", "foreground_iou", "seg")
 
@@ -123,15 +143,65 @@ def export_model(
     `root` (default `export.root`) and returns its version folder.
 
     `example` [H, W, C] is the image the zoo package's test tile is cut from (default: a
-    synthetic EM image).
+    synthetic EM image). The SavedModel, which does not depend on the version, is written
+    first; the version is then chosen, its own files written, the folder renamed into
+    place and `models.config` rewritten under the root's lock (`publication_lock`), so
+    that exports running at once get versions of their own and none is lost.
     """
-    model_root = Path(root or config.export.root) / config.export.name
-    version = config.export.version or next_version(model_root)
-    target = model_root / str(version)
-    if target.exists() and not overwrite:
-        raise PipelineError(f"{target}: export version {version} already exists (pass --overwrite to replace it)")
-    channels, tile = config.model.input_channels, config.predict.tile_size
+    root = Path(root or config.export.root)
+    model_root = root / config.export.name
+    if config.export.version:  # refused before the long write; decided again under the lock
+        _refuse_existing(model_root / str(config.export.version), overwrite)
+    model_root.mkdir(parents=True, exist_ok=True)
+    io.remove_abandoned(model_root)
+    temporary = model_root / io.scratch_name("new")
+    try:
+        _write_saved_model(temporary, model, config)
+        with publication_lock(root):
+            version = config.export.version or next_version(model_root)
+            target = model_root / str(version)
+            _refuse_existing(target, overwrite)
+            _write_version_files(temporary, model, config, version, provenance, example)
+            _publish(temporary, target)
+            write_models_config(root)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)  # the error that got us here matters more
+        raise
+    return target
 
+
+def _refuse_existing(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise PipelineError(f"{target}: export version {target.name} already exists (pass --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def publication_lock(root: Path) -> Iterator[None]:
+    """Holds an exclusive lock on the export root (its file `.export.lock`) for the block.
+
+    A lock rather than an exclusive create or rename of the version folder: the version
+    must be known before its files are written (provenance and the zoo package record it),
+    and a reserved but empty version folder would be a broken version to a model server
+    watching the root; a rename is not exclusive either (a folder replaces an empty one).
+    `flock` belongs to the open file, so the lock of a killed export frees itself and
+    never needs clearing; Linux's NFS client maps it onto NFS byte-range locks. One lock
+    for the whole root, because `models.config` lists every model under it. Another
+    export into the root waits; it is told so on stderr.
+    """
+    descriptor = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another export into {root} to finish", file=sys.stderr, flush=True)
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _archive(model: keras.Model, config: Config) -> keras.export.ExportArchive:
+    """The SavedModel's signatures: the whole-image ones, PNG and tile."""
     archive = keras.export.ExportArchive()
     archive.track(model)
     segment = segmentation_function(model, config)
@@ -139,33 +209,53 @@ def export_model(
         archive.add_endpoint(name, segment, input_signature=[tf.TensorSpec(None, dtype, "image")])
     archive.add_endpoint("segment_png", png_segmentation_function(model, config),
                          input_signature=[tf.TensorSpec(None, tf.string, "image_bytes")])
-    archive.add_endpoint(
-        "tile",
-        lambda tiles: {"probabilities": model(tiles, training=False)},
-        input_signature=[tf.TensorSpec([None, tile, tile, channels], tf.float32, "tiles")],
-    )
-    model_root.mkdir(parents=True, exist_ok=True)
-    io.remove_abandoned(model_root)
-    temporary = model_root / io.scratch_name(f"new-{version}")
-    try:
-        archive.write_out(str(temporary), verbose=False)
-        write_warmup_requests(temporary / WARMUP_FILE, config.export.name, config)
-        if provenance is not None:
-            provenance = provenance | {"version": version}
-            (temporary / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
-        bioimageio.write_package(temporary / PACKAGE_FILE, model, config, version, example, provenance)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)  # the error that got us here matters more
-        raise
-    if target.exists():  # overwrite asked: swap, then drop the old version
-        retired = model_root / io.scratch_name(f"old-{version}")
-        os.rename(target, retired)
+    # Of any shape, like the others: a fixed [None, tile, tile, C] placeholder lets the graph
+    # assume that shape, and a request of another rank then reaches the kernels unchecked.
+    archive.add_endpoint("tile", tile_function(model, config),
+                         input_signature=[tf.TensorSpec(None, tf.float32, "tiles")])
+    return archive
+
+
+def _write_saved_model(folder: Path, model: keras.Model, config: Config) -> None:
+    """The SavedModel and its warm-up requests into a new `folder`: what does not depend on the version."""
+    os.mkdir(folder)  # with the umask's mode, which TensorFlow's writer does not give its folders
+    _archive(model, config).write_out(str(folder), verbose=False)
+    write_warmup_requests(folder / WARMUP_FILE, config.export.name, config)
+
+
+def _write_version_files(
+    folder: Path, model: keras.Model, config: Config, version: int, provenance: dict | None, example: np.ndarray | None,
+) -> None:
+    """What records the version (provenance, zoo package) into `folder`; then every folder gets the umask's mode."""
+    if provenance is not None:
+        provenance = provenance | {"version": version}
+        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+    bioimageio.write_package(folder / PACKAGE_FILE, model, config, version, example, provenance)
+    _give_folders_the_mode_of(folder)
+
+
+def _give_folders_the_mode_of(folder: Path) -> None:
+    """Sets every folder under `folder` to its mode.
+
+    TensorFlow creates the SavedModel's folders (variables/, assets/) as 0755 whatever the
+    umask; `folder` itself was made by `os.mkdir`, so its mode is what the umask (and a
+    default ACL) gives a new folder, without reading the process-wide umask.
+    """
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    for path in folder.rglob("*"):
+        if path.is_dir() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def _publish(temporary: Path, target: Path) -> None:
+    """Renames the written version into place; an existing one (overwrite asked) is swapped out, then dropped."""
+    if not target.exists():
         os.rename(temporary, target)
-        shutil.rmtree(retired)
-    else:
-        os.rename(temporary, target)
-    write_models_config(model_root.parent)
-    return target
+        return
+    retired = target.parent / io.scratch_name(f"old-{target.name}")
+    os.rename(target, retired)
+    os.rename(temporary, target)
+    shutil.rmtree(retired)
 
 
 def provenance(config: Config, run: RunDir) -> dict:

@@ -6,6 +6,7 @@ another. `load_model` reads a run's best model without its training configuratio
 probabilities (layout check, `normalize`, overlap-tile prediction of `tiling`,
 threshold); `Segmenter` runs it on numpy images and the export traces it into the
 SavedModel's signatures, so local and served predictions are the same computation.
+`tile_function` is the export's `tile` signature: the bare network on checked tiles.
 """
 
 from __future__ import annotations
@@ -170,11 +171,42 @@ def png_segmentation_function(model: keras.Model, config: Config) -> Callable[[t
             return tf.io.encode_png(mask[..., None]), tf.io.encode_png(tf.cast(labels, tf.uint16)[..., None])
 
     def segment_png(pngs: tf.Tensor) -> dict[str, tf.Tensor]:
-        masks, labels = tf.map_fn(one, tf.reshape(pngs, [-1]), fn_output_signature=(tf.string, tf.string))
+        # An empty batch is refused, as the whole-image signatures refuse one, not answered with nothing.
+        check = tf.debugging.Assert(tf.size(pngs) > 0, ["image_bytes must hold at least one PNG; got shape",
+                                                        tf.shape(pngs)])
+        with tf.control_dependencies([check]):
+            masks, labels = tf.map_fn(one, tf.reshape(pngs, [-1]), fn_output_signature=(tf.string, tf.string))
         shape = tf.shape(pngs)
         return {"mask_bytes": tf.reshape(masks, shape), "labels_bytes": tf.reshape(labels, shape)}
 
     return segment_png
+
+
+def tile_function(model: keras.Model, config: Config) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """Tiles [N, T, T, C] float32, already normalised -> {"probabilities": the network's output}.
+
+    T is `predict.tile_size` and C the model's channels. Checked in the graph before the
+    network runs, as `segmentation_function` checks images: any other rank, channel count
+    or tile size, an empty batch and NaN or infinite values fail with an
+    InvalidArgumentError naming the expected shape. Unchecked, the network's kernels fail
+    obscurely (oneDNN's "could not create a primitive descriptor"), answer a wrong channel
+    count, or abort the whole process, a model server included.
+    """
+    channels, tile = config.model.input_channels, config.predict.tile_size
+    expected = [tile, tile, channels]
+
+    def run_tiles(tiles: tf.Tensor) -> dict[str, tf.Tensor]:
+        shape = tf.shape(tiles, out_type=tf.int32)
+        padded = tf.concat([shape, [0, 0, 0, 0]], 0)[:4]  # compares entry by entry whatever the rank
+        valid = (tf.size(shape) == 4) & (padded[0] > 0) & tf.reduce_all(tf.equal(padded[1:], expected))
+        check = tf.debugging.Assert(valid, [
+            f"tiles must be [N, {tile}, {tile}, {channels}] with N > 0 ({tile} = predict.tile_size of this "
+            f"export, {channels} channel(s)); got shape", shape])
+        with tf.control_dependencies([check]):
+            tiles = tf.debugging.assert_all_finite(tiles, "tiles contain NaN or infinite values")
+        return {"probabilities": model(tf.ensure_shape(tiles, [None, *expected]), training=False)}
+
+    return run_tiles
 
 
 class Segmenter:

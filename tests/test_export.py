@@ -1,11 +1,18 @@
 """The SavedModel as TF Serving sees it: signatures, layouts, warm-up file, server config."""
 
 import base64
+import fcntl
 import json
+import multiprocessing
+import os
+import pickle
+import signal
+import stat
 import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
 import cv2
 import keras
@@ -19,10 +26,13 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import config as configuration
 from pipeline.errors import PipelineError
-from pipeline.export import PACKAGE_FILE, WARMUP_FILE, export_model, versions, warmup_requests
+from pipeline.export import (
+    LOCK_FILE, PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, publication_lock, versions, warmup_requests,
+)
 from pipeline.inference import Segmenter
 from pipeline.instances import cell_instances
 from pipeline.model import unet
+from pipeline.sizes import valid_input_sizes
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +118,8 @@ def test_saved_model_cli_shows_dynamic_shapes_and_runs_on_an_npy_file(exported, 
         assert f"signature_def['{signature}']" in shown.stdout
     default = shown.stdout.split("signature_def['serving_default']")[1].split("signature_def[")[0]
     assert default.count("shape: unknown_rank") == 3  # image in; mask and probabilities out
-    tile = shown.stdout.split("signature_def['tile']")[1]
-    assert "shape: (-1, 92, 92, 1)" in tile
+    tile = shown.stdout.split("signature_def['tile']")[1].split("signature_def[")[0]
+    assert "shape: unknown_rank" in tile and "shape: (-1, 52, 52, 2)" in tile  # any input, checked in the graph
     np.save(tmp_path / "x.npy", image_of((33, 47)))
     subprocess.run(cli + ["run", "--dir", str(exported[2]), "--tag_set", "serve", "--signature_def", "serving_default",
                           "--inputs", f"image={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out")],
@@ -195,3 +205,204 @@ def test_a_png_that_is_not_one_gets_an_error(exported):
     serve = tf.saved_model.load(str(exported[2])).signatures["segment_png"]
     with pytest.raises(tf.errors.InvalidArgumentError):
         serve(image_bytes=tf.constant(b"not a png"))
+
+
+# Every signature meets every bad input in a process of its own, as a model server would: an
+# abort (oneDNN's, for a tile of the wrong rank) kills the child, and the parent sees it.
+SIGNATURE_CHILD = textwrap.dedent("""
+    import json, pickle, sys
+    import tensorflow as tf
+    version, name, cases = sys.argv[1], sys.argv[2], pickle.loads(open(sys.argv[3], "rb").read())
+    signature = tf.saved_model.load(version).signatures[name]
+    [key] = signature.structured_input_signature[1]
+    for case, value in cases.items():
+        value = tf.constant(value)
+        print(json.dumps({"case": case}), flush=True)  # so that an abort names its case
+        try:
+            outputs = signature(**{key: value})
+            print(json.dumps({"case": case, "answer": {k: v.shape.as_list() for k, v in outputs.items()}}), flush=True)
+        except Exception as error:
+            print(json.dumps({"case": case, "error": type(error).__name__, "message": str(error)}), flush=True)
+""")
+
+
+def bad_images(dtype: type) -> dict[str, np.ndarray]:
+    """Inputs that every whole-image signature of `dtype` must refuse (for a 1-channel model)."""
+    shapes = {"a scalar": (), "rank 1": (5,), "rank 5": (1, 2, 20, 20, 1), "2 channels": (2, 20, 20, 2),
+              "empty height": (0, 20), "empty width": (20, 0), "empty batch": (0, 20, 20, 1)}
+    cases = {name: np.zeros(shape, dtype) for name, shape in shapes.items()}
+    cases["colour that is not grey"] = image_of((20, 20, 3), seed=8).astype(dtype)
+    cases["another dtype"] = np.zeros((20, 20), np.int32 if dtype == np.float32 else np.float32)
+    cases["strings"] = np.array([[b"1", b"2"]], object)
+    if dtype == np.float32:
+        for name, value in (("NaN", np.nan), ("infinity", np.inf), ("minus infinity", -np.inf)):
+            cases[name] = image_of((30, 30))
+            cases[name][3, 4] = value
+    return cases
+
+
+def bad_pngs() -> dict[str, np.ndarray]:
+    """Inputs that `segment_png` must refuse (for a 1-channel model)."""
+    png = cv2.imencode(".png", image_of((30, 30)).astype(np.uint8))[1].tobytes()
+    colour = cv2.imencode(".png", image_of((30, 30, 3), seed=9).astype(np.uint8))[1].tobytes()
+    return {
+        "not a PNG": np.array(b"not a png", object), "no bytes": np.array(b"", object),
+        "a truncated PNG": np.array(png[: len(png) // 2], object), "colour that is not grey": np.array(colour, object),
+        "a batch with one bad file": np.array([png, b"not a png"], object), "an empty batch": np.array([], object),
+        "another dtype": np.zeros((30, 30), np.uint8),
+    }
+
+
+def bad_tiles(tile: int, depth: int) -> dict[str, np.ndarray]:
+    """Inputs that the `tile` signature of a 1-channel model exported with `tile`-pixel tiles must refuse."""
+    other = valid_input_sizes(depth, tile + 1, tile + 64)[0]  # one the network takes, but not the export's
+    shapes = {"one tile without its batch axis": (tile, tile, 1), "a scalar": (), "rank 5": (1, 1, tile, tile, 1),
+              "2 channels": (1, tile, tile, 2), "another valid tile size": (1, other, other, 1),
+              "an invalid tile size": (1, tile + 1, tile + 1, 1), "not square": (1, tile, other, 1),
+              "an empty batch": (0, tile, tile, 1), "an empty tile": (1, 0, 0, 1)}
+    cases = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    cases["NaN"] = np.full((1, tile, tile, 1), np.nan, np.float32)
+    cases["infinity"] = np.full((2, tile, tile, 1), np.inf, np.float32)
+    cases["another dtype"] = np.zeros((1, tile, tile, 1), np.uint8)
+    return cases
+
+
+@pytest.fixture(scope="module")
+def refusals(exported, tmp_path_factory) -> dict[str, tuple[dict, subprocess.CompletedProcess]]:
+    """signature -> (its bad inputs, the child process that fed them to it), the children run at once."""
+    _, config, version = exported
+    folder = tmp_path_factory.mktemp("refusals")
+    tables = {"serving_default": bad_images(np.float32), "segment_uint8": bad_images(np.uint8),
+              "segment_uint16": bad_images(np.uint16), "segment_png": bad_pngs(),
+              "tile": bad_tiles(config.predict.tile_size, config.model.depth)}
+    children = {}
+    for name, cases in tables.items():
+        (folder / f"{name}.pickle").write_bytes(pickle.dumps(cases))
+        children[name] = subprocess.Popen(
+            [sys.executable, "-c", SIGNATURE_CHILD, str(version), name, str(folder / f"{name}.pickle")],
+            stdout=open(folder / f"{name}.out", "w"), stderr=open(folder / f"{name}.err", "w"), text=True)
+    for child in children.values():
+        child.wait(timeout=600)
+    return {name: (tables[name], subprocess.CompletedProcess(child.args, child.returncode,
+                                                             (folder / f"{name}.out").read_text(),
+                                                             (folder / f"{name}.err").read_text()))
+            for name, child in children.items()}
+
+
+def finished(child: subprocess.CompletedProcess) -> dict[str, dict]:
+    """case -> what the child reported at its end: {"answer": shapes} or {"error": type, "message": ...}."""
+    records = [json.loads(line) for line in child.stdout.splitlines() if line.startswith('{"case"')]
+    return {record["case"]: record for record in records if len(record) > 1}
+
+
+@pytest.mark.parametrize("signature", ["serving_default", "segment_uint8", "segment_uint16", "segment_png", "tile"])
+def test_every_signature_refuses_every_bad_input_without_dying(refusals, signature):
+    cases, child = refusals[signature]
+    if child.returncode != 0:
+        started = [line for line in child.stdout.splitlines() if line.startswith('{"case"')]
+        dying = json.loads(started[-1])["case"] if started else "loading the model"
+        cause = signal.Signals(-child.returncode).name if child.returncode < 0 else f"exit {child.returncode}"
+        pytest.fail(f"{signature} killed its process ({cause}) on {dying!r}: {child.stderr[-1500:]}")
+    outcomes = finished(child)
+    assert set(outcomes) == set(cases)
+    answered = {case: record["answer"] for case, record in outcomes.items() if "answer" in record}
+    assert not answered, f"{signature} answered bad inputs"
+    assert {record["error"] for record in outcomes.values()} == {"InvalidArgumentError"}
+
+
+def test_the_tile_signature_names_the_tile_size_it_takes(refusals, exported):
+    _, config, _ = exported
+    cases, child = refusals["tile"]
+    outcomes = finished(child)
+    expected = f"tiles must be [N, {config.predict.tile_size}, {config.predict.tile_size}, 1] with N > 0"
+    for case in set(cases) - {"NaN", "infinity", "another dtype"}:
+        assert expected in outcomes[case]["message"], case
+    for case in ("NaN", "infinity"):
+        assert "tiles contain NaN or infinite values" in outcomes[case]["message"]
+
+
+def export_rounds(roots: list[str], name: str, version: int, seed: int, barrier, record: str) -> None:
+    """One exporting process: its own model (as from a run of its own), exported into each root
+    in turn as soon as every process is ready for it; what it got, target or refusal, to `record`."""
+    config = configuration.apply_overrides(configuration.preset("smoke"),
+                                           {"export": {"name": name, "version": version}}, "test")
+    keras.utils.set_random_seed(seed)
+    model = unet(config.model)
+    outcomes = []
+    for root in roots:
+        barrier.wait(timeout=600)
+        try:
+            outcomes.append(str(export_model(model, config, Path(root), provenance={"writer": seed})))
+        except PipelineError as error:
+            outcomes.append(f"refused: {error}")
+    Path(record).write_text(json.dumps(outcomes))
+
+
+def exports_at_once(tmp_path: Path, exporters: list[tuple[str, int]], rounds: int) -> tuple[list[Path], list[list]]:
+    """Processes started together, one per (name, version) exporter, each exporting into the
+    same fresh root each round: (the roots, per round what each exporter got; its seed is its index)."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(len(exporters))
+    roots = [tmp_path / f"round{index}" for index in range(rounds)]
+    processes = [context.Process(target=export_rounds, args=([str(root) for root in roots], name, version, seed,
+                                                             barrier, str(tmp_path / f"exporter{seed}.json")))
+                 for seed, (name, version) in enumerate(exporters)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=900)
+        assert process.exitcode == 0
+    outcomes = [json.loads((tmp_path / f"exporter{seed}.json").read_text()) for seed in range(len(exporters))]
+    return roots, [list(got) for got in zip(*outcomes)]
+
+
+def writer(version: Path) -> int:
+    return json.loads((version / PROVENANCE_FILE).read_text())["writer"]
+
+
+def test_exports_at_once_never_lose_a_version_and_the_server_config_lists_every_model(tmp_path):
+    # Two exports of the next version of one model, and two of one explicit version of another.
+    roots, rounds = exports_at_once(tmp_path, [("unet", 0), ("unet", 0), ("other", 1), ("other", 1)], rounds=3)
+    for root, got in zip(roots, rounds):
+        assert sorted(got[:2]) == [str(root / "unet" / "1"), str(root / "unet" / "2")], got
+        assert [writer(Path(target)) for target in got[:2]] == [0, 1]  # each version holds its exporter's model
+        [published] = [seed for seed in (2, 3) if got[seed] == str(root / "other" / "1")]
+        [refusal] = [outcome for outcome in got[2:] if outcome.startswith("refused")]
+        assert "export version 1 already exists (pass --overwrite to replace it)" in refusal
+        assert writer(root / "other" / "1") == published  # not replaced by the other one
+        assert sorted(p.name for p in (root / "unet").iterdir()) == ["1", "2"]  # and no scratch folder left
+        assert sorted(p.name for p in (root / "other").iterdir()) == ["1"]
+        listed = text_format.Parse((root / "models.config").read_text(), model_server_config_pb2.ModelServerConfig())
+        assert sorted(entry.name for entry in listed.model_config_list.config) == ["other", "unet"]
+
+
+def test_the_lock_of_a_killed_export_frees_itself(tmp_path):
+    script = ("import sys, time; from pathlib import Path; from pipeline.export import publication_lock\n"
+              f"with publication_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with open(tmp_path / LOCK_FILE) as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what another export would wait for
+    finally:
+        holder.kill()
+        holder.wait()
+    with open(tmp_path / LOCK_FILE) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once: nothing to clear by hand
+    with publication_lock(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o022])
+def test_every_folder_and_file_of_a_version_gets_the_mode_the_umask_gives(tmp_path, umask):
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"export": {"root": str(tmp_path)}}, "test")
+    previous = os.umask(umask)
+    try:
+        version = export_model(unet(config.model), config, provenance={})
+    finally:
+        os.umask(previous)
+    paths = [version, *version.rglob("*"), tmp_path / "models.config"]
+    assert len(paths) > 8
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, f"{path}: {oct(path.stat().st_mode)}"
