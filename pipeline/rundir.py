@@ -205,8 +205,11 @@ class RunDir:
 
     def model_settings(self, config: Config) -> Config:
         """`config` with the sections the run's best model was trained with, read from the model
-        file itself (`model_file`); `config` as it is for a model saved without them."""
-        trained = model_file.trained_config(require(self.best_model, "train"))
+        file itself (`model_file`); `config` as it is for a model saved without them, and
+        for a run without a model, whose stage then says to train first when it loads it."""
+        if not self.best_model.exists():
+            return config
+        trained = model_file.trained_config(self.best_model)
         if trained is None:
             return config
         return dataclasses.replace(config, **{section: getattr(trained, section) for section in TRAINED_SECTIONS})
