@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         run = run_dir(args)
         stages = STAGES if args.stage == "all" else (args.stage,)
         writes = bool({"prepare", "train"} & set(stages))  # else the stages only read the run's model
-        with run.lock(f"--stage {args.stage}", exclusive=writes):
+        with run.lock(exclusive=writes):
             config = resolve(args, run)
             run.check_changes(config, stages, args.overwrite)
             if config.train.init_from and stages[0] == "prepare" and "train" in stages:

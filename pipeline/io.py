@@ -118,7 +118,11 @@ def _rename_new(temporary: Path, target: Path) -> None:
     """
     try:
         os.link(temporary, target)
-    except OSError as error:  # FileExistsError (EEXIST) among them, raised as it is
+    except FileExistsError:
+        if target.is_dir():  # the more telling reason
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(target)) from None
+        raise
+    except OSError as error:
         if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
             raise
         if target.exists():

@@ -50,8 +50,9 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
     values = tf.math.divide_no_nan(values, tf.maximum(tf.abs(low), tf.abs(high)))
     centred = values - tf.reduce_mean(values, axis=_IMAGE_AXES, keepdims=True)
     # Constant means every pixel equal, tested on the pixels rather than left to the
-    # rounding of the mean: a tiny deviation left by it would turn zeros into +-1.
-    deviation = tf.where(high > low, tf.sqrt(tf.reduce_mean(tf.square(centred), axis=_IMAGE_AXES, keepdims=True)),
+    # rounding of the mean: a tiny deviation left by it would turn zeros into +-1. Asked
+    # as "not high <= low" so that an image with NaN stays NaN, for the checks after it.
+    deviation = tf.where(~(high <= low), tf.sqrt(tf.reduce_mean(tf.square(centred), axis=_IMAGE_AXES, keepdims=True)),
                          tf.zeros_like(high))
     return tf.cast(tf.math.divide_no_nan(centred, deviation), tf.float32)
 

@@ -26,8 +26,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -148,17 +146,18 @@ class RunDir:
         return self.root / "export"
 
     @contextlib.contextmanager
-    def lock(self, command: str, exclusive: bool) -> Iterator[None]:
+    def lock(self, exclusive: bool) -> Iterator[None]:
         """Holds the run's advisory lock while a command uses the run.
 
         Commands that change what the run holds (prepare, train) take it `exclusive`;
         those that read its model (evaluate, export, predict) take it shared, so that they
         run side by side but never while the model or its data are being replaced. A
-        command that cannot have it is refused at once, in one line naming the holder.
-        The lock is `flock`'s, which the kernel frees when its process ends, so a killed
-        command leaves no stale lock. In a cluster only the chief locks: every worker
-        trains the same run. A refused or failed command that created the run directory
-        or its lock file removes them again, so that it leaves nothing behind.
+        command that cannot have it is refused at once, in one line naming the holder (its
+        PID and command line, from Linux's /proc/locks). The lock is `flock`'s, which the
+        kernel frees when its process ends, so a killed command leaves no stale lock; the
+        lock file itself is never written, so a refused command changes no file. In a
+        cluster only the chief locks: every worker trains the same run. A refused or failed
+        command that created the run directory or its lock file removes them again.
         """
         if not is_chief():
             yield
@@ -167,9 +166,6 @@ class RunDir:
         self.root.mkdir(parents=True, exist_ok=True)
         descriptor, created_file = _open_locked(self.lock_file, exclusive, self)
         try:
-            if exclusive:
-                holder = f"`{command}` (PID {os.getpid()} on {socket.gethostname()}, since {time.strftime('%H:%M:%S')})"
-                os.pwrite(descriptor, holder.encode(), 0)
             yield
         except BaseException:
             if created_file:
@@ -179,9 +175,6 @@ class RunDir:
                     folder.rmdir()
             raise
         finally:
-            if exclusive:
-                with contextlib.suppress(OSError):  # removed above, or a read-only run
-                    os.ftruncate(descriptor, 0)
             os.close(descriptor)  # frees the lock
 
     @property
@@ -275,32 +268,49 @@ def _open_locked(path: Path, exclusive: bool, run: RunDir) -> tuple[int, bool]:
         try:
             fcntl.flock(descriptor, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
-            message = _busy(descriptor, exclusive, run)
             os.close(descriptor)
-            raise PipelineError(message) from None
+            raise PipelineError(_busy(path, exclusive, run)) from None
         if path.exists() and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
             return descriptor, created
         os.close(descriptor)
 
 
-def _busy(descriptor: int, exclusive: bool, run: RunDir) -> str:
-    """Why the lock on `descriptor` cannot be had: who writes the run, or that commands read it."""
-    holder = os.pread(descriptor, 4096, 0).decode(errors="replace").strip()
-    readers = exclusive and not holder
-    if exclusive and holder:  # the text may be a finished writer's: readers hold the lock if we can share it
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            readers = True
-        except BlockingIOError:
-            pass
-    if readers:
-        return (f"{run}: in use by another command reading its model (evaluate, export or predict); "
-                "run this once it has finished")
-    holder = holder or "another command"
+def _busy(path: Path, exclusive: bool, run: RunDir) -> str:
+    """Why the lock on `path` cannot be had: who writes the run, or who reads its model."""
+    holders = _lock_holders(path)
+    writers = [_described(pid) for pid, kind in holders if kind == "WRITE"]
+    if exclusive and not writers:
+        readers = ", ".join(_described(pid) for pid, _ in holders) or "another command"
+        return f"{run}: in use by {readers}, reading its model; run this once it has finished"
+    writer = writers[0] if writers else "another command"
     if not exclusive:
-        return (f"{run}: {holder} is writing this run (preparing or training it), so it holds no final model now; "
-                "run this once it has finished")
-    return f"{run}: in use by {holder}, which is writing this run; run this once it has finished, or use another --run-dir"
+        return (f"{run}: in use by {writer}, which is writing it (preparing or training), so the run holds no final "
+                "model now; run this once it has finished")
+    return f"{run}: in use by {writer}, which is writing it; run this once it has finished, or use another --run-dir"
+
+
+def _lock_holders(path: Path) -> list[tuple[int, str]]:
+    """(PID, "WRITE" or "READ") of the processes of this machine that hold `flock` locks on `path`."""
+    info = os.stat(path)
+    file_id = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:  # not Linux, or no /proc: the message names no holder
+        return []
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF"; a waiting request has "->" second.
+    return [(int(fields[4]), fields[3]) for fields in map(str.split, lines)
+            if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == file_id]
+
+
+def _described(pid: int) -> str:
+    """`PID N (command line)`, the command line shortened to one line."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+    except OSError:  # ended meanwhile
+        return f"PID {pid}"
+    words = [Path(word).name if index < 2 else word for index, word in enumerate(argv)]  # python, its script
+    command = " ".join(" ".join(words).split())
+    return f"PID {pid} (`{command[:150]}{'...' if len(command) > 150 else ''}`)"
 
 
 def _refuse_changes(saved: Config, config: Config, sections: tuple[str, ...], what: str, remedy: str) -> None:

@@ -23,13 +23,14 @@ from pipeline.cli import main
 from test_cli import error_line, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+PYTHON = Path(sys.executable).name  # how a holder's command line starts
 
 HOLD = textwrap.dedent("""
     import sys, time
     from pipeline.errors import PipelineError
     from pipeline.rundir import RunDir
     try:
-        with RunDir(sys.argv[1]).lock("holder " + sys.argv[2], exclusive=sys.argv[2] == "exclusive"):
+        with RunDir(sys.argv[1]).lock(exclusive=sys.argv[2] == "exclusive"):
             print("in", flush=True)
             time.sleep(float(sys.argv[3]))
     except PipelineError as error:
@@ -72,7 +73,7 @@ def test_of_two_writers_started_together_one_is_refused_naming_the_other(tmp_pat
     assert len(admitted) == 1 and admitted[0].stdout == "in\n" and len(refused) == 1
     winner = first if results[0] is admitted[0] else second
     line = error_line(refused[0])
-    assert line.startswith(f"error: {run}: in use by `holder exclusive` (PID {winner.pid} ")
+    assert line.startswith(f"error: {run}: in use by PID {winner.pid} (`{PYTHON} -c") and "which is writing it" in line
     assert sorted(p.name for p in run.iterdir()) == [".lock"] and run.joinpath(".lock").read_text() == ""
 
 
@@ -82,7 +83,8 @@ def test_readers_share_the_lock_and_keep_writers_out(tmp_path):
     wait_for(lambda: run.joinpath(".lock").exists())
     time.sleep(1.0)  # both readers hold it now (each takes ~1 s to start)
     writer = finished(holder(run, "exclusive", 0))
-    assert "in use by another command reading its model" in error_line(writer)
+    line = error_line(writer)
+    assert all(f"PID {reader.pid} (" in line for reader in readers) and "reading its model" in line
     assert [finished(r).stdout for r in readers] == ["in\n", "in\n"]
 
 
@@ -90,7 +92,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     run = tmp_path / "run"
     stuck = holder(run, "exclusive", 600)
     wait_for(lambda: stuck.stdout.readline() == "in\n")
-    assert "in use by `holder exclusive`" in error_line(finished(holder(run, "exclusive", 0)))
+    assert f"in use by PID {stuck.pid} (" in error_line(finished(holder(run, "exclusive", 0)))
     stuck.send_signal(signal.SIGKILL)
     stuck.wait()
     assert finished(holder(run, "exclusive", 0)).returncode == 0
@@ -125,7 +127,8 @@ def test_two_trainings_of_one_run_started_together(prepared, tmp_path, round_):
     results = [finished(p) for p in processes]
     assert sorted(r.returncode for r in results) == [0, 2], [r.stderr[-2000:] for r in results]
     winner, loser = (processes[0], results[1]) if results[0].returncode == 0 else (processes[1], results[0])
-    assert f"in use by `--stage train` (PID {winner.pid} " in error_line(loser)
+    line = error_line(loser)
+    assert f"in use by PID {winner.pid} (`{PYTHON} run_pipeline.py --stage train " in line
     assert history_epochs(run) == [0, 1, 2]  # every epoch once, written by one training
     best = json.loads((run / "train" / "best.json").read_text())
     assert best["epoch"] in (1, 2, 3)
@@ -142,9 +145,10 @@ def test_while_a_run_trains_other_commands_on_it_are_refused_and_after_it_see_th
                for args in (["--stage", "prepare", "--overwrite"], ["--stage", "train", "--overwrite"])]
     for reader in readers:
         line = error_line(finished(reader))
-        assert f"`--stage train` (PID {training.pid} " in line and "holds no final model" in line, line
+        assert f"in use by PID {training.pid} (`{PYTHON} run_pipeline.py --stage train " in line, line
+        assert "holds no final model" in line
     for writer in writers:
-        assert f"in use by `--stage train` (PID {training.pid} " in error_line(finished(writer))
+        assert f"in use by PID {training.pid} (" in error_line(finished(writer))
     assert training.poll() is None, "the training ended before the other commands met it"
     assert finished(training).returncode == 0
     assert history_epochs(run) == [0, 1, 2]

@@ -70,10 +70,11 @@ def test_json_and_yaml_files(tmp_path):
 
 
 def test_a_data_set_recipe_applies_under_explicit_overrides(tmp_path):
-    from pipeline.cli import parser, resolve
+    from pipeline.cli import parser, resolve, run_dir
 
     def resolved(*argv):
-        return resolve(parser().parse_args(["--run-dir", str(tmp_path / str(len(list(tmp_path.iterdir())))), *argv]))[0]
+        args = parser().parse_args(["--run-dir", str(tmp_path / str(len(list(tmp_path.iterdir())))), *argv])
+        return resolve(args, run_dir(args))
 
     isbi = resolved("--dataset", "isbi2012", "--preset", "cpu")
     recipe = DATASETS["isbi2012"].recipes["cpu"]

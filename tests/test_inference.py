@@ -105,10 +105,13 @@ def test_an_image_of_any_magnitude_gives_the_mask_of_its_unit_version(segment, s
     expected = segment(tf.constant(unit))
     result = segment(tf.constant((unit.astype(np.float64) * scale).astype(np.float32)))
     probability = expected["probabilities"].numpy()[..., 1]
-    assert 0.05 < (probability > 0.5).mean() < 0.95  # the threshold matters here
     np.testing.assert_allclose(result["probabilities"].numpy(), expected["probabilities"].numpy(), atol=1e-5)
     certain = np.abs(probability - 0.5) > 1e-5
     np.testing.assert_array_equal(result["mask"].numpy()[certain], expected["mask"].numpy()[certain])
+    # An untrained network may call every pixel a cell at 0.5: at the median the mask is half cells.
+    median = np.median(probability)
+    certain = np.abs(probability - median) > 1e-5
+    np.testing.assert_array_equal((result["probabilities"].numpy()[..., 1] > median)[certain], (probability > median)[certain])
 
 
 def test_an_offset_image_gives_the_mask_of_its_unit_version_up_to_its_rounding(segment):

@@ -120,3 +120,12 @@ def test_predict_segments_a_constant_image_as_a_blank_one_with_a_notice(tmp_path
         np.testing.assert_array_equal(tifffile.imread(out / f"{name}_prob.tif"), blank)
         np.testing.assert_array_equal(tifffile.imread(out / f"{name}_mask.tif"),
                                       tifffile.imread(out / "blank_mask.tif"))
+
+
+def test_an_image_with_nan_stays_nan_for_the_checks_after_normalisation():
+    """NaN must never be normalised into a plausible image (the zoo package's test tile and
+    training data are checked for finite values after it)."""
+    image = np.random.default_rng(0).uniform(size=(8, 9, 1)).astype(np.float32)
+    image[3, 4] = np.nan
+    assert np.isnan(normalize(tf.constant(image)).numpy()).all()
+    assert np.isnan(normalize(tf.constant(np.full((8, 9, 1), np.nan, np.float32))).numpy()).all()
