@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # what no check could foresee (a disk filling up during training)
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        named = f"{error.filename}: " if error.filename else ""  # never an empty name before the colon
+        print(f"error: {named}{error.strerror or error}", file=sys.stderr)
         return 2
     return 0
