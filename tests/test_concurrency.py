@@ -138,7 +138,7 @@ def test_two_trainings_of_one_run_started_together(prepared, tmp_path, round_):
 def test_while_a_run_trains_other_commands_on_it_are_refused_and_after_it_see_the_final_model(prepared, tmp_path):
     run = shutil.copytree(prepared, tmp_path / "run")
     training = start(["--stage", "train", "--run-dir", run, *SHORT], tmp_path)
-    wait_for(lambda: (run / ".lock").exists() and (run / ".lock").read_text())
+    assert training.stdout.readline().startswith("== train")  # printed once it holds the run's lock
     readers = [start(["--stage", stage, "--run-dir", run, "--set", f"export.root={tmp_path / 'saved'}"], tmp_path)
                for stage in ("predict", "evaluate", "export")]
     writers = [start([*args, "--run-dir", run], tmp_path)
