@@ -41,9 +41,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import config as configuration  # noqa: E402
 from pipeline import input_pipeline, rundir, train  # noqa: E402
 from pipeline.cli import main as pipeline  # noqa: E402
+from pipeline.config.schema import Config  # noqa: E402
 from pipeline.inference import Segmenter, load_model  # noqa: E402
 from pipeline.metrics.isbi import foreground_iou  # noqa: E402
 from pipeline.rundir import RunDir  # noqa: E402
@@ -72,7 +72,7 @@ def cell_iou(segment: Segmenter, split: dict[str, np.ndarray], threshold: float)
 class ScoreUntilReached(keras.callbacks.Callback):
     """Scores the model after every epoch (of `every` steps); stops training once it reaches `target`."""
 
-    def __init__(self, model: keras.Model, split: dict[str, np.ndarray], config: configuration.Config,
+    def __init__(self, model: keras.Model, split: dict[str, np.ndarray], config: Config,
                  target: float, every: int):
         super().__init__()
         # One traced function for all scores: it reads the weights as they are at each call.
@@ -90,7 +90,7 @@ class ScoreUntilReached(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def steps_to_target(run: RunDir, config: configuration.Config, source: Path | None, target: float,
+def steps_to_target(run: RunDir, config: Config, source: Path | None, target: float,
                     every: int, budget: int) -> dict[str, Any]:
     """Trains on `run`'s prepared data from `source`'s weights (None: from scratch) until `target`."""
     settings = config.train

@@ -38,7 +38,8 @@ import keras  # noqa: E402  before pipeline, which would set the TensorFlow back
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from pipeline.config import PRECISIONS, preset  # noqa: E402
+from pipeline.config.resolve import preset  # noqa: E402
+from pipeline.config.schema import PRECISIONS  # noqa: E402
 from pipeline.loss import weighted_cross_entropy  # noqa: E402
 from pipeline.model import unet_in_precision  # noqa: E402
 from pipeline.sizes import output_size  # noqa: E402

@@ -66,7 +66,7 @@ def cpu_preset(chunk_size: int):
 
     import keras
 
-    from pipeline import config as configuration
+    from pipeline.config import resolve as configuration
     from pipeline.model import unet
 
     config = configuration.preset("cpu")

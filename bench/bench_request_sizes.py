@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import config as configuration
+from pipeline.config import resolve as configuration
 from pipeline.inference import load_model, png_segmentation_function, segmentation_function
 from pipeline.model import unet
 from pipeline.rundir import RunDir

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from pipeline.config import PRECISIONS
+from pipeline.config.schema import PRECISIONS
 
 # TensorFlow is imported inside the functions: each configuration's process must set up
 # its logical devices before TensorFlow starts, and run_all imports this module for `render`.
@@ -214,7 +214,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-    from pipeline import config as configuration
+    from pipeline.config import resolve as configuration
     from pipeline.sizes import output_size
     from pipeline.train import compiled_model
 

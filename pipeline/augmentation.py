@@ -20,7 +20,7 @@ import math
 import tensorflow as tf
 
 from pipeline import custom_op
-from pipeline.config import AugmentConfig
+from pipeline.config.schema import AugmentConfig
 from pipeline.elastic_warp import displacement_field, rotation_field, warp_example
 
 # Where the compiled kernel cannot be built, the graph resampling fused by XLA, much

@@ -49,7 +49,7 @@ from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline import chunk_grid, io, large_image, outputs
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter
 from pipeline.normalization import notice_constant

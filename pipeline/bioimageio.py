@@ -45,7 +45,7 @@ import tifffile
 import yaml
 
 from pipeline import io
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
 from pipeline.normalization import normalize

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import io, model_file
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.tiling import tile_geometry
 
 

@@ -9,8 +9,10 @@ import time
 import typing
 from pathlib import Path
 
-from pipeline import config as configuration
 from pipeline import rundir
+from pipeline.config import resolve as configuration
+from pipeline.config.presets import PRESETS
+from pipeline.config.schema import STRATEGIES, Config
 from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
@@ -34,14 +36,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=STAGES + ("all",), default="all", help="stage to run (default: all, in order)")
     p.add_argument("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
                    "else the run that prepare last started here, recorded in runs/.latest)")
-    p.add_argument("--preset", choices=sorted(configuration.PRESETS), help="named configuration (default: cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu)")
     p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set train.epochs=20 (repeatable)")
     p.add_argument("--dataset", choices=DATASETS, help="data set (default: embedded synthetic)")
     p.add_argument("--data-dir", help="folder of the data set's files: isbi2012's TIFF stacks, image_folder's "
                    "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
-    p.add_argument("--strategy", choices=configuration.STRATEGIES,
+    p.add_argument("--strategy", choices=STRATEGIES,
                    help="train on this machine's devices (default) or on the TF_CONFIG cluster")
     p.add_argument("--init-from", metavar="PATH", help="train: start from these weights instead of random ones "
                    "(fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
@@ -70,7 +72,7 @@ def run_dir(args: argparse.Namespace) -> RunDir:
     return RunDir(args.run_dir) if args.run_dir else _default_run(args)
 
 
-def resolve(args: argparse.Namespace, run: RunDir) -> configuration.Config:
+def resolve(args: argparse.Namespace, run: RunDir) -> Config:
     """The run's checked configuration: saved one or preset, then overrides.
 
     Nothing is written here: each stage saves the configuration once its own checks have
@@ -106,7 +108,7 @@ def _default_run(args: argparse.Namespace) -> RunDir:
     return rundir.latest()
 
 
-def run_stage(stage: str, config: configuration.Config, run: RunDir, args: argparse.Namespace) -> None:
+def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace) -> None:
     # Imported here so that --help and refused commands answer without loading TensorFlow.
     from pipeline import evaluate, export, predict, prepare, train
 

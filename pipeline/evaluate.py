@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from pipeline import data, io, rundir
-from pipeline.config import Config, TrainConfig
+from pipeline.config.schema import Config, TrainConfig
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.metrics.common import check_pair

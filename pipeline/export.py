@@ -68,7 +68,7 @@ from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline import bioimageio, io, rundir
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
 from pipeline.inference import load_model, png_segmentation_function, segmentation_function, tile_function
 from pipeline.rundir import RunDir

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import io, rundir
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.normalization import normalize
 from pipeline.rundir import RunDir
 from pipeline.tiling import overlap_tile_predict

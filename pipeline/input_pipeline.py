@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from pipeline import sizes
 from pipeline.augmentation import augment
-from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.config.schema import AugmentConfig, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.normalization import normalize
 

@@ -8,8 +8,9 @@ Conventions, shared by the predict stage's `NAME_labels.tif` and the CTC SEG it 
   cells can be a single diagonal step, which 8-connectivity would bridge.
 - Label images: 0 = background, 1..N = the cells, numbered in raster order of their first
   pixel; a stack is labelled slice by slice, each slice from 1.
-- `METHODS`: "components" takes every 4-connected component of the cells as one cell;
-  "watershed" first cuts cells joined by a thin neck (see `_split_lines`).
+- `INSTANCE_METHODS` (`pipeline.config.schema`): "components" takes every 4-connected
+  component of the cells as one cell; "watershed" first cuts cells joined by a thin neck
+  (see `_split_lines`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-METHODS = ("components", "watershed")
+from pipeline.config.schema import INSTANCE_METHODS
 
 # The columns of `measure`: bounding boxes include their last row and column.
 COLUMNS = ("label", "area", "centroid_y", "centroid_x", "min_row", "min_col", "max_row", "max_col",
@@ -42,11 +43,11 @@ def cell_instances(probability: np.ndarray, threshold: float = 0.5, method: str 
                    min_size: int = 1) -> np.ndarray:
     """int32 instance labels of a probability of cell [H, W] or [D, H, W], slice by slice.
 
-    The cells at `threshold`, split by `method` (one of `METHODS`); objects of fewer than
+    The cells at `threshold`, split by `method` (one of `INSTANCE_METHODS`); objects of fewer than
     `min_size` pixels are dropped and the others numbered 1..N.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in INSTANCE_METHODS:
+        raise ValueError(f"method must be one of {INSTANCE_METHODS}, got {method!r}")
     probability = np.asarray(probability)
     stack = probability[None] if probability.ndim == 2 else probability
     labels = [_label_slice(p, threshold, method, min_size) for p in stack]

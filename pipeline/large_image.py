@@ -48,7 +48,7 @@ import zarr
 
 from pipeline import chunked_labels, instances, io
 from pipeline.chunk_grid import Chunk, chunk_side, chunks, geometry, grid
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel_size_and_format

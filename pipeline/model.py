@@ -15,7 +15,7 @@ import math
 
 import keras
 
-from pipeline.config import ModelConfig
+from pipeline.config.schema import ModelConfig
 from pipeline.sizes import skip_crops
 
 

@@ -17,8 +17,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import config as configuration
-from pipeline.config import Config
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
 
 METADATA = "metadata.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import instances, io
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.display import bgr8
 
 FAILURES = "failures.csv"

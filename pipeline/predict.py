@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from pipeline import io, large_image, outputs, rundir
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter, load_model

@@ -19,7 +19,7 @@ import keras
 import numpy as np
 
 from pipeline import data, io, rundir
-from pipeline.config import Config
+from pipeline.config.schema import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir

@@ -33,9 +33,9 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import config as configuration
 from pipeline import io, model_file
-from pipeline.config import Config
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
 
 RUNS = Path("runs")

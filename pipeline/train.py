@@ -32,7 +32,7 @@ from tensorflow.python.framework import config as tf_framework_config  # disable
 
 from pipeline import allocator, bioimageio, input_pipeline, io, model_file, rundir
 from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
-from pipeline.config import Config, TrainConfig
+from pipeline.config.schema import Config, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.loss import weighted_cross_entropy
 from pipeline.metrics.training import training_metrics

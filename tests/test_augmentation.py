@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from pipeline import augmentation, custom_op
 from pipeline.augmentation import augment
-from pipeline.config import AugmentConfig
+from pipeline.config.schema import AugmentConfig
 from pipeline.elastic_warp import displacement_field, warp_example
 
 SEED = tf.constant([5, 9], tf.int64)

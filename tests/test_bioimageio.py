@@ -10,9 +10,9 @@ import yaml
 import bioimageio.core
 from bioimageio.spec.model import v0_5
 
-from pipeline import config as configuration
 from pipeline import rundir
 from pipeline.bioimageio import input_axes, output_axes
+from pipeline.config import resolve as configuration
 from pipeline.export import PACKAGE_FILE
 from pipeline.inference import load_model
 from pipeline.normalization import normalize

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import config as configuration
 from pipeline import model_file
 from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
+from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_model
 from pipeline.model import unet

@@ -10,7 +10,7 @@ import tifffile
 
 from fakes import CTC_NAME, write_ctc
 from pipeline.cli import main
-from pipeline.config import load
+from pipeline.config.resolve import load
 from pipeline.model import unet
 from pipeline.report import summary
 from pipeline.rundir import RunDir

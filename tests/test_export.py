@@ -24,7 +24,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipeline import config as configuration
+from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
 from pipeline.export import (
     LOCK_FILE, PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, publication_lock, versions, warmup_requests,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.config import preset
+from pipeline.config.resolve import preset
 from pipeline.inference import connected_components, segmentation_function
 from pipeline.model import unet
 

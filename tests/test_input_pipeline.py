@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline import input_pipeline
-from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.config.schema import AugmentConfig, TrainConfig
 from pipeline.normalization import normalize
 from pipeline.sizes import output_size
 

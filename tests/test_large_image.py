@@ -17,7 +17,7 @@ import zarr
 
 from pipeline import chunk_grid, instances, io, large_image, lazy_image, outputs
 from pipeline.chunk_grid import Chunk
-from pipeline.config import preset
+from pipeline.config.resolve import preset
 from pipeline.errors import PipelineError
 from pipeline.inference import Segmenter
 from pipeline.model import unet

@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 
-from pipeline.config import ModelConfig
+from pipeline.config.schema import ModelConfig
 from pipeline.loss import weighted_cross_entropy
 from pipeline.metrics.training import training_metrics
 from pipeline.model import unet

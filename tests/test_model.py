@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import ModelConfig
+from pipeline.config.schema import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.model import unet
 from pipeline.sizes import (

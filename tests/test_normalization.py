@@ -7,7 +7,7 @@ import tensorflow as tf
 import tifffile
 
 from pipeline.cli import main
-from pipeline.config import preset
+from pipeline.config.resolve import preset
 from pipeline.model import unet
 from pipeline.normalization import normalize, notice_constant, standardize
 from pipeline.rundir import RunDir

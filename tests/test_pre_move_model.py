@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from pipeline import config as configuration
 from pipeline.cli import main
+from pipeline.config import resolve as configuration
 from pipeline.inference import Segmenter, load_model
 from pipeline.rundir import RunDir
 from pipeline.train import load_initial_model

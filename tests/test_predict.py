@@ -10,7 +10,7 @@ import tifffile
 
 from pipeline import predict
 from pipeline.cli import main
-from pipeline.config import preset
+from pipeline.config.resolve import preset
 from pipeline.errors import PipelineError
 from pipeline.instances import COLUMNS, cell_instances, measure
 from pipeline.io import read_calibration

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from pipeline import config as configuration
 from pipeline import rundir
+from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
 from pipeline.rundir import RunDir
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.config import ModelConfig
+from pipeline.config.schema import ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.mirror import mirror_pad
 from pipeline.model import unet

@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import config as configuration
 from pipeline import train
 from pipeline.cli import main
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.train import (LearningRate, compiled_model, cpu_precision_problem, emulated_on_cpu, joined,
                             precision_notice, set_determinism)
@@ -81,7 +82,7 @@ def test_gradients_do_not_depend_on_the_number_of_replicas(clipnorm):
         import numpy as np, tensorflow as tf, keras
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from pipeline import config as configuration
+        from pipeline.config import resolve as configuration
         from pipeline.train import compiled_model
         rng = np.random.default_rng(0)
         x = rng.normal(size=(4, 92, 92, 1)).astype("float32")
@@ -233,7 +234,7 @@ def test_a_mixed_precision_is_emulated_without_its_instructions_and_bfloat16_war
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's instruction sets from Linux's /proc")
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_training_says_what_this_cpu_makes_of_its_precision(precision, capsys):
-    precision_notice(configuration.TrainConfig(precision=precision))
+    precision_notice(TrainConfig(precision=precision))
     this_cpu = set(Path("/proc/cpuinfo").read_text().split())
     problem = None if tf.config.list_physical_devices("GPU") else cpu_precision_problem(precision, this_cpu)
     assert capsys.readouterr().out == (f"notice: train.precision={precision}: {problem}\n" if problem else "")

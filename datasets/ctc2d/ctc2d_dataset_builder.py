@@ -20,7 +20,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import WeightMapConfig
+from pipeline.config.schema import WeightMapConfig
 from pipeline.weight_map import separate_instances
 
 # TFDS split -> sequence: a whole sequence is held out, its frames being near-duplicates.

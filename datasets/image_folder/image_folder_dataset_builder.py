@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import WeightMapConfig
+from pipeline.config.schema import WeightMapConfig
 from pipeline.weight_map import separate_instances
 
 # Width of the background borders between touching objects in `label` (the pipeline's default).

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 
 _DEFAULTS = DataConfig()
 # TFDS split name -> pipeline.data split name.

@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from pipeline.config import PRESETS, DataConfig, Range
+from pipeline.config.presets import PRESETS
+from pipeline.config.schema import DataConfig, Range
 from pipeline.errors import PipelineError
 
 SPLITS = ("train", "val", "test")

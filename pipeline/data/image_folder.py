@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import io
-from pipeline.config import DataConfig, Range
+from pipeline.config.schema import DataConfig, Range
 from pipeline.data.base import Dataset, Example, Split, stack_examples
 from pipeline.data.image_files import read_image, read_label_image
 from pipeline.errors import PipelineError

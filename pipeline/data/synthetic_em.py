@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import DataConfig, Range
+from pipeline.config.schema import DataConfig, Range
 from pipeline.data.base import SPLITS, Dataset, Split
 from pipeline.synthetic import synthetic_em_stack
 
