@@ -29,11 +29,11 @@ import numpy as np
 import tifffile
 
 from bench import common
-from pipeline import model as unet_model
-from pipeline import predict
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config
-from pipeline.rundir import RunDir
+from pipeline.files.rundir import RunDir
+from pipeline.stages import predict
+from pipeline.training import model as unet_model
 
 
 def untrained_run(root: Path, config: Config) -> RunDir:

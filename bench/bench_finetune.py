@@ -41,12 +41,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import input_pipeline, rundir, train  # noqa: E402
 from pipeline.cli import main as pipeline  # noqa: E402
 from pipeline.config.schema import Config  # noqa: E402
-from pipeline.inference import Segmenter, load_model  # noqa: E402
+from pipeline.files import rundir  # noqa: E402
+from pipeline.files.rundir import RunDir  # noqa: E402
+from pipeline.inference.segmenter import Segmenter, load_model  # noqa: E402
 from pipeline.metrics.isbi import foreground_iou  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.stages import train  # noqa: E402
+from pipeline.training import input_pipeline  # noqa: E402
 
 TARGET_SEED, SOURCE_SEED = 0, 1
 OWN_IMAGES = 2

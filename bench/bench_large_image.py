@@ -67,7 +67,7 @@ def cpu_preset(chunk_size: int):
     import keras
 
     from pipeline.config import resolve as configuration
-    from pipeline.model import unet
+    from pipeline.training.model import unet
 
     config = configuration.preset("cpu")
     config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, max_whole_pixels=1,
@@ -78,7 +78,7 @@ def cpu_preset(chunk_size: int):
 
 def segment(path: Path, output_dir: Path, chunk_size: int) -> dict[str, Any]:
     """A child: chunked prediction of one file, timed by step, with the peak memory before and after."""
-    from pipeline import chunk_grid, large_image
+    from pipeline.inference import chunk_grid, large_image
 
     config, model = cpu_preset(chunk_size)
     # The fixed cost: TensorFlow, the model and one traced chunk-sized graph on a small image.
@@ -111,8 +111,9 @@ def segment_whole(path: Path, output_dir: Path, chunk_size: int) -> dict[str, An
     """A child: the predict stage's whole-image path on one file, with the peak memory before and after."""
     import numpy as np
 
-    from pipeline import instances, io
-    from pipeline.inference import Segmenter
+    from pipeline.files import io
+    from pipeline.inference.labelling import instances
+    from pipeline.inference.segmenter import Segmenter
 
     config, model = cpu_preset(chunk_size)
     segmenter = Segmenter(model, config)

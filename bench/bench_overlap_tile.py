@@ -27,12 +27,12 @@ import numpy as np
 import tensorflow as tf
 
 from bench import common
-from pipeline import model as unet_model
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config
-from pipeline.export import export_model
+from pipeline.inference.tiling import tile_geometry
 from pipeline.normalization import normalize
-from pipeline.tiling import tile_geometry
+from pipeline.stages.export import export_model
+from pipeline.training import model as unet_model
 
 # Image sides per preset (the paper net takes minutes per 4096 px image on 2 cores), and the
 # largest side whose whole-image pass is measured: that pass's activations are not tiled,
@@ -56,7 +56,7 @@ def best_time(function: Callable[[], Any], repeats: int) -> float:
 
 
 def geometry(config: Config, height: int, width: int) -> tuple[int, int, int, int, int, int]:
-    """(tile, output, step, margin, rows, cols): the tiles pipeline.tiling cuts."""
+    """(tile, output, step, margin, rows, cols): the tiles pipeline.inference.tiling cuts."""
     tile = config.predict.tile_size
     out, margin, step = tile_geometry(tile, config.model.depth)
     return tile, out, step, margin, -(-height // step), -(-width // step)

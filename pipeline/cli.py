@@ -9,13 +9,13 @@ import time
 import typing
 from pathlib import Path
 
-from pipeline import rundir
 from pipeline.config import resolve as configuration
 from pipeline.config.presets import PRESETS
 from pipeline.config.schema import STRATEGIES, Config
 from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
+from pipeline.files import rundir
+from pipeline.files.rundir import RunDir
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
 RUNNERS = ("local", "beam")
@@ -110,7 +110,7 @@ def _default_run(args: argparse.Namespace) -> RunDir:
 
 def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace) -> None:
     # Imported here so that --help and refused commands answer without loading TensorFlow.
-    from pipeline import evaluate, export, predict, prepare, train
+    from pipeline.stages import evaluate, export, predict, prepare, train
 
     if stage == "prepare":
         prepare.run(config, run, overwrite=args.overwrite)
@@ -133,7 +133,7 @@ def _score_files(args: argparse.Namespace) -> int:
     """`--stage evaluate --prediction P --ground-truth G`: no run directory, no model."""
     if args.stage != "evaluate" or not (args.prediction and args.ground_truth):
         raise PipelineError("--prediction and --ground-truth go together, with --stage evaluate")
-    from pipeline import evaluate
+    from pipeline.stages import evaluate
 
     evaluate.score_files(args.prediction, args.ground_truth, args.output, overwrite=args.overwrite)
     return 0
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve(args, run)
             run.check_changes(config, stages, args.overwrite)
             if config.train.init_from and stages[0] == "prepare" and "train" in stages:
-                from pipeline import train  # TensorFlow: only for the weights a new run starts from
+                from pipeline.stages import train  # TensorFlow: only for the weights a new run starts from
 
                 train.check_initial_weights(config)
             for stage in stages:

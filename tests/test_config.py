@@ -214,7 +214,7 @@ def test_the_message_says_what_is_allowed(assignment, message):
 
 
 def test_the_synthetic_image_size_is_not_checked_against_other_data_sets():
-    # Their images are read later; pipeline.input_pipeline checks them against the tile.
+    # Their images are read later; pipeline.training.input_pipeline checks them against the tile.
     config = configuration.apply_overrides(configuration.preset("smoke", "isbi2012"),
                                            {"data": {"image_size": 40}}, "test")
     configuration.validate(config)

@@ -6,7 +6,6 @@ import pytest
 
 from pipeline.config.schema import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.model import unet
 from pipeline.sizes import (
     alignment,
     check_input_size,
@@ -17,6 +16,7 @@ from pipeline.sizes import (
     smallest_input_size,
     valid_input_sizes,
 )
+from pipeline.training.model import unet
 
 
 @pytest.fixture(scope="module")

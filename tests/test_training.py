@@ -16,13 +16,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import train
 from pipeline.cli import main
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.train import (LearningRate, compiled_model, cpu_precision_problem, emulated_on_cpu, joined,
-                            precision_notice, set_determinism)
+from pipeline.stages import train
+from pipeline.stages.train import (
+    LearningRate, compiled_model, cpu_precision_problem, emulated_on_cpu, joined, precision_notice, set_determinism,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
@@ -83,7 +84,7 @@ def test_gradients_do_not_depend_on_the_number_of_replicas(clipnorm):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline.config import resolve as configuration
-        from pipeline.train import compiled_model
+        from pipeline.stages.train import compiled_model
         rng = np.random.default_rng(0)
         x = rng.normal(size=(4, 92, 92, 1)).astype("float32")
         y = rng.integers(0, 2, size=(4, 52, 52)).astype("int32")

@@ -21,7 +21,7 @@ from etils import epath
 
 from pipeline import data as pipeline_data
 from pipeline.config.schema import WeightMapConfig
-from pipeline.weight_map import separate_instances
+from pipeline.data.weight_map import separate_instances
 
 # TFDS split -> sequence: a whole sequence is held out, its frames being near-duplicates.
 SEQUENCES = dict(zip(("train", "validation"), pipeline_data.ctc2d.SEQUENCES))

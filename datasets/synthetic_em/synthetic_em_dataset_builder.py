@@ -1,7 +1,7 @@
 """TFDS builder for the project's embedded default: synthetic EM-like images.
 
 The images come from `pipeline.data.load`, which makes them with
-`pipeline.synthetic.synthetic_em_stack` from one seed per split, so that this data set
+`pipeline.data.synthetic.synthetic_em_stack` from one seed per split, so that this data set
 and the pipeline's `--dataset synthetic` see exactly the same images and labels.
 """
 

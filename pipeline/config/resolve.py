@@ -33,7 +33,7 @@ from pipeline.config.schema import (
 )
 from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_text
+from pipeline.files.io import atomic_write_text
 from pipeline.sizes import PADDINGS, input_size_problem, output_size, prediction_tile_problem
 
 

@@ -118,7 +118,7 @@ class TrainConfig:
     include_validation: bool = False
     jit_compile: bool = False  # XLA; slower for this network on CPU
     # glibc's malloc keeps freed memory for the next step instead of unmapping it, which
-    # saves the kernel zeroing fresh pages every step (pipeline/allocator.py).
+    # saves the kernel zeroing fresh pages every step (pipeline/training/allocator.py).
     keep_freed_memory: bool = True
     strategy: str = "mirrored"  # STRATEGIES
     precision: str = "float32"  # PRECISIONS

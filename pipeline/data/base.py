@@ -67,7 +67,7 @@ class Dataset:
     """Everything the pipeline knows about one data set (see docs/datasets.md).
 
     The stages ask the description and never compare names: `pipeline.data.load` calls
-    `read`, `pipeline.config` applies `recipes` and checks `settings`, evaluate groups
+    `read`, `pipeline.config.resolve` applies `recipes` and checks `settings`, evaluate groups
     scores by `sequence_of` and prints the `reference`.
     """
 

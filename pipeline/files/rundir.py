@@ -33,10 +33,10 @@ from typing import Iterator
 
 import numpy as np
 
-from pipeline import io, model_file
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
+from pipeline.files import io, model_file
 
 RUNS = Path("runs")
 LATEST = RUNS / ".latest"

@@ -24,7 +24,7 @@ but again always the same, field.
   single resampling, hence a single interpolation blur.
 - Two implementations of the sampling, chosen by `implementation=`: 'graph' (the default),
   the TensorFlow ops above, which also run under XLA and on a GPU; and 'kernel', the
-  compiled CPU op of `warp_kernel.cc` (built on first use by `pipeline.custom_op`), which
+  compiled CPU op of `warp_kernel.cc` (built on first use by `pipeline.training.custom_op`), which
   computes the same samples faster than XLA can on a CPU (BENCHMARKS.md), where XLA
   turns every tap into scalar loads. 'auto' takes the kernel where it is built and supports the
   dtype, else the graph. The kernel cannot run inside `jit_compile=True`.
@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipeline import custom_op
 from pipeline.mirror import mirror_pad
+from pipeline.training import custom_op
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 IMPLEMENTATIONS = ("graph", "kernel", "auto")

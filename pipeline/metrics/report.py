@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from pipeline.display import bgr8, grey8
-from pipeline.instances import cell_instances
+from pipeline.inference.labelling.instances import cell_instances
 from pipeline.metrics import common, ctc, isbi, matching, warping
 
 # Error picture colours (BGR): false membrane, missed membrane, split, merger.

@@ -1,13 +1,13 @@
 """Stage `predict`: segment TIFF/PNG images or stacks with `inference`, write masks, labels and overlays.
 
 Per input NAME: the probability of cell, the mask at `predict.threshold`, the cell
-instances (`pipeline.instances`, by `predict.instances` and `predict.min_size`) as a label
+instances (`pipeline.inference.labelling.instances`, by `predict.instances` and `predict.min_size`) as a label
 image and a CSV of their measurements, and overlays with each cell outlined in its colour
-(`pipeline.outputs` writes them).
+(`pipeline.inference.outputs` writes them).
 
 Two runners predict the same inputs into the same files. `local` (the default) reads and
 checks every input before it writes anything, then segments them one after another in
-this process. `beam` hands them to the Apache Beam pipeline of `pipeline.beam` (on this
+this process. `beam` hands them to the Apache Beam pipeline of `pipeline.inference.beam` (on this
 machine or on a Flink, Spark or Dataflow cluster): an input that cannot be read or
 segmented is listed in `failures.csv` while the others are written, and the command
 fails at the end.
@@ -21,13 +21,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import io, large_image, outputs, rundir
 from pipeline.config.schema import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
-from pipeline.inference import Segmenter, load_model
+from pipeline.files import io, rundir
+from pipeline.files.rundir import RunDir
+from pipeline.inference import large_image, outputs
+from pipeline.inference.segmenter import Segmenter, load_model
 from pipeline.normalization import notice_constant
-from pipeline.rundir import RunDir
 
 # A file of input paths, one a line, rather than an image.
 LIST_SUFFIX = ".txt"
@@ -49,7 +50,7 @@ def run(
     `input_files`); without it, the local runner predicts the prepared test split of the
     run. The output folder, the inputs' names and existing outputs (refused unless
     `overwrite`) are checked before anything is written; an input's files appear
-    together or not at all. `runner="beam"` runs `pipeline.beam` with the Beam pipeline
+    together or not at all. `runner="beam"` runs `pipeline.inference.beam` with the Beam pipeline
     options `beam_options` (e.g. ["--direct_num_workers=2"]); the local runner returns
     the files written, the Beam runner the files of the inputs it segmented.
     """
@@ -118,7 +119,7 @@ def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: 
     io.refuse_existing([outputs.failures_path(output_dir)], overwrite)
     model_path = rundir.require(run.best_model, "train")
     run.save_config(config)
-    from pipeline import beam  # Apache Beam: only for this runner (the `beam` extra)
+    from pipeline.inference import beam  # Apache Beam: only for this runner (the `beam` extra)
 
     refused = [(str(path), "no such file or folder") for path in missing]
     failures = beam.predict(files, output_dir, model_path, config, beam_options, refused)

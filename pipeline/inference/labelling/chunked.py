@@ -27,8 +27,9 @@ import cv2
 import numpy as np
 import zarr
 
-from pipeline import instances, outputs
-from pipeline.chunk_grid import Chunk
+from pipeline.inference import outputs
+from pipeline.inference.chunk_grid import Chunk
+from pipeline.inference.labelling import instances
 
 
 @dataclasses.dataclass

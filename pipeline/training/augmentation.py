@@ -19,9 +19,9 @@ import math
 
 import tensorflow as tf
 
-from pipeline import custom_op
 from pipeline.config.schema import AugmentConfig
-from pipeline.elastic_warp import displacement_field, rotation_field, warp_example
+from pipeline.training import custom_op
+from pipeline.training.elastic_warp import displacement_field, rotation_field, warp_example
 
 # Where the compiled kernel cannot be built, the graph resampling fused by XLA, much
 # faster on a CPU than op by op (BENCHMARKS.md), also inside `Dataset.map`. The random field is drawn outside it,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipeline.config.schema import Config
-from pipeline.tiling import tile_geometry
+from pipeline.inference.tiling import tile_geometry
 
 
 @dataclasses.dataclass(frozen=True)

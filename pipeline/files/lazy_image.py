@@ -20,8 +20,8 @@ import numpy as np
 import tifffile
 import zarr
 
-from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.files import io
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 # The most values of one compressed strip or tile of an input that may be decoded at once

@@ -2,7 +2,7 @@
 
 Per input NAME, in the output folder: `NAME_prob.tif` (float32 probability of cell),
 `NAME_mask.tif` (uint8, 255 = cell), `NAME_labels.tif` (the cell instances of
-`pipeline.instances`), `NAME_instances.csv` (their measurements) and `NAME_overlay.png`
+`pipeline.inference.labelling.instances`), `NAME_instances.csv` (their measurements) and `NAME_overlay.png`
 (each cell outlined in its colour), or `NAME_overlay_NNN.png` per slice of a stack. The
 TIFFs keep the input's pixel size. An input's files are written together or not at all
 (`io.atomic_paths`), so a rerun, or a retried Beam bundle, replaces them with identical
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import instances, io
 from pipeline.config.schema import Config
 from pipeline.display import bgr8
+from pipeline.files import io
+from pipeline.inference.labelling import instances
 
 FAILURES = "failures.csv"
 FAILURE_COLUMNS = ("file", "reason")

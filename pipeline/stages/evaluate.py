@@ -4,7 +4,7 @@ Two ways in: `run` predicts a labelled split of the run with the trained model (
 default the test split, or the validation split where the test split has no labels, as
 ISBI 2012's challenge volume); `score_files` scores any probability map against
 ground truth files, without a run directory or a model. What the report holds and how
-it is shown: `pipeline.report`.
+it is shown: `pipeline.metrics.report`.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from pipeline import data, io, rundir
+from pipeline import data
 from pipeline.config.schema import Config, TrainConfig
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
+from pipeline.files import io, rundir
+from pipeline.files.rundir import RunDir
 from pipeline.metrics.common import check_pair
-from pipeline.report import panel, report_for, summary, table
-from pipeline.rundir import RunDir
+from pipeline.metrics.report import panel, report_for, summary, table
 
 
 def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, config: Config,
@@ -35,7 +36,7 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     `instances`) adds SEG per sequence. Returns `report_for`'s report, plus the
     predicted probabilities under the key "probabilities" (not written to JSON).
     """
-    from pipeline.inference import Segmenter  # TensorFlow only for this path
+    from pipeline.inference.segmenter import Segmenter  # TensorFlow only for this path
 
     sizes = [image.shape[:2] for image in images] if sizes is None else [tuple(size) for size in sizes]
     crops = [(slice(0, height), slice(0, width)) for height, width in sizes]
@@ -64,7 +65,7 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
     ("seg_per_sequence") and overall ("seg"); for those with a published result (ISBI 2012)
     it adds that row ("paper").
     """
-    from pipeline.inference import load_model
+    from pipeline.inference.segmenter import load_model
 
     test = rundir.load_split(run, "test", config)
     default = "test" if "instances" in test else "val"  # ISBI 2012's test labels are secret

@@ -6,7 +6,7 @@
         saved_model.pb, variables/
         assets.extra/tf_serving_warmup_requests
         assets.extra/provenance.json        where the version came from (plain JSON)
-        assets.extra/bioimageio.zip         the BioImage Model Zoo package (`pipeline.bioimageio`)
+        assets.extra/bioimageio.zip         the BioImage Model Zoo package (`pipeline.files.bioimageio`)
 
 `--stage export` publishes into `export.root` (saved_models/); `--stage all` exports into
 the run directory instead, so that a throwaway run never becomes a served version.
@@ -67,11 +67,11 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipeline import bioimageio, io, rundir
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.inference import load_model, png_segmentation_function, segmentation_function, tile_function
-from pipeline.rundir import RunDir
+from pipeline.files import bioimageio, io, rundir
+from pipeline.files.rundir import RunDir
+from pipeline.inference.segmenter import load_model, png_segmentation_function, segmentation_function, tile_function
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 PROVENANCE_FILE = Path("assets.extra") / "provenance.json"

@@ -19,10 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline import sizes
-from pipeline.augmentation import augment
 from pipeline.config.schema import AugmentConfig, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.normalization import normalize
+from pipeline.training.augmentation import augment
 
 
 def _mirror_padded(arrays: np.ndarray, margin: int) -> tf.Tensor:

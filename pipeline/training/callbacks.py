@@ -14,11 +14,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import io, model_file
 from pipeline.config.schema import Config
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
-from pipeline.inference import Segmenter
+from pipeline.files import io, model_file
+from pipeline.inference.segmenter import Segmenter
 from pipeline.metrics.common import Sweep
 from pipeline.metrics.isbi import rand_error_sweep
 from pipeline.metrics.warping import warping_error_sweep

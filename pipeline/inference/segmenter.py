@@ -17,11 +17,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import io, rundir
 from pipeline.config.schema import Config
+from pipeline.files import io, rundir
+from pipeline.files.rundir import RunDir
+from pipeline.inference.tiling import overlap_tile_predict
 from pipeline.normalization import normalize
-from pipeline.rundir import RunDir
-from pipeline.tiling import overlap_tile_predict
 
 
 def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.files import io
 from pipeline.metrics.common import check_pair
 
 
@@ -31,7 +31,7 @@ def write_ctc_results(folder: Path, instances: np.ndarray, sequence: int = 1, ov
     """Writes instance labels [T, H, W] as `folder/NN_RES/mask000.tif`, ... (uint16).
 
     Frame numbers take 3 digits, or 4 from 1000 frames on, as the challenge's tools
-    expect. `instances` may also come from `pipeline.instances.cell_instances(probabilities)`.
+    expect. `instances` may also come from `pipeline.inference.labelling.instances.cell_instances(probabilities)`.
     """
     instances = np.asarray(instances)
     if instances.ndim != 3 or instances.dtype.kind not in "biu":

@@ -18,12 +18,13 @@ import shutil
 import keras
 import numpy as np
 
-from pipeline import data, io, rundir
+from pipeline import data
 from pipeline.config.schema import Config
 from pipeline.console import progress_bar
+from pipeline.data.weight_map import separate_instances, weight_map
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
-from pipeline.weight_map import separate_instances, weight_map
+from pipeline.files import io, rundir
+from pipeline.files.rundir import RunDir
 
 
 def run(config: Config, run: RunDir, overwrite: bool = False) -> None:

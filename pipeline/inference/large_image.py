@@ -46,15 +46,16 @@ import tensorflow as tf
 import tifffile
 import zarr
 
-from pipeline import chunked_labels, instances, io
-from pipeline.chunk_grid import Chunk, chunk_side, chunks, geometry, grid
 from pipeline.config.schema import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
-from pipeline.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel_size_and_format
+from pipeline.files import io
+from pipeline.files.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel_size_and_format
+from pipeline.inference.chunk_grid import Chunk, chunk_side, chunks, geometry, grid
+from pipeline.inference.labelling import chunked as chunked_labels, instances
+from pipeline.inference.tiling import padding, predict_padded
 from pipeline.mirror import mirror_pad
 from pipeline.normalization import constant_notice, standardize
-from pipeline.tiling import padding, predict_padded
 
 TIFF_TILE = 256  # side of the output TIFFs' tiles: what viewers of tiled TIFFs read well
 # Output TIFF compression (measured on an untrained network's speckled 1664 px masks):

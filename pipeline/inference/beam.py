@@ -48,10 +48,11 @@ from apache_beam.ml.inference.base import KeyedModelHandler, PredictionResult, R
 from apache_beam.ml.inference.tensorflow_inference import TFModelHandlerNumpy
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline import chunk_grid, io, large_image, outputs
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.inference import Segmenter
+from pipeline.files import io
+from pipeline.inference import chunk_grid, large_image, outputs
+from pipeline.inference.segmenter import Segmenter
 from pipeline.normalization import notice_constant
 
 FAILED = "failed"  # the tag of the dead-letter outputs: (file, reason) records

@@ -75,7 +75,7 @@ def unet(config: ModelConfig) -> keras.Model:
 
     Drop-out acts on the two deepest levels, the end of the contracting path, as in the
     authors' Caffe model. The output is the per-pixel softmax over `num_classes`.
-    `config` is trusted: `pipeline.config.validate` checked it when the command was resolved.
+    `config` is trusted: `pipeline.config.resolve.validate` checked it when the command was resolved.
     """
     padding = config.padding
     inputs = keras.Input((None, None, config.input_channels), name="image")

@@ -30,14 +30,17 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
-from pipeline import allocator, bioimageio, input_pipeline, io, model_file, rundir
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
 from pipeline.config.schema import Config, TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.loss import weighted_cross_entropy
+from pipeline.files import bioimageio, io, model_file, rundir
+from pipeline.files.rundir import RunDir
 from pipeline.metrics.training import training_metrics
-from pipeline.model import unet, unet_in_precision
-from pipeline.rundir import RunDir
+from pipeline.training import allocator, input_pipeline
+from pipeline.training.callbacks import (
+    BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages,
+)
+from pipeline.training.loss import weighted_cross_entropy
+from pipeline.training.model import unet, unet_in_precision
 
 
 @keras.saving.register_keras_serializable(package="unet_pipeline")
@@ -211,7 +214,7 @@ def _load_package(path: Path) -> keras.Model:
 
 
 def architecture(model: keras.Model, named: Path) -> dict[str, int | str]:
-    """The ARCHITECTURE settings of a U-Net that `pipeline.model.unet` built, read from its layers."""
+    """The ARCHITECTURE settings of a U-Net that `pipeline.training.model.unet` built, read from its layers."""
     try:
         first, classifier = model.get_layer("down0_conv1"), model.get_layer("classifier")
     except ValueError:

@@ -44,13 +44,13 @@ import tensorflow as tf
 import tifffile
 import yaml
 
-from pipeline import io
 from pipeline.config.schema import Config
+from pipeline.data.synthetic import synthetic_em_image
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
+from pipeline.files import io
 from pipeline.normalization import normalize
 from pipeline.sizes import alignment, context, smallest_input_size
-from pipeline.synthetic import synthetic_em_image
 
 FORMAT_VERSION = "0.5.12"  # the newest the zoo's validator (bioimageio.spec 0.5.12) knows
 LICENSE = "CC-BY-4.0"  # the repository has no license of its own; the zoo's usual one for models
