@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 from bench import common  # noqa: E402
 from pipeline.config import resolve as configuration  # noqa: E402
 from pipeline.config.schema import Config  # noqa: E402
-from pipeline.stages.train import compiled_model  # noqa: E402
+from pipeline.training.model import compiled_model  # noqa: E402
 from pipeline.training.input_pipeline import training_dataset  # noqa: E402
 
 GOAL = 3.0  # the pipeline delivers at least this many times the tiles training consumes

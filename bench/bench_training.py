@@ -216,7 +216,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
     from pipeline.config import resolve as configuration
     from pipeline.sizes import output_size
-    from pipeline.stages.train import compiled_model
+    from pipeline.training.model import compiled_model
 
     config = configuration.preset(*preset_name.split("/"))
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))

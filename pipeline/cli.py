@@ -109,7 +109,8 @@ def _default_run(args: argparse.Namespace) -> RunDir:
 
 
 def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace) -> None:
-    # Imported here so that --help and refused commands answer without loading TensorFlow.
+    # The stages are imported here, not at the top, so that --help and refused commands
+    # answer without loading TensorFlow (the one deliberate lazy import of pipeline modules).
     from pipeline.stages import evaluate, export, predict, prepare, train
 
     if stage == "prepare":
@@ -133,7 +134,7 @@ def _score_files(args: argparse.Namespace) -> int:
     """`--stage evaluate --prediction P --ground-truth G`: no run directory, no model."""
     if args.stage != "evaluate" or not (args.prediction and args.ground_truth):
         raise PipelineError("--prediction and --ground-truth go together, with --stage evaluate")
-    from pipeline.stages import evaluate
+    from pipeline.stages import evaluate  # TensorFlow: lazily, as in run_stage
 
     evaluate.score_files(args.prediction, args.ground_truth, args.output, overwrite=args.overwrite)
     return 0
@@ -169,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve(args, run)
             run.check_changes(config, stages, args.overwrite)
             if config.train.init_from and stages[0] == "prepare" and "train" in stages:
-                from pipeline.stages import train  # TensorFlow: only for the weights a new run starts from
+                from pipeline.training import finetune  # TensorFlow: only for the weights a new run starts from
 
-                train.check_initial_weights(config)
+                finetune.check_initial_weights(config)
             for stage in stages:
                 print(f"== {stage} ({run})", flush=True)
                 run_stage(stage, config, run, args)

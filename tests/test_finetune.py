@@ -13,7 +13,8 @@ import yaml
 from pipeline.cli import main
 from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
-from pipeline.stages.train import compiled_model, copy_weights, initial_weights_file, load_initial_model
+from pipeline.training.finetune import copy_weights, initial_weights_file, load_initial_model
+from pipeline.training.model import compiled_model
 from test_training import finished, kill_after_epochs, pipeline_process, weights
 
 # The user's own images: another data seed and only two training images.

@@ -8,7 +8,8 @@ import pytest
 import tensorflow as tf
 
 from pipeline.config.resolve import preset
-from pipeline.inference.segmenter import connected_components, segmentation_function
+from pipeline.inference.labelling.graph import connected_components
+from pipeline.inference.segmenter import segmentation_function
 from pipeline.training.model import unet
 
 LAYOUTS = "image must be [H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour"

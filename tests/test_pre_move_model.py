@@ -19,7 +19,7 @@ from pipeline.cli import main
 from pipeline.config import resolve as configuration
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import Segmenter, load_model
-from pipeline.stages.train import load_initial_model
+from pipeline.training.finetune import load_initial_model
 
 DATA = Path(__file__).resolve().parent / "data"
 IMAGE = np.random.default_rng(0).integers(0, 256, (64, 80), dtype=np.uint8)

@@ -20,10 +20,12 @@ from pipeline.cli import main
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.stages import train
-from pipeline.stages.train import (
-    LearningRate, compiled_model, cpu_precision_problem, emulated_on_cpu, joined, precision_notice, set_determinism,
-)
+from pipeline.training import callbacks
+from pipeline.training.callbacks import resumed_epoch
+from pipeline.training.input_pipeline import joined
+from pipeline.training.model import compiled_model
+from pipeline.training.process import cpu_precision_problem, emulated_on_cpu, precision_notice, set_determinism
+from pipeline.training.schedule import LearningRate
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
@@ -84,7 +86,7 @@ def test_gradients_do_not_depend_on_the_number_of_replicas(clipnorm):
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         from pipeline.config import resolve as configuration
-        from pipeline.stages.train import compiled_model
+        from pipeline.training.model import compiled_model
         rng = np.random.default_rng(0)
         x = rng.normal(size=(4, 92, 92, 1)).astype("float32")
         y = rng.integers(0, 2, size=(4, 52, 52)).astype("int32")
@@ -172,14 +174,14 @@ def test_a_full_disk_at_an_epoch_end_resumes_with_every_epoch_logged_once(prepar
     # resumes and logs every epoch exactly once.
     failed = []
 
-    class DiskFullOnce(getattr(train, failing)):
+    class DiskFullOnce(getattr(callbacks, failing)):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1 and not failed:
                 failed.append(epoch)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "train"))
             super().on_epoch_end(epoch, logs)
 
-    monkeypatch.setattr(train, failing, DiskFullOnce)
+    monkeypatch.setattr(callbacks, failing, DiskFullOnce)
     run_dir = copy_of(prepared, tmp_path / "run")
     args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=4"]
     assert main(args) == 2
@@ -334,9 +336,9 @@ def test_the_selection_rule_chooses_an_epoch_without_changing_the_training(prepa
 @pytest.mark.parametrize("text", ["", '{"epoch": ', "[]"])
 def test_a_damaged_backup_record_is_one_line_naming_it(tmp_path, text):
     """Keras writes the backup's record in place, so a full disk can leave it cut short."""
-    assert train.resumed_epoch(tmp_path) == 0
+    assert resumed_epoch(tmp_path) == 0
     (tmp_path / "training_metadata.json").write_text(text)
     with pytest.raises(PipelineError, match="training_metadata.json: the backup of the interrupted training is damaged"):
-        train.resumed_epoch(tmp_path)
+        resumed_epoch(tmp_path)
     (tmp_path / "training_metadata.json").write_text('{"epoch": 3}')
-    assert train.resumed_epoch(tmp_path) == 3
+    assert resumed_epoch(tmp_path) == 3

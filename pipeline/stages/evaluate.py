@@ -22,6 +22,7 @@ from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.files import io, rundir
 from pipeline.files.rundir import RunDir
+from pipeline.inference.segmenter import Segmenter, load_model
 from pipeline.metrics.common import check_pair
 from pipeline.metrics.report import panel, report_for, summary, table
 
@@ -36,8 +37,6 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     `instances`) adds SEG per sequence. Returns `report_for`'s report, plus the
     predicted probabilities under the key "probabilities" (not written to JSON).
     """
-    from pipeline.inference.segmenter import Segmenter  # TensorFlow only for this path
-
     sizes = [image.shape[:2] for image in images] if sizes is None else [tuple(size) for size in sizes]
     crops = [(slice(0, height), slice(0, width)) for height, width in sizes]
     segment = Segmenter(model, config)
@@ -65,8 +64,6 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
     ("seg_per_sequence") and overall ("seg"); for those with a published result (ISBI 2012)
     it adds that row ("paper").
     """
-    from pipeline.inference.segmenter import load_model
-
     test = rundir.load_split(run, "test", config)
     default = "test" if "instances" in test else "val"  # ISBI 2012's test labels are secret
     split_name = requested or default

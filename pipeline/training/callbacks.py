@@ -1,4 +1,4 @@
-"""Keras callbacks of the training stage: what Keras' own ones do not do for us."""
+"""Keras callbacks of the training stage: what Keras' own ones do not do for us, and the list a run trains with."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.config.schema import Config
+from pipeline.config.schema import Config, TrainConfig
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
 from pipeline.files import io, model_file
+from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import Segmenter
 from pipeline.metrics.common import Sweep
 from pipeline.metrics.isbi import rand_error_sweep
@@ -222,3 +223,54 @@ def _colour_mapped(weight: np.ndarray) -> np.ndarray:
     # touching cells, are what the picture is there to show.
     grey = grey8(weight, (weight.min(), weight.max()))
     return cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB).astype(np.float32) / 255
+
+
+def resumed_epoch(backup_dir: Path) -> int:
+    """Epochs finished by an interrupted run, from BackupAndRestore's own record (0 if none)."""
+    record = Path(backup_dir) / "training_metadata.json"
+    if not record.exists():
+        return 0
+    try:
+        return int(json.loads(record.read_text())["epoch"])
+    except (ValueError, KeyError, TypeError):  # written by Keras in place: a full disk can cut it short
+        raise PipelineError(f"{record}: the backup of the interrupted training is damaged; start the training "
+                            "again with --overwrite") from None
+
+
+def run_callbacks(
+    config: Config, run: RunDir, task_id: int | None, val_tile: tuple[np.ndarray, ...], val_split: dict
+) -> list[keras.callbacks.Callback]:
+    """Backup and divergence guard on every worker; checkpoints and logs on the chief only.
+
+    The challenge scores, when they choose the model, come first: the callbacks after
+    them read them from the same epoch's logs (every worker, as early stopping needs them).
+    The backup comes last: an epoch counts as finished only once everything else of it is
+    written, so a run that fails in any of them (a disk filling up) resumes at that epoch.
+    """
+    backup = run.backup(task_id)
+    chosen = [StopOnDivergence()]
+    if config.train.select_by in ("val_rand_error", "val_warping_error"):
+        chosen.insert(0, ChallengeScores(val_split["images"], val_split["instances"] > 0, val_split.get("sizes"),
+                                         config))
+    if task_id is None:
+        chosen += [
+            BestModelCheckpoint(run.best_model, run.best_record, config, recorded_score(config.train),
+                                last=keeps_last_epoch(config.train)),
+            HistoryLog(run.history, resumed_epoch(backup)),
+            keras.callbacks.TensorBoard(log_dir=str(run.logs)),
+            ValidationImages(run.logs, *val_tile),
+        ]
+    if config.train.early_stopping_patience:
+        chosen.append(keras.callbacks.EarlyStopping(
+            config.train.select_by, patience=config.train.early_stopping_patience, restore_best_weights=True))
+    return chosen + [keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True)]
+
+
+def keeps_last_epoch(train: TrainConfig) -> bool:
+    """Whether best.keras is the last epoch's model: nothing held out chose it."""
+    return train.include_validation or train.select_by == "last"
+
+
+def recorded_score(train: TrainConfig) -> str:
+    """The validation score recorded beside best.keras (the loss where nothing is selected by a score)."""
+    return "val_loss" if train.select_by == "last" else train.select_by

@@ -120,3 +120,20 @@ def validation_tiles(
 def validation_dataset(tiles: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int) -> tf.data.Dataset:
     """Batches the fixed validation tiles."""
     return tf.data.Dataset.from_tensor_slices(tiles).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The images, instances and weight maps of two prepared splits as one, for training.
+
+    Splits of different image sizes are padded to the larger as `prepare` pads within a
+    split: images by mirroring, instances and weights with 0, so the padding is never learnt.
+    """
+    height = max(first["images"].shape[1], second["images"].shape[1])
+    width = max(first["images"].shape[2], second["images"].shape[2])
+
+    def padded(array: np.ndarray, mode: str) -> np.ndarray:
+        pads = [(0, 0), (0, height - array.shape[1]), (0, width - array.shape[2])] + [(0, 0)] * (array.ndim - 3)
+        return np.pad(array, pads, mode=mode)
+
+    modes = {"images": "reflect", "instances": "constant", "weights": "constant"}
+    return {key: np.concatenate([padded(first[key], mode), padded(second[key], mode)]) for key, mode in modes.items()}

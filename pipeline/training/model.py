@@ -15,8 +15,12 @@ import math
 
 import keras
 
-from pipeline.config.schema import ModelConfig
+from pipeline.config.schema import Config, ModelConfig
+from pipeline.errors import PipelineError
+from pipeline.metrics.training import training_metrics
 from pipeline.sizes import skip_crops
+from pipeline.training.loss import weighted_cross_entropy
+from pipeline.training.schedule import optimizer
 
 
 def _he_normal(fan_in: int) -> keras.initializers.Initializer:
@@ -114,3 +118,22 @@ def unet_in_precision(config: ModelConfig, precision: str) -> keras.Model:
         return unet(config)
     finally:
         keras.config.set_dtype_policy(previous)
+
+
+def compiled_model(config: Config) -> keras.Model:
+    """The U-Net compiled with the weighted loss; call inside a strategy scope.
+
+    Mixed precision computes in float16/bfloat16 but keeps the variables, the softmax and
+    the loss in float32 (and, for float16, scales the loss against underflow).
+    """
+    model = unet_in_precision(config.model, config.train.precision)
+    model.compile(
+        optimizer=optimizer(config.train),
+        loss=weighted_cross_entropy(),
+        metrics=training_metrics(config.model.num_classes),
+        jit_compile=config.train.jit_compile,
+    )
+    if config.train.jit_compile and not model.jit_compile:  # Keras falls back without XLA, with a warning
+        raise PipelineError("train.jit_compile=true: Keras cannot compile this model with XLA here (is TensorFlow's "
+                            "op determinism on?)")
+    return model

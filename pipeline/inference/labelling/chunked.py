@@ -198,7 +198,7 @@ def _reduced(ufunc: np.ufunc, roots: np.ndarray, values: np.ndarray, count: int)
 def _roots(count: int, pairs: np.ndarray) -> np.ndarray:
     """The root (smallest member) of every fragment's cell: union-find over the touching pairs.
 
-    Vectorised as in `inference.connected_components`: each round hooks the larger root of
+    Vectorised as in `graph.connected_components`: each round hooks the larger root of
     every pair under the smaller one and compresses every path by pointer jumping, until
     no pair joins two trees. Parents only ever decrease, so no cycle can form.
     """
