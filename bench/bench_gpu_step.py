@@ -65,7 +65,7 @@ def accelerators() -> list[str]:
 
 
 def compiled(precision: str, steps_per_execution: int) -> keras.Model:
-    """The paper preset's U-Net in `precision`, compiled as pipeline.training.model.compiled_model compiles it (constant rate)."""
+    """The paper preset's U-Net in `precision`, compiled as training.model.compiled_model does (constant rate)."""
     config = preset("paper")
     model = unet_in_precision(config.model, precision)
     # Keras wraps the optimizer in loss scaling itself when the model's policy is mixed_float16.

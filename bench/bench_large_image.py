@@ -5,7 +5,7 @@ never holds the image), then segmented by `large_image.segment_large`'s steps (p
 statistics, predict and write every chunk, finish: labels, measurements, tiled BigTIFFs)
 in a fresh Python process, whose peak resident set size (ru_maxrss) is the measurement.
 Side by side, up to `WHOLE_IMAGE_LIMIT`, the whole-image path of the predict stage in a
-process of its own: the image read whole, `inference.Segmenter`, the labels of
+process of its own: the image read whole, `segmenter.Segmenter`, the labels of
 `instances.cell_instances`, the measurements and the TIFFs. The `cpu` preset with
 untrained weights: speed and memory do not depend on the weights. Memory must not grow
 with the image: the ratio of the largest size's chunked peak to the smallest's is the

@@ -272,7 +272,7 @@ def write_package(
 ) -> Path:
     """Writes the package zip to `target`, atomically; `image` [H, W, C] gives the test tile.
 
-    `model` is the network for inference (as `inference.load_model` gives it), so the
+    `model` is the network for inference (as `inference.segmenter.load_model` gives it), so the
     weights hold no training state.
     """
     files = package_files(model, config, version, image, provenance)

@@ -17,7 +17,7 @@ Beam hands the elements to its workers.
   tagged dead-letter output instead of failing the pipeline;
 - RunInference: TensorFlow's model handler (`TFModelHandlerNumpy`) loads the run's
   `train/best.keras` once per worker process (RunInference shares it between the
-  threads of a worker) and runs `inference.Segmenter`, the local runner's overlap-tile
+  threads of a worker) and runs `segmenter.Segmenter`, the local runner's overlap-tile
   computation, on each whole image (batches of one input, so images of different sizes
   are never stacked), and `large_image.predict_chunk` on each chunk;
 - write: `outputs.write`, the local runner's writer, so the files are byte-identical;
@@ -232,7 +232,7 @@ class Predict:
     """RunInference's `inference_fn`: each example of a batch -> its float32 probability of cell.
 
     A whole input's [N, H, W, C] stack -> [N, H, W], image by image with
-    `inference.Segmenter`: the local runner's computation, so the results are the same,
+    `segmenter.Segmenter`: the local runner's computation, so the results are the same,
     and images are never stacked into one tensor, so a batch may mix sizes. A ChunkJob
     -> the chunk's [h, w] (`large_image.predict_chunk`, which reads only the chunk's box
     and margins). The Segmenter is made once per model a worker loads (it traces its
