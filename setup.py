@@ -25,7 +25,7 @@ setup(
     # popular `datasets` package of the same name.
     packages=find_packages(include=["pipeline", "pipeline.*"]),
     # The warp kernel's source: compiled on first use against the installed TensorFlow.
-    package_data={"pipeline": ["warp_kernel.cc"]},
+    package_data={"pipeline.training": ["warp_kernel.cc"]},
     install_requires=[
         "tensorflow>=2.21",
         "keras>=3.10",

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.io import atomic_write_text
+from pipeline.files.io import atomic_write_text
 
 PLAIN_CROSS_ENTROPY = ["weight_map.w0=0", "weight_map.class_balance=false"]
 

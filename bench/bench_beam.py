@@ -29,13 +29,14 @@ import numpy as np
 import tifffile
 
 from bench import common
-from pipeline import config as configuration
-from pipeline import model as unet_model
-from pipeline import predict
-from pipeline.rundir import RunDir
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config
+from pipeline.files.rundir import RunDir
+from pipeline.stages import predict
+from pipeline.training import model as unet_model
 
 
-def untrained_run(root: Path, config: configuration.Config) -> RunDir:
+def untrained_run(root: Path, config: Config) -> RunDir:
     """A run directory whose best model is the preset's U-Net with random weights."""
     run = RunDir(root / "run")
     run.train.mkdir(parents=True)
@@ -61,7 +62,7 @@ def methods(workers: list[int]) -> dict[str, tuple[str, list[str]]]:
     return found
 
 
-def timed_predict(config: configuration.Config, run: RunDir, images: Path, output: Path, runner: str,
+def timed_predict(config: Config, run: RunDir, images: Path, output: Path, runner: str,
                   options: list[str]) -> float:
     """Seconds of one predict command; its printed lines are kept out of the results."""
     start = time.perf_counter()

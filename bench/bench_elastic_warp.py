@@ -26,8 +26,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import custom_op  # noqa: E402
-from pipeline.elastic_warp import displacement_field, elastic_warp  # noqa: E402
+from pipeline.training import custom_op  # noqa: E402
+from pipeline.training.elastic_warp import displacement_field, elastic_warp  # noqa: E402
 
 SIZE = 572
 # The goals of the elastic-warp issue, for our op under XLA.
@@ -148,7 +148,7 @@ def render(results: dict[str, Any]) -> str:
             "interpolation, mirroring at the borders, and returns NumPy arrays. Ours and elasticdeform draw a new "
             "random 3x3 grid (sigma 10 px) each time; OpenCV gets the field our op drew (its time covers building "
             "the maps and the three `remap` calls). Ours is what the augmentation runs: the compiled kernel where it "
-            "builds (`pipeline/warp_kernel.cc`), else the graph under XLA."),
+            "builds (`pipeline/training/warp_kernel.cc`), else the graph under XLA."),
         common.markdown_table(["method", "triples/s", "ms/triple", "ours / this"], table, "lrrr"),
         _goals(rates),
     ])

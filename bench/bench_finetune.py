@@ -14,8 +14,8 @@ On the embedded synthetic data, all scored on the same 2 test images of `data.se
    `--budget` steps.
 
 Prints the ratio steps from scratch / steps fine-tuning. These two runs are `model.fit`
-with the training stage's model, loss, optimizer and tile stream (train.compiled_model,
-train.copy_weights, input_pipeline.training_dataset), without its checkpoints and logs,
+with the training stage's model, loss, optimizer and tile stream (model.compiled_model,
+finetune.copy_weights, input_pipeline.training_dataset), without its checkpoints and logs,
 so that they can be scored between steps. The machine's speed is measured too: a
 4096x4096 float32 matmul (bench_training.matmul_gflops). 8.5 minutes on 2 cores (docs/results.md).
 
@@ -41,12 +41,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pipeline import config as configuration  # noqa: E402
-from pipeline import input_pipeline, rundir, train  # noqa: E402
 from pipeline.cli import main as pipeline  # noqa: E402
-from pipeline.inference import Segmenter, load_model  # noqa: E402
+from pipeline.config.schema import Config  # noqa: E402
+from pipeline.files import rundir  # noqa: E402
+from pipeline.files.rundir import RunDir  # noqa: E402
+from pipeline.inference.segmenter import Segmenter, load_model  # noqa: E402
 from pipeline.metrics.isbi import foreground_iou  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.training import finetune, input_pipeline  # noqa: E402
+from pipeline.training.distribution import strategy  # noqa: E402
+from pipeline.training.model import compiled_model  # noqa: E402
 
 TARGET_SEED, SOURCE_SEED = 0, 1
 OWN_IMAGES = 2
@@ -72,7 +75,7 @@ def cell_iou(segment: Segmenter, split: dict[str, np.ndarray], threshold: float)
 class ScoreUntilReached(keras.callbacks.Callback):
     """Scores the model after every epoch (of `every` steps); stops training once it reaches `target`."""
 
-    def __init__(self, model: keras.Model, split: dict[str, np.ndarray], config: configuration.Config,
+    def __init__(self, model: keras.Model, split: dict[str, np.ndarray], config: Config,
                  target: float, every: int):
         super().__init__()
         # One traced function for all scores: it reads the weights as they are at each call.
@@ -90,20 +93,20 @@ class ScoreUntilReached(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def steps_to_target(run: RunDir, config: configuration.Config, source: Path | None, target: float,
+def steps_to_target(run: RunDir, config: Config, source: Path | None, target: float,
                     every: int, budget: int) -> dict[str, Any]:
     """Trains on `run`'s prepared data from `source`'s weights (None: from scratch) until `target`."""
     settings = config.train
-    initial = train.load_initial_model(source) if source else None  # before the seed, as train.run does
+    initial = finetune.load_initial_model(source) if source else None  # before the seed, as the train stage does
     keras.utils.set_random_seed(settings.seed)
     tf.config.experimental.enable_op_determinism()
     split = rundir.load_split(run, "train", config)
     data = input_pipeline.training_dataset(split["images"], split["instances"] > 0, split["weights"],
                                            config.model.depth, settings, config.augment, padding=config.model.padding)
-    with train.strategy(settings).scope():
-        model = train.compiled_model(config)
+    with strategy(settings).scope():
+        model = compiled_model(config)
         if initial is not None:
-            train.copy_weights(initial, model, source)
+            finetune.copy_weights(initial, model, source)
     scorer = ScoreUntilReached(model, rundir.load_split(run, "test", config), config, target, every)
     start = time.perf_counter()
     if not scorer.score(0):

@@ -11,7 +11,7 @@ one GPU") sets for the whole command.
 
 The tiles are random and sit in host memory, so the figures are the training step's,
 with its copy to the device, not the input pipeline's (bench_input_pipeline.py). The
-model, loss and optimizer are pipeline.model's, pipeline.loss's and the preset's, built
+model, loss and optimizer are pipeline.training.model's, pipeline.training.loss's and the preset's, built
 with Keras alone, so this script runs on any Keras backend: KERAS_BACKEND picks it
 (TensorFlow by default). The GPU machines lent to this project have JAX but no
 TensorFlow, which needs 1.9 GB and CUDA 12 libraries that cannot be carried to them; its
@@ -38,10 +38,11 @@ import keras  # noqa: E402  before pipeline, which would set the TensorFlow back
 import numpy as np  # noqa: E402
 
 from bench import common  # noqa: E402
-from pipeline.config import PRECISIONS, preset  # noqa: E402
-from pipeline.loss import weighted_cross_entropy  # noqa: E402
-from pipeline.model import unet_in_precision  # noqa: E402
+from pipeline.config.resolve import preset  # noqa: E402
+from pipeline.config.schema import PRECISIONS  # noqa: E402
 from pipeline.sizes import output_size  # noqa: E402
+from pipeline.training.loss import weighted_cross_entropy  # noqa: E402
+from pipeline.training.model import unet_in_precision  # noqa: E402
 
 WARM_UP_STEPS = 3  # the first compiles the step; none of them is timed
 BUDGET_MINUTES = 10  # the whole GPU command's goal (docs/results.md)
@@ -64,7 +65,7 @@ def accelerators() -> list[str]:
 
 
 def compiled(precision: str, steps_per_execution: int) -> keras.Model:
-    """The paper preset's U-Net in `precision`, compiled as pipeline.train compiles it (constant rate)."""
+    """The paper preset's U-Net in `precision`, compiled as training.model.compiled_model does (constant rate)."""
     config = preset("paper")
     model = unet_in_precision(config.model, precision)
     # Keras wraps the optimizer in loss scaling itself when the model's policy is mixed_float16.

@@ -22,14 +22,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench import common  # noqa: E402
-from pipeline import config as configuration  # noqa: E402
-from pipeline.input_pipeline import training_dataset  # noqa: E402
-from pipeline.train import compiled_model  # noqa: E402
+from pipeline.config import resolve as configuration  # noqa: E402
+from pipeline.config.schema import Config  # noqa: E402
+from pipeline.training.model import compiled_model  # noqa: E402
+from pipeline.training.input_pipeline import training_dataset  # noqa: E402
 
 GOAL = 3.0  # the pipeline delivers at least this many times the tiles training consumes
 
 
-def _data(config: configuration.Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _data(config: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     shape = (config.data.num_train, config.data.image_size, config.data.image_size)
     labels = rng.random(shape) > 0.3
@@ -37,7 +38,7 @@ def _data(config: configuration.Config) -> tuple[np.ndarray, np.ndarray, np.ndar
     return images, labels, rng.random(shape).astype(np.float32) * 10
 
 
-def pipeline_rate(config: configuration.Config, tiles: int) -> float:
+def pipeline_rate(config: Config, tiles: int) -> float:
     """Tiles per second out of the training dataset, after the first batch."""
     dataset = training_dataset(*_data(config), config.model.depth, config.train, config.augment)
     batches = iter(dataset)
@@ -49,7 +50,7 @@ def pipeline_rate(config: configuration.Config, tiles: int) -> float:
     return count * config.train.batch_size / (time.perf_counter() - start)
 
 
-def step_rate(config: configuration.Config, steps: int) -> float:
+def step_rate(config: Config, steps: int) -> float:
     """Tiles per second through `train_on_batch`, after one warm-up step."""
     dataset = training_dataset(*_data(config), config.model.depth, config.train, config.augment)
     tile, label, weight = next(iter(dataset))

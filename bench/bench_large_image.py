@@ -5,7 +5,7 @@ never holds the image), then segmented by `large_image.segment_large`'s steps (p
 statistics, predict and write every chunk, finish: labels, measurements, tiled BigTIFFs)
 in a fresh Python process, whose peak resident set size (ru_maxrss) is the measurement.
 Side by side, up to `WHOLE_IMAGE_LIMIT`, the whole-image path of the predict stage in a
-process of its own: the image read whole, `inference.Segmenter`, the labels of
+process of its own: the image read whole, `segmenter.Segmenter`, the labels of
 `instances.cell_instances`, the measurements and the TIFFs. The `cpu` preset with
 untrained weights: speed and memory do not depend on the weights. Memory must not grow
 with the image: the ratio of the largest size's chunked peak to the smallest's is the
@@ -66,8 +66,8 @@ def cpu_preset(chunk_size: int):
 
     import keras
 
-    from pipeline import config as configuration
-    from pipeline.model import unet
+    from pipeline.config import resolve as configuration
+    from pipeline.training.model import unet
 
     config = configuration.preset("cpu")
     config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, max_whole_pixels=1,
@@ -78,7 +78,7 @@ def cpu_preset(chunk_size: int):
 
 def segment(path: Path, output_dir: Path, chunk_size: int) -> dict[str, Any]:
     """A child: chunked prediction of one file, timed by step, with the peak memory before and after."""
-    from pipeline import chunk_grid, large_image
+    from pipeline.inference import chunk_grid, large_image
 
     config, model = cpu_preset(chunk_size)
     # The fixed cost: TensorFlow, the model and one traced chunk-sized graph on a small image.
@@ -111,8 +111,9 @@ def segment_whole(path: Path, output_dir: Path, chunk_size: int) -> dict[str, An
     """A child: the predict stage's whole-image path on one file, with the peak memory before and after."""
     import numpy as np
 
-    from pipeline import instances, io
-    from pipeline.inference import Segmenter
+    from pipeline.files import io
+    from pipeline.inference.labelling import instances
+    from pipeline.inference.segmenter import Segmenter
 
     config, model = cpu_preset(chunk_size)
     segmenter = Segmenter(model, config)

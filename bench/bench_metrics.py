@@ -46,7 +46,7 @@ def labels() -> tuple[np.ndarray, str]:
     if ISBI_LABELS.is_file():
         stack = tifffile.imread(ISBI_LABELS) > 0
         return stack, f"the {len(stack)} ISBI 2012 training labels"
-    from pipeline.synthetic import synthetic_em_stack
+    from pipeline.data.synthetic import synthetic_em_stack
     return synthetic_em_stack(4, 512, 0)[1] > 0, "4 synthetic label images (ISBI 2012 not found)"
 
 

@@ -27,11 +27,12 @@ import numpy as np
 import tensorflow as tf
 
 from bench import common
-from pipeline import config as configuration
-from pipeline import model as unet_model
-from pipeline.export import export_model
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config
+from pipeline.inference.tiling import tile_geometry
 from pipeline.normalization import normalize
-from pipeline.tiling import tile_geometry
+from pipeline.stages.export import export_model
+from pipeline.training import model as unet_model
 
 # Image sides per preset (the paper net takes minutes per 4096 px image on 2 cores), and the
 # largest side whose whole-image pass is measured: that pass's activations are not tiled,
@@ -54,14 +55,14 @@ def best_time(function: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def geometry(config: configuration.Config, height: int, width: int) -> tuple[int, int, int, int, int, int]:
-    """(tile, output, step, margin, rows, cols): the tiles pipeline.tiling cuts."""
+def geometry(config: Config, height: int, width: int) -> tuple[int, int, int, int, int, int]:
+    """(tile, output, step, margin, rows, cols): the tiles pipeline.inference.tiling cuts."""
     tile = config.predict.tile_size
     out, margin, step = tile_geometry(tile, config.model.depth)
     return tile, out, step, margin, -(-height // step), -(-width // step)
 
 
-def padded_image(image: np.ndarray, config: configuration.Config) -> np.ndarray:
+def padded_image(image: np.ndarray, config: Config) -> np.ndarray:
     """The normalised image mirror-padded to the tile grid (what the tiles are cut from)."""
     _, out, step, margin, rows, cols = geometry(config, *image.shape)
     pads = [(margin, margin + rows * step - image.shape[0] + out - step),
@@ -69,7 +70,7 @@ def padded_image(image: np.ndarray, config: configuration.Config) -> np.ndarray:
     return np.pad(normalize(image[..., None]).numpy()[..., 0], pads, mode="reflect")[..., None]
 
 
-def naive_loop(model: keras.Model, image: np.ndarray, config: configuration.Config) -> np.ndarray:
+def naive_loop(model: keras.Model, image: np.ndarray, config: Config) -> np.ndarray:
     """What most U-Net code does: one Keras call per tile from Python, stitched with NumPy."""
     tile, _, step, _, rows, cols = geometry(config, *image.shape)
     padded = padded_image(image, config)
@@ -81,7 +82,7 @@ def naive_loop(model: keras.Model, image: np.ndarray, config: configuration.Conf
     return result[: image.shape[0], : image.shape[1]]
 
 
-def whole_image(model: keras.Model, image: np.ndarray, config: configuration.Config) -> np.ndarray:
+def whole_image(model: keras.Model, image: np.ndarray, config: Config) -> np.ndarray:
     """One forward pass over the whole padded image: the lower bound of any tiling."""
     padded = padded_image(image, config)
     return model(padded[None], training=False)[0, : image.shape[0], : image.shape[1]].numpy()
@@ -103,7 +104,7 @@ def measure(presets: list[str], sizes: list[int] | None = None, repeats: int = 2
     return {"sizes": sizes, "repeats": repeats, "gpus": common.tensorflow_gpus(), "tiles": tiles, "rows": rows}
 
 
-def _measure_preset(config: configuration.Config, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+def _measure_preset(config: Config, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
     keras.utils.set_random_seed(0)
     model = unet_model.unet(config.model)
     with tempfile.TemporaryDirectory() as root:

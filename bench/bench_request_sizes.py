@@ -19,11 +19,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline import config as configuration
-from pipeline.inference import load_model, png_segmentation_function, segmentation_function
-from pipeline.model import unet
-from pipeline.rundir import RunDir
-from pipeline.synthetic import synthetic_em_image
+from pipeline.config import resolve as configuration
+from pipeline.data.synthetic import synthetic_em_image
+from pipeline.files.rundir import RunDir
+from pipeline.inference.segmenter import load_model, png_segmentation_function, segmentation_function
+from pipeline.training.model import unet
 
 
 def rest_body(inputs: dict) -> int:

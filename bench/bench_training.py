@@ -6,7 +6,7 @@ Side by side in one run: the machine's practical peak (a 4096x4096 float32 matmu
 with 1 and 2 replicas (logical devices on the CPU), with TensorFlow's thread pools at
 their default size or set (for example `--threads default 2x1`: 2 intra-op threads, 1
 inter-op thread), with freed memory kept in the process (`train.keep_freed_memory`,
-pipeline/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
+pipeline/training/allocator.py) or returned to the kernel as glibc does by default (`--freed-memory
 kept returned`), and in float32 or mixed precision (`train.precision`, `--precisions
 float32 mixed_bfloat16`: the convolutions in bfloat16, which oneDNN runs natively on CPUs
 with AVX512-BF16 or AMX and emulates on others). Each configuration runs in fresh
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
-from pipeline.config import PRECISIONS
+from pipeline.config.schema import PRECISIONS
 
 # TensorFlow is imported inside the functions: each configuration's process must set up
 # its logical devices before TensorFlow starts, and run_all imports this module for `render`.
@@ -203,7 +203,7 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
     import numpy as np
     import tensorflow as tf
 
-    from pipeline import allocator
+    from pipeline.training import allocator
 
     if freed_memory == "kept" and not allocator.keep_freed_memory():
         raise RuntimeError("--freed-memory kept needs glibc's malloc")
@@ -214,9 +214,9 @@ def child(preset_name: str, replicas: int, threads: str, freed_memory: str, prec
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-    from pipeline import config as configuration
+    from pipeline.config import resolve as configuration
     from pipeline.sizes import output_size
-    from pipeline.train import compiled_model
+    from pipeline.training.model import compiled_model
 
     config = configuration.preset(*preset_name.split("/"))
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))

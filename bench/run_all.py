@@ -39,7 +39,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench import (bench_beam, bench_elastic_warp, bench_gpu_step, bench_input_pipeline,  # noqa: E402
                    bench_large_image, bench_metrics, bench_overlap_tile, bench_training, common)
-from pipeline.io import atomic_write_text  # noqa: E402
+from pipeline.files.io import atomic_write_text  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,13 @@ import time
 import typing
 from pathlib import Path
 
-from pipeline import config as configuration
-from pipeline import rundir
+from pipeline.config import resolve as configuration
+from pipeline.config.presets import PRESETS
+from pipeline.config.schema import STRATEGIES, Config
 from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
+from pipeline.files import rundir
+from pipeline.files.rundir import RunDir
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
 RUNNERS = ("local", "beam")
@@ -34,14 +36,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=STAGES + ("all",), default="all", help="stage to run (default: all, in order)")
     p.add_argument("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
                    "else the run that prepare last started here, recorded in runs/.latest)")
-    p.add_argument("--preset", choices=sorted(configuration.PRESETS), help="named configuration (default: cpu)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu)")
     p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                    help="override one field, e.g. --set train.epochs=20 (repeatable)")
     p.add_argument("--dataset", choices=DATASETS, help="data set (default: embedded synthetic)")
     p.add_argument("--data-dir", help="folder of the data set's files: isbi2012's TIFF stacks, image_folder's "
                    "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
-    p.add_argument("--strategy", choices=configuration.STRATEGIES,
+    p.add_argument("--strategy", choices=STRATEGIES,
                    help="train on this machine's devices (default) or on the TF_CONFIG cluster")
     p.add_argument("--init-from", metavar="PATH", help="train: start from these weights instead of random ones "
                    "(fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
@@ -70,7 +72,7 @@ def run_dir(args: argparse.Namespace) -> RunDir:
     return RunDir(args.run_dir) if args.run_dir else _default_run(args)
 
 
-def resolve(args: argparse.Namespace, run: RunDir) -> configuration.Config:
+def resolve(args: argparse.Namespace, run: RunDir) -> Config:
     """The run's checked configuration: saved one or preset, then overrides.
 
     Nothing is written here: each stage saves the configuration once its own checks have
@@ -106,9 +108,10 @@ def _default_run(args: argparse.Namespace) -> RunDir:
     return rundir.latest()
 
 
-def run_stage(stage: str, config: configuration.Config, run: RunDir, args: argparse.Namespace) -> None:
-    # Imported here so that --help and refused commands answer without loading TensorFlow.
-    from pipeline import evaluate, export, predict, prepare, train
+def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace) -> None:
+    # The stages are imported here, not at the top, so that --help and refused commands
+    # answer without loading TensorFlow (the one deliberate lazy import of pipeline modules).
+    from pipeline.stages import evaluate, export, predict, prepare, train
 
     if stage == "prepare":
         prepare.run(config, run, overwrite=args.overwrite)
@@ -131,7 +134,7 @@ def _score_files(args: argparse.Namespace) -> int:
     """`--stage evaluate --prediction P --ground-truth G`: no run directory, no model."""
     if args.stage != "evaluate" or not (args.prediction and args.ground_truth):
         raise PipelineError("--prediction and --ground-truth go together, with --stage evaluate")
-    from pipeline import evaluate
+    from pipeline.stages import evaluate  # TensorFlow: lazily, as in run_stage
 
     evaluate.score_files(args.prediction, args.ground_truth, args.output, overwrite=args.overwrite)
     return 0
@@ -167,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             config = resolve(args, run)
             run.check_changes(config, stages, args.overwrite)
             if config.train.init_from and stages[0] == "prepare" and "train" in stages:
-                from pipeline import train  # TensorFlow: only for the weights a new run starts from
+                from pipeline.training import finetune  # TensorFlow: only for the weights a new run starts from
 
-                train.check_initial_weights(config)
+                finetune.check_initial_weights(config)
             for stage in stages:
                 print(f"== {stage} ({run})", flush=True)
                 run_stage(stage, config, run, args)

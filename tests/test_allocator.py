@@ -31,7 +31,7 @@ needs_glibc = pytest.mark.skipif(_glibc_mallinfo2() is None, reason="needs glibc
 PROBE = """
 import sys
 import numpy as np
-from pipeline import allocator
+from pipeline.training import allocator
 from tests.test_allocator import _glibc_mallinfo2
 if sys.argv[1] == "keep":
     assert allocator.keep_freed_memory()

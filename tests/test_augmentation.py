@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import augmentation, custom_op
-from pipeline.augmentation import augment
-from pipeline.config import AugmentConfig
-from pipeline.elastic_warp import displacement_field, warp_example
+from pipeline.config.schema import AugmentConfig
+from pipeline.training import augmentation, custom_op
+from pipeline.training.augmentation import augment
+from pipeline.training.elastic_warp import displacement_field, warp_example
 
 SEED = tf.constant([5, 9], tf.int64)
 OFF = dict(flip=False, rotate90=False, rotate=False, elastic=False, brightness=0.0, contrast=0.0, gamma=0.0)

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline import config as configuration
-from pipeline import chunk_grid, large_image, outputs
-from pipeline import model as unet_model
-from pipeline import predict
 from pipeline.cli import main
+from pipeline.config import resolve as configuration
+from pipeline.data.synthetic import synthetic_em_image, synthetic_em_stack
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
-from pipeline.synthetic import synthetic_em_image, synthetic_em_stack
+from pipeline.files.rundir import RunDir
+from pipeline.inference import chunk_grid, large_image, outputs
+from pipeline.stages import predict
+from pipeline.training import model as unet_model
 
 
 @pytest.fixture(scope="module")

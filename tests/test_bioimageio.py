@@ -10,14 +10,14 @@ import yaml
 import bioimageio.core
 from bioimageio.spec.model import v0_5
 
-from pipeline import config as configuration
-from pipeline import rundir
-from pipeline.bioimageio import input_axes, output_axes
-from pipeline.export import PACKAGE_FILE
-from pipeline.inference import load_model
+from pipeline.config import resolve as configuration
+from pipeline.files import rundir
+from pipeline.files.bioimageio import input_axes, output_axes
+from pipeline.files.rundir import RunDir
+from pipeline.inference.segmenter import load_model
 from pipeline.normalization import normalize
-from pipeline.rundir import RunDir
 from pipeline.sizes import is_valid_input_size, output_size
+from pipeline.stages.export import PACKAGE_FILE
 
 
 @pytest.fixture(scope="module")

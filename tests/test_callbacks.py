@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import config as configuration
-from pipeline import model_file
-from pipeline.callbacks import BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages
+from pipeline.config import resolve as configuration
+from pipeline.data.synthetic import synthetic_em_stack
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate_model
-from pipeline.model import unet
-from pipeline.synthetic import synthetic_em_stack
+from pipeline.files import model_file
+from pipeline.stages.evaluate import evaluate_model
+from pipeline.training.callbacks import (
+    BestModelCheckpoint, ChallengeScores, HistoryLog, StopOnDivergence, ValidationImages,
+)
+from pipeline.training.model import unet
 
 
 def tiny_model() -> keras.Model:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import model_file
 from pipeline.cli import main
+from pipeline.files import model_file
 from test_cli import error_line, pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ PYTHON = Path(sys.executable).name  # how a holder's command line starts
 HOLD = textwrap.dedent("""
     import sys, time
     from pipeline.errors import PipelineError
-    from pipeline.rundir import RunDir
+    from pipeline.files.rundir import RunDir
     try:
         with RunDir(sys.argv[1]).lock(exclusive=sys.argv[2] == "exclusive"):
             print("in", flush=True)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import config as configuration
+from pipeline.config import resolve as configuration
+from pipeline.config.presets import PRESETS
+from pipeline.config.schema import Config
 from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
 
@@ -97,17 +99,17 @@ def test_the_isbi_recipe_is_the_one_its_results_describe():
     assert steps == isbi.train.epochs * isbi.train.steps_per_epoch
 
 
-@pytest.mark.parametrize("name", sorted(configuration.PRESETS))
+@pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("dataset", [None, *DATASETS])
 def test_every_preset_and_recipe_validates(name, dataset):
     configuration.validate(configuration.preset(name, dataset))
 
 
 def test_every_recipe_is_among_the_validated_combinations():
-    assert {preset for dataset in DATASETS.values() for preset in dataset.recipes} <= set(configuration.PRESETS)
+    assert {preset for dataset in DATASETS.values() for preset in dataset.recipes} <= set(PRESETS)
 
 
-def smoke_with(*assignments: str) -> configuration.Config:
+def smoke_with(*assignments: str) -> Config:
     """The smoke preset with `section.field=value` assignments, as --set applies them."""
     overrides = configuration.parse_set(list(assignments))
     return configuration.apply_overrides(configuration.preset("smoke"), overrides, "--set")
@@ -213,14 +215,14 @@ def test_the_message_says_what_is_allowed(assignment, message):
 
 
 def test_the_synthetic_image_size_is_not_checked_against_other_data_sets():
-    # Their images are read later; pipeline.input_pipeline checks them against the tile.
+    # Their images are read later; pipeline.training.input_pipeline checks them against the tile.
     config = configuration.apply_overrides(configuration.preset("smoke", "isbi2012"),
                                            {"data": {"image_size": 40}}, "test")
     configuration.validate(config)
 
 
 def test_validating_loads_neither_tensorflow_nor_keras():
-    probe = ("import sys; from pipeline import config; config.validate(config.preset('cpu')); "
+    probe = ("import sys; from pipeline.config import resolve; resolve.validate(resolve.preset('cpu')); "
              "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from pipeline import custom_op
+from pipeline.training import custom_op
 
 needs_compiler = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                     reason="no C++ compiler on this machine")

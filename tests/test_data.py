@@ -7,7 +7,7 @@ import tifffile
 from fakes import (CTC_ANNOTATED, CTC_NAME, ctc_frame, imwrite, touching_cells, write_colour_folder, write_ctc,
                    write_image_folder, write_rgb)
 from pipeline import data
-from pipeline.config import DataConfig, Range
+from pipeline.config.schema import DataConfig, Range
 from pipeline.data.image_files import PERCENTILES, to_uint8
 from pipeline.errors import PipelineError
 

@@ -10,10 +10,12 @@ import tensorflow as tf
 import tifffile
 
 from fakes import CTC_NAME, write_colour_folder, write_ctc, write_image_folder
-from pipeline import data, rundir
-from pipeline.rundir import RunDir
+from pipeline import data
 from pipeline.cli import main
-from pipeline.config import DataConfig, load
+from pipeline.config.resolve import load
+from pipeline.config.schema import DataConfig
+from pipeline.files import rundir
+from pipeline.files.rundir import RunDir
 from test_data import isbi_folder
 
 FEW_STEPS = ["--set", "train.epochs=1", "--set", "train.steps_per_epoch=2", "--set", "train.val_tiles_per_image=1"]

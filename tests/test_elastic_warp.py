@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import custom_op
-from pipeline import elastic_warp as ew
+from pipeline.training import custom_op
+from pipeline.training import elastic_warp as ew
 
 SEED = tf.constant([3, 7])
 NEEDS_KERNEL = pytest.mark.skipif(custom_op.load() is None, reason="the compiled warp kernel could not be built here")

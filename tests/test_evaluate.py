@@ -10,10 +10,10 @@ import tifffile
 
 from fakes import CTC_NAME, write_ctc
 from pipeline.cli import main
-from pipeline.config import load
-from pipeline.model import unet
-from pipeline.report import summary
-from pipeline.rundir import RunDir
+from pipeline.config.resolve import load
+from pipeline.files.rundir import RunDir
+from pipeline.metrics.report import summary
+from pipeline.training.model import unet
 from test_gpu_command import fake_isbi
 from test_report import NO_CELL, NO_MEMBRANE
 

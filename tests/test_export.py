@@ -24,15 +24,15 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipeline import config as configuration
+from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
-from pipeline.export import (
+from pipeline.inference.labelling.instances import cell_instances
+from pipeline.inference.segmenter import Segmenter
+from pipeline.sizes import valid_input_sizes
+from pipeline.stages.export import (
     LOCK_FILE, PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, publication_lock, versions, warmup_requests,
 )
-from pipeline.inference import Segmenter
-from pipeline.instances import cell_instances
-from pipeline.model import unet
-from pipeline.sizes import valid_input_sizes
+from pipeline.training.model import unet
 
 
 @pytest.fixture(scope="module")
@@ -377,7 +377,7 @@ def test_exports_at_once_never_lose_a_version_and_the_server_config_lists_every_
 
 
 def test_the_lock_of_a_killed_export_frees_itself(tmp_path):
-    script = ("import sys, time; from pathlib import Path; from pipeline.export import publication_lock\n"
+    script = ("import sys, time; from pathlib import Path; from pipeline.stages.export import publication_lock\n"
               f"with publication_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import config as configuration
 from pipeline.cli import main
+from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
-from pipeline.train import compiled_model, copy_weights, initial_weights_file, load_initial_model
+from pipeline.training.finetune import copy_weights, initial_weights_file, load_initial_model
+from pipeline.training.model import compiled_model
 from test_training import finished, kill_after_epochs, pipeline_process, weights
 
 # The user's own images: another data seed and only two training images.

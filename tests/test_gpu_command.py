@@ -11,7 +11,7 @@ import tifffile
 import yaml
 
 from pipeline.cli import main
-from pipeline.synthetic import synthetic_em_stack
+from pipeline.data.synthetic import synthetic_em_stack
 
 ROOT = Path(__file__).resolve().parents[1]
 # What makes it tiny: the paper's shapes and tiles, but 2 filters and 2 steps.

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.config import preset
-from pipeline.inference import connected_components, segmentation_function
-from pipeline.model import unet
+from pipeline.config.resolve import preset
+from pipeline.inference.labelling.graph import connected_components
+from pipeline.inference.segmenter import segmentation_function
+from pipeline.training.model import unet
 
 LAYOUTS = "image must be [H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour"
 RULE = "reads a colour image (3 channels, or 4 with alpha) as grey only when its R, G and B channels are identical"

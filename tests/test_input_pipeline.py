@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from pipeline import input_pipeline
-from pipeline.config import AugmentConfig, TrainConfig
+from pipeline.config.schema import AugmentConfig, TrainConfig
 from pipeline.normalization import normalize
 from pipeline.sizes import output_size
+from pipeline.training import input_pipeline
 
 DEPTH, TILE = 3, 92
 OUT = output_size(TILE, DEPTH)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline import io
-from pipeline.instances import cell_instances, cell_mask, label_image, measure, outlines
+from pipeline.files import io
+from pipeline.inference.labelling.instances import cell_instances, cell_mask, label_image, measure, outlines
 
 
 def flood_fill(cells: np.ndarray) -> list[set[tuple[int, int]]]:

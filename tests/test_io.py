@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.files import io
 
 AS_ROOT = pytest.mark.skipif(
     os.geteuid() == 0, reason="root ignores file permissions, so a read-only folder cannot be made"
@@ -119,8 +119,8 @@ def test_a_full_disk_leaves_nothing_of_the_group(tmp_path):
         import resource
         from pathlib import Path
         import numpy as np
-        from pipeline import io
         from pipeline.errors import PipelineError
+        from pipeline.files import io
         resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
         targets = [Path({str(tmp_path / "out" / "small.tif")!r}), Path({str(tmp_path / "out" / "large.tif")!r})]
         try:
@@ -141,7 +141,7 @@ def writer_inside(target: Path) -> subprocess.Popen:
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from pipeline import io
+        from pipeline.files import io
         with io.atomic_path(Path({str(target)!r})) as temporary:
             temporary.write_bytes(b"half of a prepared split")
             print("inside", flush=True)

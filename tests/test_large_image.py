@@ -15,13 +15,15 @@ import tensorflow as tf
 import tifffile
 import zarr
 
-from pipeline import chunk_grid, instances, io, large_image, lazy_image, outputs
-from pipeline.chunk_grid import Chunk
-from pipeline.config import preset
+from pipeline.config.resolve import preset
 from pipeline.errors import PipelineError
-from pipeline.inference import Segmenter
-from pipeline.model import unet
+from pipeline.files import io, lazy_image
+from pipeline.inference import chunk_grid, large_image, outputs
+from pipeline.inference.chunk_grid import Chunk
+from pipeline.inference.labelling import instances
+from pipeline.inference.segmenter import Segmenter
 from pipeline.normalization import normalize, standardize
+from pipeline.training.model import unet
 
 HEIGHT, WIDTH = 290, 250  # chunks of 100: 3 x 3, the last row 90 high (not whole steps) and column 50 wide
 

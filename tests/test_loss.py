@@ -1,10 +1,10 @@
 import keras
 import numpy as np
 
-from pipeline.config import ModelConfig
-from pipeline.loss import weighted_cross_entropy
+from pipeline.config.schema import ModelConfig
 from pipeline.metrics.training import training_metrics
-from pipeline.model import unet
+from pipeline.training.loss import weighted_cross_entropy
+from pipeline.training.model import unet
 
 
 def test_loss_is_mean_of_weighted_pixel_cross_entropy():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
+from pipeline.inference.labelling.instances import cell_instances
 from pipeline.metrics.common import isbi_thresholds, truth_warning
-from pipeline.instances import cell_instances
 from pipeline.metrics.ctc import seg
 from pipeline.metrics.isbi import (foreground_iou, pixel_accuracy, pixel_error, pixel_error_sweep, rand_error_sweep,
                                    v_info_sweep, v_rand_sweep)

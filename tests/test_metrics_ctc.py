@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.instances import cell_instances
+from pipeline.inference.labelling.instances import cell_instances
 from pipeline.metrics.ctc import seg
 
 

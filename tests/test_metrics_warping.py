@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline.instances import cell_instances
-from pipeline.metrics.isbi import pixel_error, rand_error_sweep
+from pipeline.inference.labelling.instances import cell_instances
 from pipeline.metrics import warping
+from pipeline.metrics.isbi import pixel_error, rand_error_sweep
 from pipeline.metrics.warping import (MERGER, SPLIT, splits_and_mergers, warp_truth, warping_error_sweep,
                                       warping_mismatches)
 

@@ -4,9 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.config import ModelConfig
+from pipeline.config.schema import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.model import unet
 from pipeline.sizes import (
     alignment,
     check_input_size,
@@ -17,6 +16,7 @@ from pipeline.sizes import (
     smallest_input_size,
     valid_input_sizes,
 )
+from pipeline.training.model import unet
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import tensorflow as tf
 import tifffile
 
 from pipeline.cli import main
-from pipeline.config import preset
-from pipeline.model import unet
+from pipeline.config.resolve import preset
+from pipeline.files.rundir import RunDir
 from pipeline.normalization import normalize, notice_constant, standardize
-from pipeline.rundir import RunDir
+from pipeline.training.model import unet
 
 # From far below to far above what per_image_standardization's float32 moments and its
 # 1 / sqrt(N) floor on the deviation survive.

@@ -8,13 +8,13 @@ import pytest
 import tensorflow as tf
 import tifffile
 
-from pipeline import config as configuration
-from pipeline import rundir
-from pipeline.rundir import RunDir
 from pipeline.cli import main
-from pipeline.evaluate import evaluate_model
-from pipeline.inference import Segmenter, load_model
-from pipeline.model import unet
+from pipeline.config import resolve as configuration
+from pipeline.files import rundir
+from pipeline.files.rundir import RunDir
+from pipeline.inference.segmenter import Segmenter, load_model
+from pipeline.stages.evaluate import evaluate_model
+from pipeline.training.model import unet
 
 from fakes import ISBI_DIR
 

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import tifffile
 
-from pipeline import predict
 from pipeline.cli import main
-from pipeline.config import preset
+from pipeline.config.resolve import preset
+from pipeline.data.synthetic import synthetic_em_image, synthetic_em_stack
 from pipeline.errors import PipelineError
-from pipeline.instances import COLUMNS, cell_instances, measure
-from pipeline.io import read_calibration
-from pipeline.outputs import OUTLINE_COLOURS
-from pipeline.predict import input_files
-from pipeline.rundir import RunDir
-from pipeline.synthetic import synthetic_em_image, synthetic_em_stack
+from pipeline.files.io import read_calibration
+from pipeline.files.rundir import RunDir
+from pipeline.inference.labelling.instances import COLUMNS, cell_instances, measure
+from pipeline.inference.outputs import OUTLINE_COLOURS
+from pipeline.stages import predict
+from pipeline.stages.predict import input_files
 
 
 def read_csv(path):

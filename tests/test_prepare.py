@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from pipeline.cli import main
-from pipeline.rundir import RunDir
+from pipeline.files.rundir import RunDir
 
 QUICK = ["--preset", "smoke", "--set", "data.num_train=1", "--set", "data.num_val=1", "--set", "data.num_test=1"]
 

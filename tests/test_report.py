@@ -5,10 +5,10 @@ import pytest
 
 from fakes import CTC_ANNOTATED, write_ctc
 from pipeline.data.ctc2d import read_sequence
-from pipeline.instances import cell_instances
+from pipeline.inference.labelling.instances import cell_instances
 from pipeline.metrics.ctc import seg
 from pipeline.metrics.matching import match, pool, record
-from pipeline.report import COLOURS, panel, report_for, summary, table
+from pipeline.metrics.report import COLOURS, panel, report_for, summary, table
 
 NO_MEMBRANE = "ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and 1-Vinfo are 0"
 NO_CELL = "ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by definition"

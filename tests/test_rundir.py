@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from pipeline import config as configuration
-from pipeline import rundir
+from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
-from pipeline.rundir import RunDir
+from pipeline.files import rundir
+from pipeline.files.rundir import RunDir
 
 
 @pytest.mark.parametrize("tf_config,chief", [
@@ -95,7 +95,7 @@ def test_the_run_model_is_described_by_the_settings_inside_it_and_an_older_file_
     every main before this change saved) keeps the run's configuration and still loads."""
     import keras
 
-    from pipeline import model_file
+    from pipeline.files import model_file
 
     run = RunDir(tmp_path / "r")
     run.train.mkdir(parents=True)
@@ -114,7 +114,7 @@ def test_the_run_model_is_described_by_the_settings_inside_it_and_an_older_file_
 
 
 def test_a_damaged_model_file_is_named_in_one_line(tmp_path):
-    from pipeline import model_file
+    from pipeline.files import model_file
 
     (tmp_path / "best.keras").write_text("not a zip")
     with pytest.raises(PipelineError, match="best.keras: cannot read the configuration"):
@@ -128,7 +128,7 @@ def test_a_model_file_with_its_settings_keeps_keras_three_members(tmp_path):
 
     import keras
 
-    from pipeline import model_file
+    from pipeline.files import model_file
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     model_file.save(model, tmp_path / "m.keras", configuration.preset("smoke"))

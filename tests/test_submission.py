@@ -5,7 +5,7 @@ import pytest
 import tifffile
 
 from pipeline.errors import PipelineError
-from pipeline.submission import write_ctc_results, write_isbi2012
+from pipeline.metrics.submission import write_ctc_results, write_isbi2012
 
 
 def test_isbi2012_submission_is_a_float32_stack_in_order(tmp_path):

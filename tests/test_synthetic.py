@@ -4,7 +4,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.synthetic import synthetic_em_image, synthetic_em_stack
+from pipeline.data.synthetic import synthetic_em_image, synthetic_em_stack
 
 
 @pytest.fixture(scope="module")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.config import ModelConfig
+from pipeline.config.schema import ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.inference.tiling import overlap_tile_predict
 from pipeline.mirror import mirror_pad
-from pipeline.model import unet
 from pipeline.sizes import alignment, context, output_size
-from pipeline.tiling import overlap_tile_predict
+from pipeline.training.model import unet
 
 
 @functools.cache

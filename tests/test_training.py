@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import config as configuration
-from pipeline import train
 from pipeline.cli import main
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.train import (LearningRate, compiled_model, cpu_precision_problem, emulated_on_cpu, joined,
-                            precision_notice, set_determinism)
+from pipeline.training import callbacks
+from pipeline.training.callbacks import resumed_epoch
+from pipeline.training.input_pipeline import joined
+from pipeline.training.model import compiled_model
+from pipeline.training.process import cpu_precision_problem, emulated_on_cpu, precision_notice, set_determinism
+from pipeline.training.schedule import LearningRate
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "smoke", "--set", "train.steps_per_epoch=4"]
@@ -81,8 +85,8 @@ def test_gradients_do_not_depend_on_the_number_of_replicas(clipnorm):
         import numpy as np, tensorflow as tf, keras
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from pipeline import config as configuration
-        from pipeline.train import compiled_model
+        from pipeline.config import resolve as configuration
+        from pipeline.training.model import compiled_model
         rng = np.random.default_rng(0)
         x = rng.normal(size=(4, 92, 92, 1)).astype("float32")
         y = rng.integers(0, 2, size=(4, 52, 52)).astype("int32")
@@ -170,14 +174,14 @@ def test_a_full_disk_at_an_epoch_end_resumes_with_every_epoch_logged_once(prepar
     # resumes and logs every epoch exactly once.
     failed = []
 
-    class DiskFullOnce(getattr(train, failing)):
+    class DiskFullOnce(getattr(callbacks, failing)):
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1 and not failed:
                 failed.append(epoch)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "train"))
             super().on_epoch_end(epoch, logs)
 
-    monkeypatch.setattr(train, failing, DiskFullOnce)
+    monkeypatch.setattr(callbacks, failing, DiskFullOnce)
     run_dir = copy_of(prepared, tmp_path / "run")
     args = ["--stage", "train", "--run-dir", str(run_dir), *QUICK, "--set", "train.epochs=4"]
     assert main(args) == 2
@@ -233,7 +237,7 @@ def test_a_mixed_precision_is_emulated_without_its_instructions_and_bfloat16_war
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU's instruction sets from Linux's /proc")
 @pytest.mark.parametrize("precision", ["float32", "mixed_bfloat16", "mixed_float16"])
 def test_training_says_what_this_cpu_makes_of_its_precision(precision, capsys):
-    precision_notice(configuration.TrainConfig(precision=precision))
+    precision_notice(TrainConfig(precision=precision))
     this_cpu = set(Path("/proc/cpuinfo").read_text().split())
     problem = None if tf.config.list_physical_devices("GPU") else cpu_precision_problem(precision, this_cpu)
     assert capsys.readouterr().out == (f"notice: train.precision={precision}: {problem}\n" if problem else "")
@@ -332,9 +336,9 @@ def test_the_selection_rule_chooses_an_epoch_without_changing_the_training(prepa
 @pytest.mark.parametrize("text", ["", '{"epoch": ', "[]"])
 def test_a_damaged_backup_record_is_one_line_naming_it(tmp_path, text):
     """Keras writes the backup's record in place, so a full disk can leave it cut short."""
-    assert train.resumed_epoch(tmp_path) == 0
+    assert resumed_epoch(tmp_path) == 0
     (tmp_path / "training_metadata.json").write_text(text)
     with pytest.raises(PipelineError, match="training_metadata.json: the backup of the interrupted training is damaged"):
-        train.resumed_epoch(tmp_path)
+        resumed_epoch(tmp_path)
     (tmp_path / "training_metadata.json").write_text('{"epoch": 3}')
-    assert train.resumed_epoch(tmp_path) == 3
+    assert resumed_epoch(tmp_path) == 3

@@ -1,16 +1,12 @@
-"""Tests of pipeline.weight_map against values worked out by hand and a brute-force reference."""
+"""Tests of pipeline.data.weight_map against values worked out by hand and a brute-force reference."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.weight_map import (
-    border_distances,
-    class_balance,
-    instances_from_binary,
-    separate_instances,
-    weight_map,
+from pipeline.data.weight_map import (
+    border_distances, class_balance, instances_from_binary, separate_instances, weight_map,
 )
 
 W0, SIGMA = 10.0, 5.0

@@ -20,8 +20,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import WeightMapConfig
-from pipeline.weight_map import separate_instances
+from pipeline.config.schema import WeightMapConfig
+from pipeline.data.weight_map import separate_instances
 
 # TFDS split -> sequence: a whole sequence is held out, its frames being near-duplicates.
 SEQUENCES = dict(zip(("train", "validation"), pipeline_data.ctc2d.SEQUENCES))

@@ -16,9 +16,9 @@ import tensorflow_datasets as tfds
 
 from fakes import CTC_ANNOTATED, CTC_NAME, touching_cells, write_ctc
 from pipeline import data as pipeline_data
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
+from pipeline.data.weight_map import separate_instances
 from pipeline.errors import PipelineError
-from pipeline.weight_map import separate_instances
 
 from . import ctc2d_dataset_builder
 

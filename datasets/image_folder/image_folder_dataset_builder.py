@@ -21,8 +21,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import WeightMapConfig
-from pipeline.weight_map import separate_instances
+from pipeline.config.schema import WeightMapConfig
+from pipeline.data.weight_map import separate_instances
 
 # Width of the background borders between touching objects in `label` (the pipeline's default).
 SEPARATION = WeightMapConfig().separation

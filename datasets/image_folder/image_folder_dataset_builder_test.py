@@ -16,8 +16,8 @@ import tensorflow_datasets as tfds
 
 from fakes import write_colour_folder, write_image_folder
 from pipeline import data as pipeline_data
+from pipeline.data.weight_map import separate_instances
 from pipeline.errors import PipelineError
-from pipeline.weight_map import separate_instances
 
 from . import image_folder_dataset_builder
 

@@ -22,7 +22,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 
 # The last VAL_SLICES labelled sections form the validation split (as in the pipeline);
 # the test split is the challenge's test volume, so no labelled section is held out for it.

@@ -16,9 +16,9 @@ import tensorflow_datasets as tfds
 
 from fakes import ISBI_DIR, write_isbi
 from pipeline import data as pipeline_data
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
+from pipeline.data.weight_map import instances_from_binary
 from pipeline.errors import PipelineError
-from pipeline.weight_map import instances_from_binary
 
 from . import isbi2012_dataset_builder
 

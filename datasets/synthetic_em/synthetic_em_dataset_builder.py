@@ -1,7 +1,7 @@
 """TFDS builder for the project's embedded default: synthetic EM-like images.
 
 The images come from `pipeline.data.load`, which makes them with
-`pipeline.synthetic.synthetic_em_stack` from one seed per split, so that this data set
+`pipeline.data.synthetic.synthetic_em_stack` from one seed per split, so that this data set
 and the pipeline's `--dataset synthetic` see exactly the same images and labels.
 """
 
@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from pipeline import data as pipeline_data
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 
 _DEFAULTS = DataConfig()
 # TFDS split name -> pipeline.data split name.

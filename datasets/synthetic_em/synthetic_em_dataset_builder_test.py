@@ -15,7 +15,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from pipeline import data as pipeline_data
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 
 from . import synthetic_em_dataset_builder
 

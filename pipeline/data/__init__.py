@@ -14,7 +14,7 @@ To add a data set, see docs/datasets.md.
 
 from __future__ import annotations
 
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.data import ctc2d, image_folder, isbi2012, synthetic_em
 from pipeline.data.base import LABELS, SPLITS, Dataset, Example, Reference, Split, stack_examples, tfds_features
 from pipeline.errors import PipelineError

@@ -17,7 +17,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from pipeline.config import PRESETS, DataConfig, Range
+from pipeline.config.presets import PRESETS
+from pipeline.config.schema import DataConfig, Range
 from pipeline.errors import PipelineError
 
 SPLITS = ("train", "val", "test")
@@ -66,7 +67,7 @@ class Dataset:
     """Everything the pipeline knows about one data set (see docs/datasets.md).
 
     The stages ask the description and never compare names: `pipeline.data.load` calls
-    `read`, `pipeline.config` applies `recipes` and checks `settings`, evaluate groups
+    `read`, `pipeline.config.resolve` applies `recipes` and checks `settings`, evaluate groups
     scores by `sequence_of` and prints the `reference`.
     """
 

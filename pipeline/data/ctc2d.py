@@ -14,7 +14,7 @@ import functools
 import re
 from pathlib import Path
 
-from pipeline.config import DataConfig
+from pipeline.config.schema import DataConfig
 from pipeline.data.base import Dataset, Example, Split, stack_examples
 from pipeline.data.image_files import read_image, read_label_image
 from pipeline.errors import PipelineError

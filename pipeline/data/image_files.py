@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io
 from pipeline.errors import PipelineError
+from pipeline.files import io
 
 # Robust 8-bit scaling: these percentiles of each image map to 0 and 255 (as in CSBDeep).
 PERCENTILES = (1.0, 99.8)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io
-from pipeline.config import DataConfig, Range
+from pipeline.config.schema import DataConfig, Range
 from pipeline.data.base import Dataset, Example, Split, stack_examples
 from pipeline.data.image_files import read_image, read_label_image
+from pipeline.data.weight_map import instances_from_binary
 from pipeline.errors import PipelineError
-from pipeline.weight_map import instances_from_binary
+from pipeline.files import io
 
 
 def read(config: DataConfig, channels: int) -> dict[str, Split]:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import io
-from pipeline.config import DataConfig, Range
+from pipeline.config.schema import DataConfig, Range
 from pipeline.data.base import Dataset, Reference, Split
+from pipeline.data.weight_map import instances_from_binary
 from pipeline.errors import PipelineError
-from pipeline.weight_map import instances_from_binary
+from pipeline.files import io
 
 FILES = {"train": "train-volume.tif", "labels": "train-labels.tif", "test": "test-volume.tif"}
 

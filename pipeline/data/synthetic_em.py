@@ -1,4 +1,4 @@
-"""The embedded default (`--dataset synthetic`): EM-like images made by `pipeline.synthetic`.
+"""The embedded default (`--dataset synthetic`): EM-like images made by `pipeline.data.synthetic`.
 
 No files: `data.num_train`, `num_val` and `num_test` images of `data.image_size` px are
 generated from `data.seed`, with instance labels. Its TFDS builder is
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import DataConfig, Range
+from pipeline.config.schema import DataConfig, Range
 from pipeline.data.base import SPLITS, Dataset, Split
-from pipeline.synthetic import synthetic_em_stack
+from pipeline.data.synthetic import synthetic_em_stack
 
 
 def read(config: DataConfig) -> dict[str, Split]:

@@ -3,7 +3,7 @@
 SEG: the mean Jaccard index over all reference objects, each matched by the segmented
 object that covers more than half of it (`docs/metrics.md`); py-ctcmetrics, the
 challenge's own Python code, gives the same numbers. A prediction's instances come
-from `pipeline.instances.cell_instances`, as the predict stage's label images do.
+from `pipeline.inference.labelling.instances.cell_instances`, as the predict stage's label images do.
 """
 
 from __future__ import annotations

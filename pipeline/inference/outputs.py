@@ -1,0 +1,146 @@
+"""The files predict writes for one input, and the failures list of a batch.
+
+Per input NAME, in the output folder: `NAME_prob.tif` (float32 probability of cell),
+`NAME_mask.tif` (uint8, 255 = cell), `NAME_labels.tif` (the cell instances of
+`pipeline.inference.labelling.instances`), `NAME_instances.csv` (their measurements) and `NAME_overlay.png`
+(each cell outlined in its colour), or `NAME_overlay_NNN.png` per slice of a stack. The
+TIFFs keep the input's pixel size. An input's files are written together or not at all
+(`io.atomic_paths`), so a rerun, or a retried Beam bundle, replaces them with identical
+bytes and never leaves part of a group.
+
+Both runners of the predict stage, in this process and on Apache Beam, write through
+`write`: their files are byte-identical. A Beam batch also writes `failures.csv`, a row
+(file, reason) per input it could not segment.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config.schema import Config
+from pipeline.display import bgr8
+from pipeline.files import io
+from pipeline.inference.labelling import instances
+
+FAILURES = "failures.csv"
+FAILURE_COLUMNS = ("file", "reason")
+
+# Outline colours (BGR), cell k in OUTLINE_COLOURS[(k - 1) % 9]: matplotlib's "tab10"
+# without its grey, which would vanish in the grey picture. Cells are numbered in raster
+# order, so neighbours along a row get different colours.
+OUTLINE_COLOURS = np.array([(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
+                            (75, 86, 140), (194, 119, 227), (34, 189, 188), (207, 190, 23)], np.uint8)
+
+
+def paths(output_dir: Path, name: str, count: int) -> list[Path]:
+    """[probability TIFF, mask TIFF, labels TIFF, measurements CSV, one overlay PNG per slice]
+    of an input of `count` slices."""
+    overlays = [f"{name}_overlay.png"] if count == 1 else [f"{name}_overlay_{i:03d}.png" for i in range(count)]
+    files = [f"{name}_prob.tif", f"{name}_mask.tif", f"{name}_labels.tif", f"{name}_instances.csv", *overlays]
+    return [Path(output_dir) / file for file in files]
+
+
+def existing(output_dir: Path, name: str) -> list[Path]:
+    """The files of an input NAME already in `output_dir`, whatever its earlier slice count.
+
+    What a run must refuse to replace without `--overwrite`: known before the input is
+    read, so a Beam batch can refuse them on the driver.
+    """
+    output_dir = Path(output_dir)
+    fixed = [path for path in paths(output_dir, name, 1)[:4] if path.exists()]
+    return fixed + _overlays(output_dir, name)
+
+
+def _overlays(output_dir: Path, name: str) -> list[Path]:
+    """The overlay PNGs of NAME in `output_dir`: NAME_overlay.png and NAME_overlay_NNN.png."""
+    if not output_dir.is_dir():
+        return []
+    pattern = re.compile(re.escape(name) + r"_overlay(_\d{3})?\.png")
+    return sorted(path for path in output_dir.iterdir() if pattern.fullmatch(path.name))
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """BGR picture of the image (in colour where it is RGB) with each cell of `labels` outlined in its colour.
+
+    Only the outlines are drawn, so the membranes the segmentation is judged by stay visible.
+    """
+    picture = bgr8(image)
+    edge = instances.outlines(labels)
+    picture[edge] = OUTLINE_COLOURS[(labels[edge] - 1) % len(OUTLINE_COLOURS)]
+    return picture
+
+
+def write(output_dir: Path, name: str, stack: np.ndarray, probability: np.ndarray, config: Config,
+          calibration: io.Calibration | None, overwrite: bool) -> list[Path]:
+    """Writes an input's files from its [N, H, W, C] stack and [N, H, W] probability of cell;
+    returns their paths.
+
+    The mask is the probability above `predict.threshold`; the cells are
+    `instances.cell_instances` by `predict.instances` and `predict.min_size`. A single
+    image keeps its 2-D shape in the TIFFs; a stack stays a stack. Overlays of an earlier
+    input of this name that the new files do not replace (a longer stack) are removed.
+    """
+    predict = config.predict
+    # Slice by slice: comparing in double precision makes a float64 copy of what it compares.
+    mask = np.stack([instances.cell_mask(p, predict.threshold) for p in probability]).astype(np.uint8) * 255
+    labels = instances.cell_instances(probability, predict.threshold, predict.instances, predict.min_size)
+    targets = paths(output_dir, name, len(stack))
+    single = len(stack) == 1
+    with io.atomic_paths(targets, overwrite) as (prob_path, mask_path, labels_path, csv_path, *overlay_paths):
+        io.encode_tiff(prob_path, probability[0] if single else probability, calibration)
+        io.encode_tiff(mask_path, mask[0] if single else mask, calibration)
+        io.encode_tiff(labels_path, instances.label_image(labels[0] if single else labels), calibration)
+        write_measurements(csv_path, labels, probability, single)
+        for image, image_labels, path in zip(stack, labels, overlay_paths):
+            io.encode_png(path, overlay(image, image_labels))
+    for stale in set(_overlays(Path(output_dir), name)) - set(targets):
+        stale.unlink(missing_ok=True)  # missing: another attempt at this input removed it first
+    return targets
+
+
+def write_measurements(path: Path, labels: np.ndarray, probability: np.ndarray, single: bool) -> None:
+    """Writes each cell's `instances.COLUMNS` as CSV into `path`, for a stack with its slice first."""
+    rows = []
+    for index, (slice_labels, slice_probability) in enumerate(zip(labels, probability)):
+        for cell in instances.measure(slice_labels, slice_probability):
+            row = measurement_row(*cell)
+            rows.append(row if single else [index, *row])
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(instances.COLUMNS if single else ("slice", *instances.COLUMNS))
+        writer.writerows(rows)
+
+
+def measurement_row(label: float, area: float, y: float, x: float, first_row: float, first_col: float,
+                    last_row: float, last_col: float, mean: float) -> list[int | str]:
+    """One cell's `instances.COLUMNS` as NAME_instances.csv holds them: whole numbers, the centroid
+    to 3 decimals, the mean probability to 6; for images read whole and chunk by chunk alike."""
+    return [int(label), int(area), f"{y:.3f}", f"{x:.3f}", int(first_row), int(first_col), int(last_row),
+            int(last_col), f"{mean:.6f}"]
+
+
+def failures_path(output_dir: Path) -> Path:
+    """`failures.csv` of a batch written into `output_dir`."""
+    return Path(output_dir) / FAILURES
+
+
+def write_failures(output_dir: Path, failures: list[tuple[str, str]]) -> Path:
+    """Writes `failures.csv`, a row (file, reason) per failed input sorted by file (only the
+    header when none failed); replaces an earlier one, which the caller has refused if it
+    must not."""
+    target = failures_path(output_dir)
+    with io.atomic_path(target, overwrite=True) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(FAILURE_COLUMNS)
+        writer.writerows(sorted(failures))
+    return target
+
+
+def read_failures(output_dir: Path) -> list[tuple[str, str]]:
+    """The rows of `failures.csv` in `output_dir`, without the header."""
+    with open(failures_path(output_dir), newline="") as handle:
+        return [(file, reason) for file, reason in list(csv.reader(handle))[1:]]

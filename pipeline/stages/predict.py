@@ -1,0 +1,208 @@
+"""Stage `predict`: segment TIFF/PNG images or stacks with `inference`, write masks, labels and overlays.
+
+Per input NAME: the probability of cell, the mask at `predict.threshold`, the cell
+instances (`pipeline.inference.labelling.instances`, by `predict.instances` and `predict.min_size`) as a label
+image and a CSV of their measurements, and overlays with each cell outlined in its colour
+(`pipeline.inference.outputs` writes them).
+
+Two runners predict the same inputs into the same files. `local` (the default) reads and
+checks every input before it writes anything, then segments them one after another in
+this process. `beam` hands them to the Apache Beam pipeline of `pipeline.inference.beam` (on this
+machine or on a Flink, Spark or Dataflow cluster): an input that cannot be read or
+segmented is listed in `failures.csv` while the others are written, and the command
+fails at the end.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.config.schema import Config
+from pipeline.console import progress_bar
+from pipeline.errors import PipelineError
+from pipeline.files import io, rundir
+from pipeline.files.rundir import RunDir
+from pipeline.inference import large_image, outputs
+from pipeline.inference.segmenter import Segmenter, load_model
+from pipeline.normalization import notice_constant
+
+# A file of input paths, one a line, rather than an image.
+LIST_SUFFIX = ".txt"
+
+
+def run(
+    config: Config,
+    run: RunDir,
+    input_path: Path | None = None,
+    output_dir: Path | None = None,
+    overwrite: bool = False,
+    runner: str = "local",
+    beam_options: list[str] | None = None,
+) -> list[Path]:
+    """Writes NAME_prob.tif, NAME_mask.tif, NAME_labels.tif, NAME_instances.csv and
+    NAME_overlay*.png per input image or stack; the TIFFs keep the input's pixel size.
+
+    `input_path` is an image, a folder of images, a glob pattern or a list file (see
+    `input_files`); without it, the local runner predicts the prepared test split of the
+    run. The output folder, the inputs' names and existing outputs (refused unless
+    `overwrite`) are checked before anything is written; an input's files appear
+    together or not at all. `runner="beam"` runs `pipeline.inference.beam` with the Beam pipeline
+    options `beam_options` (e.g. ["--direct_num_workers=2"]); the local runner returns
+    the files written, the Beam runner the files of the inputs it segmented.
+    """
+    if runner not in ("local", "beam"):
+        raise ValueError(f"runner must be 'local' or 'beam', not {runner!r}")
+    config = run.model_settings(config)
+    if beam_options and runner != "beam":
+        raise PipelineError("Beam pipeline options need the Beam runner (--runner beam)")
+    output_dir = Path(output_dir or run.predictions)
+    io.check_output_folder(output_dir)
+    if runner == "beam":
+        return _run_beam(config, run, input_path, output_dir, overwrite, beam_options or [])
+    return _run_local(config, run, input_path, output_dir, overwrite)
+
+
+def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir: Path,
+               overwrite: bool) -> list[Path]:
+    """Every input read (or, if large, opened) and checked first, then segmented one after
+    another in this process; a large input chunk by chunk (`large_image.segment_large`)."""
+    files = [] if input_path is None else input_files(input_path)
+    large = [file for file in files if large_image.is_large(file, config)]
+    large_space = _check_large(large, output_dir, config, overwrite)
+    stacks = _test_split(config, run) if input_path is None else _read(
+        [file for file in files if file not in large], config.model.input_channels)
+    for name in stacks:
+        io.refuse_existing(outputs.existing(output_dir, name), overwrite)
+    # float32 probabilities, uint8 mask, uint16 (rarely uint32) labels, at most 3 bytes per
+    # pixel of overlay PNG; the CSV, a line per cell, is small beside them.
+    io.check_free_space(output_dir, large_space + sum(12 * stack[..., 0].size for stack, _ in stacks.values()))
+    model = load_model(run)
+    segment = Segmenter(model, config)
+    run.save_config(config)
+    progress = progress_bar(sum(len(stack) for stack, _ in stacks.values()), "image")
+    written = []
+    for name, (stack, calibration) in stacks.items():
+        probability = np.stack([_progress(segment(image), progress) for image in stack])
+        written += outputs.write(output_dir, name, stack, probability, config, calibration, overwrite)
+    for file in large:
+        written += large_image.segment_large(model, file, output_dir, io.image_name(file), config, overwrite)
+    print(f"predicted {len(stacks) + len(large)} input(s) -> {output_dir} ({len(written)} files)")
+    return written
+
+
+def _check_large(files: list[Path], output_dir: Path, config: Config, overwrite: bool) -> int:
+    """Refuses, before anything is written, a large input that cannot be segmented chunk by
+    chunk (`large_image.check`: settings, the file, existing outputs unless `overwrite`, free
+    space); returns the bytes they need together, which the free space must hold besides the
+    other inputs'."""
+    needed = 0
+    for file in files:
+        height, width = large_image.check(file, output_dir, io.image_name(file), config, overwrite)
+        needed += large_image.space_needed(file, height, width)
+    return needed
+
+
+def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: Path, overwrite: bool,
+              beam_options: list[str]) -> list[Path]:
+    """The inputs as a Beam pipeline; fails, after the good ones are written, if any input failed."""
+    if input_path is None:
+        raise PipelineError("--runner beam predicts files: give --input (an image, a folder, a glob pattern "
+                            f"or a {LIST_SUFFIX} list of paths)")
+    missing: list[Path] = []
+    files = input_files(input_path, missing)
+    for file in files:
+        io.refuse_existing(_existing(file, output_dir, config), overwrite)
+    io.refuse_existing([outputs.failures_path(output_dir)], overwrite)
+    model_path = rundir.require(run.best_model, "train")
+    run.save_config(config)
+    from pipeline.inference import beam  # Apache Beam: only for this runner (the `beam` extra)
+
+    refused = [(str(path), "no such file or folder") for path in missing]
+    failures = beam.predict(files, output_dir, model_path, config, beam_options, refused)
+    failed, total = {file for file, _ in failures}, len(files) + len(missing)
+    print(f"segmented {total - len(failed)}, failed {len(failed)} (see {outputs.FAILURES})")
+    if failed:
+        raise PipelineError(f"{outputs.failures_path(output_dir)}: {len(failed)} of {total} input(s) failed; "
+                            f"the other {total - len(failed)} are written")
+    return [path for file in files for path in _existing(file, output_dir, config)]
+
+
+def _existing(file: Path, output_dir: Path, config: Config) -> list[Path]:
+    """The outputs of an input that are in `output_dir` already: a large input's (`large_image`),
+    else those `outputs` writes."""
+    if large_image.is_large(file, config):
+        return [path for path in large_image.output_paths(file, output_dir, io.image_name(file)) if path.exists()]
+    return outputs.existing(output_dir, io.image_name(file))
+
+
+def input_files(input_path: Path, missing: list[Path] | None = None) -> list[Path]:
+    """The images an input names, for both runners.
+
+    An image file or an OME-Zarr image (NAME.zarr, NAME.ome.zarr); a folder (its TIFF and
+    PNG files and OME-Zarr images, `io.image_files`); a glob pattern (quoted on the command
+    line, e.g. 'data/*/em_*.tif'; the images it matches, sorted); or a list file
+    (`LIST_SUFFIX`: a path a line, of an image or a folder, relative ones relative to the
+    list file; blank lines and lines starting with # skipped). Two inputs with one name are
+    refused (`io.refuse_same_names`): their outputs would overwrite each other. A listed
+    path that does not exist is refused, or, given a `missing` list (the Beam runner's,
+    which lists it in failures.csv), added to it and left out.
+    """
+    path = Path(input_path)
+    if not path.exists() and any(character in str(path) for character in "*?["):
+        files = _glob(str(path))
+    elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:
+        entries = _listed(path)
+        if missing is not None:
+            missing += [entry for entry in entries if not entry.exists()]
+            entries = [entry for entry in entries if entry.exists()]
+        files = [file for entry in entries for file in io.image_files(entry)]
+    else:
+        files = io.image_files(path)
+    io.refuse_same_names(files)
+    return files
+
+
+def _glob(pattern: str) -> list[Path]:
+    """The image files a glob pattern matches (`**` spans folders), sorted."""
+    files = sorted(path for path in map(Path, glob.glob(pattern, recursive=True)) if io.is_image(path))
+    if not files:
+        raise PipelineError(f"{pattern}: matches no {'/'.join(io.IMAGE_SUFFIXES)} images or OME-Zarr images")
+    return files
+
+
+def _listed(list_file: Path) -> list[Path]:
+    """The paths a list file names, relative ones resolved against the list file's folder."""
+    try:
+        lines = list_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{list_file}: cannot read the list of inputs ({error})") from None
+    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not entries:
+        raise PipelineError(f"{list_file}: lists no inputs")
+    return [list_file.parent / entry for entry in entries]  # an absolute entry stays as it is
+
+
+def _progress(result: np.ndarray, progress: keras.utils.Progbar) -> np.ndarray:
+    progress.add(1)
+    return result
+
+
+def _test_split(config: Config, run: RunDir) -> dict[str, tuple[np.ndarray, io.Calibration | None]]:
+    """Named ([N, H, W, C] stack, no pixel size) of the run's prepared test split."""
+    test = rundir.load_split(run, "test", config)
+    # Prepared images of different sizes are padded to the largest: crop them back.
+    return {f"test_{i:03d}": (image[None, :height, :width], None)
+            for i, (image, (height, width)) in enumerate(zip(test["images"], test["sizes"]))}
+
+
+def _read(files: list[Path], channels: int) -> dict[str, tuple[np.ndarray, io.Calibration | None]]:
+    """Named ([N, H, W, C] stack, the pixel size its file declares) of each file, read whole; a
+    constant image gets a notice (`normalization.notice_constant`)."""
+    stacks = {io.image_name(file): (io.read_stack(file, channels), io.read_calibration(file)) for file in files}
+    for file, (stack, _) in zip(files, stacks.values()):
+        notice_constant(stack, file)
+    return stacks
