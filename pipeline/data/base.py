@@ -20,6 +20,7 @@ import numpy as np
 from pipeline.config.presets import PRESETS
 from pipeline.config.schema import DataConfig, Range
 from pipeline.errors import PipelineError
+from pipeline.mirror import mirror_pad_array
 
 SPLITS = ("train", "val", "test")
 # What a data set's ground truth is: binary masks (their instances are the 4-connected
@@ -116,16 +117,16 @@ def stack_examples(examples: list[Example]) -> Split:
     height = max(e.image.shape[0] for e in examples)
     width = max(e.image.shape[1] for e in examples)
     sizes = np.array([e.image.shape[:2] for e in examples], np.int32)
-    images = np.stack([_pad(e.image, height, width, "reflect") for e in examples])
+    images = np.stack([mirror_pad_array(e.image, _pads(e.image, height, width)) for e in examples])
     instances = None
-    if examples[0].instances is not None:
-        instances = np.stack([_pad(e.instances, height, width, "constant") for e in examples])
+    if examples[0].instances is not None:  # [H, W]
+        instances = np.stack([np.pad(e.instances, _pads(e.instances, height, width)) for e in examples])
     return Split(images, instances, sizes, [e.id for e in examples])
 
 
-def _pad(array: np.ndarray, height: int, width: int, mode: str) -> np.ndarray:
-    pads = [(0, height - array.shape[0]), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
-    return np.pad(array, pads, mode=mode)
+def _pads(array: np.ndarray, height: int, width: int) -> list[tuple[int, int]]:
+    """The pads after the last row and column that make `array` [H, W, ...] `height` x `width`."""
+    return [(0, height - array.shape[0]), (0, width - array.shape[1])]
 
 
 def tfds_features(

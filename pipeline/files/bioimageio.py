@@ -49,6 +49,7 @@ from pipeline.data.synthetic import synthetic_em_image
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
 from pipeline.files import io
+from pipeline.mirror import mirror_pad_array
 from pipeline.normalization import normalize
 from pipeline.sizes import alignment, context, smallest_input_size
 
@@ -101,7 +102,7 @@ def example_tile(image: np.ndarray | None, config: Config) -> np.ndarray:
         grey = synthetic_em_image(side, seed=0)[0]
         image = np.repeat(grey[..., None], channels, axis=-1)
     short = [max(0, side - extent) for extent in image.shape[:2]]
-    padded = np.pad(image, [(s // 2, s - s // 2) for s in short] + [(0, 0)], mode="reflect")
+    padded = mirror_pad_array(image, [(s // 2, s - s // 2) for s in short])
     top, left = ((extent - side) // 2 for extent in padded.shape[:2])
     return padded[top : top + side, left : left + side].astype(np.float32)
 

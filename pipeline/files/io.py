@@ -9,8 +9,8 @@ next write into their folder removes those of a killed process (`remove_abandone
 
 Images are read with the axes their file declares, never guessed from the shape (see
 `read_stack`, and `read_slices` for files of one value per pixel); a colour image meets a
-1-channel model through one rule, `COLOUR_AS_GREY`, which the serving signature also
-applies. Which paths are images, and the NAME their outputs are named after, is decided
+1-channel model through one rule, `COLOUR_AS_GREY`, tested by `grey_pixels`, which the
+serving signature also applies. Which paths are images, and the NAME their outputs are named after, is decided
 here too (`image_files`, `image_name`), so that every reader and both runners of the
 predict stage agree.
 """
@@ -467,26 +467,42 @@ def as_model_channels(stack: np.ndarray, channels: int, path: Path) -> np.ndarra
     have = stack.shape[-1]
     if have == channels:
         return stack
-    if channels == 1 and have in (3, 4):
-        if not _grey_as_colour(stack):
-            raise PipelineError(
-                f"{path}: colour image ({have} channels) but the model takes 1 channel; "
-                f"convert it to grey or train with model.input_channels={have}"
-            )
+    if channels == 1 and have in (3, 4) and _grey_as_colour(stack):
         return _as_grey(stack, path)
+    raise channel_mismatch(path, have, channels)
+
+
+def channel_mismatch(path: Path, have: int, channels: int) -> PipelineError:
+    """The one-line error for an image of `have` channels and a model of `channels`
+    (for a colour image and a 1-channel model: one that is not grey by `COLOUR_AS_GREY`)."""
+    if channels == 1 and have in (3, 4):
+        return PipelineError(f"{path}: colour image ({have} channels) but the model takes 1 channel; "
+                             f"convert it to grey or train with model.input_channels={have}")
     described = "grey image (1 channel)" if have == 1 else f"image of {have} channels"
-    raise PipelineError(f"{path}: {described} but the model takes {channels} channel{'s' if channels > 1 else ''}")
+    return PipelineError(f"{path}: {described} but the model takes {channels} channel{'s' if channels > 1 else ''}")
+
+
+def grey_pixels(pixels: np.ndarray, first: np.ndarray) -> np.ndarray:
+    """`COLOUR_AS_GREY` per pixel: whether each pixel of colour `pixels` [..., 3|4] has identical
+    R, G and B and, with alpha, the alpha of its image's first pixel `first` [..., 3|4]
+    (broadcast against `pixels`). The rule's one numpy test; `large_image` applies it block
+    by block, and the serving signature (`inference.segmenter`) mirrors it in graph ops."""
+    return (pixels[..., 1:3] == pixels[..., :1]).all(axis=-1) & (pixels[..., 3:] == first[..., 3:]).all(axis=-1)
 
 
 def _grey_as_colour(stack: np.ndarray) -> bool:
     """Whether an [N, H, W, 3|4] stack is grey stored as colour by `COLOUR_AS_GREY`."""
-    # The same test as the serving signature's (inference._as_batch).
-    return bool((stack[..., 1:3] == stack[..., :1]).all() and (stack[..., 3:] == stack[:, :1, :1, 3:]).all())
+    return bool(grey_pixels(stack, stack[:, :1, :1]).all())
+
+
+def grey_notice(path: Path) -> None:
+    """The one-line notice on stderr that `path`, grey stored as colour, is read as grey."""
+    print(f"notice: {path}: colour image with identical R, G and B channels read as grey", file=sys.stderr)
 
 
 def _as_grey(stack: np.ndarray, path: Path) -> np.ndarray:
-    """The grey channel [N, H, W, 1] of grey stored as colour, with a one-line notice on stderr."""
-    print(f"notice: {path}: colour image with identical R, G and B channels read as grey", file=sys.stderr)
+    """The grey channel [N, H, W, 1] of grey stored as colour, with `grey_notice`."""
+    grey_notice(path)
     return stack[..., :1]
 
 

@@ -83,7 +83,7 @@ def open_lazy(path: Path, channels: int | None, notice: bool = True) -> LazyImag
     """
     image, have = _open(path, channels)
     if notice and channels is not None and have != channels:
-        io.as_model_channels(np.zeros((1, 1, 1, have), np.uint8), channels, path)  # io's notice
+        io.grey_notice(path)  # the only mismatch `_open` lets through
     return image
 
 
@@ -193,8 +193,7 @@ def _selected_channels(have: int, channels: int | None, path: Path) -> slice:
         return slice(None)
     if channels == 1 and have in (3, 4):
         return slice(0, 1)  # io.COLOUR_AS_GREY; `large_image.statistics` checks every pixel
-    io.as_model_channels(np.zeros((1, 1, 1, have), np.uint8), channels, path)  # raises io's one line
-    raise AssertionError("io.as_model_channels accepted a channel mismatch")
+    raise io.channel_mismatch(path, have, channels)
 
 
 def pixel_size_and_format(path: Path) -> tuple[io.Calibration | None, int | None]:

@@ -166,11 +166,8 @@ def _merged(count: int, mean: float, squares: float, values: np.ndarray) -> tupl
 
 def _check_grey(block: np.ndarray, first: np.ndarray, path: Path) -> None:
     """Refuses, with io's line, a colour block that is not grey by `io.COLOUR_AS_GREY` (alpha as the first pixel's)."""
-    grey = (block[..., 1:3] == block[..., :1]).all(axis=-1) & (block[..., 3:] == first[3:]).all(axis=-1)
-    if not grey.all():
-        offending = block[~grey][0]
-        # The first pixel and an offending one: the same check, on two pixels, raises io's message.
-        io.as_model_channels(np.stack([first, offending])[None, None], 1, path)
+    if not io.grey_pixels(block, first).all():
+        raise io.channel_mismatch(path, block.shape[-1], 1)
 
 
 # --- prediction ---------------------------------------------------------------------------

@@ -29,7 +29,8 @@ def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
     """[H, W], [H, W, C], [B, H, W] (C = 1) or [B, H, W, C] -> ([B, H, W, C], leading dims).
 
     For a 1-channel model, [H, W, 3|4] and [B, H, W, 3|4] are colour images, read as grey
-    (their first channel) by `io.COLOUR_AS_GREY`, else refused; so a [B, H, W] batch of
+    (their first channel) by `io.COLOUR_AS_GREY`, else refused: `io.grey_pixels`'s test,
+    in graph ops so that it runs inside the SavedModel; so a [B, H, W] batch of
     images 3 or 4 pixels wide must come as [B, H, W, 1]. Any other layout, and an empty
     dimension, fail with a message listing the layouts. The leading dims are [] or [B], so
     that outputs can take the input's layout again.
@@ -56,7 +57,7 @@ def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
         batch = tf.reshape(image, tf.stack([tf.reduce_prod(shape[:leading]), height, width, depth]))
     if channels > 1:
         return batch, shape[:leading]
-    # The same test as io.as_model_channels: true for [B, H, W, 1], whose slices are empty.
+    # io.grey_pixels(batch, batch[:, :1, :1]).all(): true for [B, H, W, 1], whose slices are empty.
     grey = tf.reduce_all(tf.equal(batch[..., 1:3], batch[..., :1])) & tf.reduce_all(
         tf.equal(batch[..., 3:], batch[:, :1, :1, 3:]))
     colour_check = tf.debugging.Assert(grey, [f"{io.COLOUR_AS_GREY}; got shape", shape])

@@ -229,7 +229,7 @@ def _write_version_files(
     """What records the version (provenance, zoo package) into `folder`; then every folder gets the umask's mode."""
     if provenance is not None:
         provenance = provenance | {"version": version}
-        (folder / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2))
+        io.atomic_write_text(folder / PROVENANCE_FILE, json.dumps(provenance, indent=2))
     bioimageio.write_package(folder / PACKAGE_FILE, model, config, version, example, provenance)
     _give_folders_the_mode_of(folder)
 
@@ -309,7 +309,7 @@ def run(config: Config, run: RunDir, root: Path, overwrite: bool = False) -> Pat
     run.save_config(config)
     print(
         f"exported SavedModel -> {target} (signatures: serving_default, segment_uint8, "
-        f"segment_uint16 = whole image; tile); model server config -> {target.parent.parent / 'models.config'}; "
+        f"segment_uint16 = whole image; segment_png; tile); model server config -> {target.parent.parent / 'models.config'}; "
         f"BioImage Model Zoo package -> {target / PACKAGE_FILE}"
     )
     return target

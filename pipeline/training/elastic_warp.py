@@ -18,8 +18,11 @@ but again always the same, field.
 - Sampling: 'bicubic' (Keys a = -0.5, 4x4 taps, as OpenCV's INTER_CUBIC), 'bilinear' or
   'nearest'. Taps outside the image are mirrored without repeating the edge pixel (numpy's
   'reflect', OpenCV's BORDER_REFLECT_101: `pipeline.mirror`'s rule); never a constant.
-  Positions are mirrored once per pixel, not per tap, and each sample is one fused
-  elementwise expression (16 loads for bicubic), which XLA compiles to a vectorised loop.
+  Positions are mirrored once per pixel, not per tap (`mirror_positions`): interpolation
+  of the mirror-extended image is mirror-symmetric about both edges (the kernels are
+  symmetric), so sampling at the mirrored position equals mirroring every tap, and all
+  taps then lie within 2 px of the image. Each sample is one fused elementwise
+  expression (16 loads for bicubic), which XLA compiles to a vectorised loop.
 - Fields add: `rotation_field(...) + displacement_field(...)` rotates and deforms with a
   single resampling, hence a single interpolation blur.
 - Two implementations of the sampling, chosen by `implementation=`: 'graph' (the default),
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from pipeline.mirror import mirror_pad
+from pipeline.mirror import mirror_pad, mirror_positions
 from pipeline.training import custom_op
 
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -101,26 +104,6 @@ def rotation_field(shape, angle: tf.Tensor) -> tf.Tensor:
     return tf.stack([cos * y + sin * x - y, cos * x - sin * y - x], axis=-1)
 
 
-def _reflect(position: tf.Tensor, size) -> tf.Tensor:
-    """Mirrors float positions into [0, size - 1], the edge pixel not repeated.
-
-    Interpolation of the mirror-extended image is itself mirror-symmetric about both
-    edges (the kernels are symmetric), so sampling at the mirrored position gives the
-    same value as mirroring every tap, and all taps then lie within 2 px of the image.
-    """
-    last = tf.cast(size - 1, tf.float32)
-    # Each pass mirrors once about 0 and once about `last`; two passes cover
-    # |p| <= 4 * last, about 3 image sizes beyond either edge. No rounding either: |p| is
-    # exact, and so is 2 * last - p wherever the minimum takes it (Sterbenz's lemma:
-    # last <= p <= 4 * last), so fractions, hence weights, are those of the unmirrored taps.
-    for _ in range(2):
-        position = tf.abs(position)
-        position = tf.minimum(position, 2 * last - position)
-    # Farther out: the nearest edge. A NaN displacement also lands there (`<=` is
-    # false for NaN), so no index ever leaves the image.
-    return tf.where(position <= last, tf.maximum(position, 0.0), last)
-
-
 def _pixels(images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """Images [B, H, W, C] as rows of C values, and the row of each image's first pixel [B, 1, 1]."""
     shape = tf.shape(images)
@@ -139,8 +122,8 @@ def _nearest(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     height, width = tf.shape(images)[1], tf.shape(images)[2]
     # Round, then mirror the whole-pixel position (exact in float): mirroring first
     # could tip a tie (y = -k - 0.5) the other way.
-    rows = tf.cast(_reflect(tf.floor(y + 0.5), height), tf.int32)
-    cols = tf.cast(_reflect(tf.floor(x + 0.5), width), tf.int32)
+    rows = tf.cast(mirror_positions(tf.floor(y + 0.5), height), tf.int32)
+    cols = tf.cast(mirror_positions(tf.floor(x + 0.5), width), tf.int32)
     pixels, first_pixel = _pixels(images)
     return tf.gather(pixels, first_pixel + rows * width + cols)
 
@@ -148,7 +131,7 @@ def _nearest(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
 def _bilinear(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     """Bilinear samples [B, H, W, C] (float32) at (y, x), mirrored at the borders."""
     height, width = tf.shape(images)[1], tf.shape(images)[2]
-    y, x = _reflect(y, height), _reflect(x, width)
+    y, x = mirror_positions(y, height), mirror_positions(x, width)
     top, left = tf.floor(y), tf.floor(x)
     ty, tx = (y - top)[..., None], (x - left)[..., None]
     top, left = tf.cast(top, tf.int32), tf.cast(left, tf.int32)
@@ -164,7 +147,7 @@ def _bilinear(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
 def _bicubic(images: tf.Tensor, y: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     """Bicubic (Keys) samples [B, H, W, C] (float32) at (y, x), mirrored at the borders."""
     height, width = tf.shape(images)[1], tf.shape(images)[2]
-    y, x = _reflect(y, height), _reflect(x, width)
+    y, x = mirror_positions(y, height), mirror_positions(x, width)
     top, left = tf.floor(y), tf.floor(x)
     # 1-D weights, 4 per axis: the 4 x 4 kernel is their outer product, never formed.
     row_weights, col_weights = _keys_weights((y - top)[..., None]), _keys_weights((x - left)[..., None])

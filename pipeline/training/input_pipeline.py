@@ -21,17 +21,15 @@ import tensorflow as tf
 from pipeline import sizes
 from pipeline.config.schema import AugmentConfig, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.mirror import mirror_pad_array
 from pipeline.normalization import normalize
 from pipeline.training.augmentation import augment
 
 
 def _mirror_padded(arrays: np.ndarray, margin: int) -> tf.Tensor:
-    """Pads [N, H, W, ...] on both sides of H and W by `margin` (the context), by reflection.
-
-    numpy's 'reflect' is `pipeline.mirror`'s rule, which prediction pads with.
-    """
-    pads = [(0, 0), (margin, margin), (margin, margin)] + [(0, 0)] * (arrays.ndim - 3)
-    return tf.constant(np.pad(arrays, pads, mode="reflect"))
+    """Pads [N, H, W, ...] on both sides of H and W by `margin` (the context), by reflection,
+    as prediction pads."""
+    return tf.constant(mirror_pad_array(arrays, [(0, 0), (margin, margin), (margin, margin)]))
 
 
 def _padded_images(images: np.ndarray, margin: int) -> tf.Tensor:
@@ -131,9 +129,10 @@ def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[
     height = max(first["images"].shape[1], second["images"].shape[1])
     width = max(first["images"].shape[2], second["images"].shape[2])
 
-    def padded(array: np.ndarray, mode: str) -> np.ndarray:
-        pads = [(0, 0), (0, height - array.shape[1]), (0, width - array.shape[2])] + [(0, 0)] * (array.ndim - 3)
-        return np.pad(array, pads, mode=mode)
+    def pads(array: np.ndarray) -> list[tuple[int, int]]:
+        return [(0, 0), (0, height - array.shape[1]), (0, width - array.shape[2])]
 
-    modes = {"images": "reflect", "instances": "constant", "weights": "constant"}
-    return {key: np.concatenate([padded(first[key], mode), padded(second[key], mode)]) for key, mode in modes.items()}
+    images = [mirror_pad_array(split["images"], pads(split["images"])) for split in (first, second)]
+    labels = {key: [np.pad(split[key], pads(split[key])) for split in (first, second)]  # [N, H, W]
+              for key in ("instances", "weights")}
+    return {"images": np.concatenate(images), **{key: np.concatenate(arrays) for key, arrays in labels.items()}}

@@ -8,4 +8,9 @@ One rule, three implementations, for three places it must run:
 - `graph`: inside a TensorFlow graph, for the export's PNG signature.
 - `chunked`: over the chunks of an image larger than memory, joining fragments across
   chunk borders (union-find).
+
+`tests/test_labelling.py` holds the three to this one rule: on the same masks (random
+blobs, cells touching at corners, a winding one-pixel cell, cells crossing chunk borders,
+empty, full) and the same `min_size`, they give identical labels. A change to one of them
+changes all three, or that test fails.
 """
