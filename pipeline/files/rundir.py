@@ -4,7 +4,7 @@ what a command may change in it.
     runs/.latest                   path of the run directory that `prepare` last started
     <run>/config.yaml              resolved configuration (different earlier ones kept as config.N.yaml)
     <run>/prepared/*.npz           images, instance labels and weight maps per split, and manifest.json
-    <run>/.lock                    the run lock (`RunDir.lock`): who is writing the run now
+    <run>/.lock                    the run lock (`RunDir.lock`), an empty file that commands `flock`
     <run>/train/best.keras         the model `train.select_by` chose, with its configuration inside
                                    (`model_file`); best.json (its epoch and value)
     <run>/train/last.keras         model after the last epoch, history.csv, backup/ while training
