@@ -230,6 +230,15 @@ def _check_tile_sizes(config: Config, image_size_setting: str | None) -> None:
                 f"must be at least {out}, the output window of train.tile_size={tile}" if size < out else None)
 
 
+def _check_folds(config: Config) -> None:
+    """A fold among the folds; at least 3 folds, since one is tested, the next validates, the others train."""
+    folds, fold = config.data.folds, config.data.fold
+    _refuse("data.folds", folds, "must be 0 (off) or at least 3: one fold is tested, the next validates, "
+            "the others train" if folds in (1, 2) else None)
+    _refuse("data.fold", fold, (f"must lie in [0, {folds - 1}] with data.folds={folds}" if folds
+                                else "needs data.folds > 0") if fold >= max(folds, 1) else None)
+
+
 def validate(config: Config) -> None:
     """Raises a one-line error naming the first field, its value and what is allowed, if any is wrong.
 
@@ -263,5 +272,6 @@ def validate(config: Config) -> None:
     _refuse("train.warmup_steps", config.train.warmup_steps,
             f"must be less than the run's {total} steps (train.epochs x train.steps_per_epoch)"
             if config.train.warmup_steps >= total else None)
+    _check_folds(config)
     _check_tile_sizes(config, DATASETS[config.data.dataset].image_size_setting)
     _refuse("export.name", config.export.name, _folder_name_problem(config.export.name))

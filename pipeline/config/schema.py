@@ -47,6 +47,11 @@ class DataConfig:
     num_test: int = 2
     val_slices: int = 4  # isbi2012: last labelled slices held out for validation (model selection)
     test_slices: int = 4  # isbi2012: first labelled slices held out for the score; 0 = none
+    # isbi2012: k > 0 cuts the labelled slices into k folds of consecutive slices: fold `fold` is
+    # the test split, the next one (cyclically) validates, the others train; data.test_slices and
+    # data.val_slices are then not used. 0 = off. `--stage crossval` runs every fold.
+    folds: int = 0
+    fold: int = 0  # isbi2012: which fold is the test split, 0 .. data.folds - 1
     val_images: int = 1  # image_folder: last images (sorted by name) held out for validation
 
 
