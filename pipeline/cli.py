@@ -18,6 +18,7 @@ from pipeline.files import rundir
 from pipeline.files.rundir import RunDir
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
+CROSSVAL = "crossval"  # prepare, train and evaluate in every fold, then one report (pipeline.stages.crossval)
 RUNNERS = ("local", "beam")
 
 
@@ -33,9 +34,11 @@ def parser() -> argparse.ArgumentParser:
         prog="run_pipeline.py",
         description="U-Net (Ronneberger et al. 2015): prepare, train, evaluate, export, predict.",
     )
-    p.add_argument("--stage", choices=STAGES + ("all",), default="all", help="stage to run (default: all, in order)")
+    p.add_argument("--stage", choices=STAGES + ("all", CROSSVAL), default="all",
+                   help="stage to run (default: all, in order); crossval: k-fold cross-validation, one report")
     p.add_argument("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
-                   "else the run that prepare last started here, recorded in runs/.latest)")
+                   "runs/<time>-<preset>-crossval for crossval, else the run that prepare last started here, "
+                   "recorded in runs/.latest)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu)")
     p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
@@ -103,8 +106,9 @@ def _dataset_of(overrides: dict) -> str | None:
 
 
 def _default_run(args: argparse.Namespace) -> RunDir:
-    if args.stage in ("all", "prepare"):
-        return RunDir(rundir.RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset or 'cpu'}")
+    if args.stage in ("all", "prepare", CROSSVAL):
+        kind = "-crossval" if args.stage == CROSSVAL else ""
+        return RunDir(rundir.RUNS / f"{time.strftime('%Y%m%d-%H%M%S')}-{args.preset or 'cpu'}{kind}")
     return rundir.latest()
 
 
@@ -128,6 +132,45 @@ def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace)
     elif stage == "predict":
         predict.run(config, run, args.input, args.output, overwrite=args.overwrite, runner=args.runner,
                     beam_options=args.beam_options)
+
+
+def run_crossval(args: argparse.Namespace, run: RunDir) -> None:
+    """`--stage crossval`: prepare, train and evaluate every fold as far as it still needs, then the report.
+
+    Every fold is prepared first, so that data the folds cannot be cut from is refused
+    before anything trains; the cross-validation's configuration is saved once they are.
+    """
+    from pipeline.stages import crossval, evaluate, prepare, train  # TensorFlow: lazily, as in run_stage
+
+    with run.lock(exclusive=True):
+        config = crossval.settings(resolve(args, run))
+        crossval.check(config, run, args.overwrite)
+        if config.train.init_from:
+            from pipeline.training import finetune  # TensorFlow: only for the weights the folds start from
+
+            finetune.check_initial_weights(config)
+        folds = [(index, *fold, crossval.remaining(*fold, args.overwrite))
+                 for index, fold in enumerate(crossval.folds(config, run))]
+        for index, fold_config, fold, stages in folds:
+            if "prepare" in stages:
+                print(f"== crossval fold {index}: prepare ({fold})", flush=True)
+                with fold.lock(exclusive=True):
+                    prepare.run(fold_config, fold, overwrite=args.overwrite)
+        run.save_config(config)
+        for index, fold_config, fold, stages in folds:
+            with fold.lock(exclusive=True):
+                if "train" in stages:
+                    print(f"== crossval fold {index}: train ({fold})", flush=True)
+                    resumed, start = not args.overwrite and fold.backup().exists(), time.monotonic()
+                    train.run(fold_config, fold, overwrite=args.overwrite)
+                    crossval.record_training(run, index, time.monotonic() - start, resumed)
+                if "evaluate" in stages:
+                    print(f"== crossval fold {index}: evaluate ({fold})", flush=True)
+                    evaluate.run(fold_config, fold)
+            if not stages:
+                print(f"== crossval fold {index}: evaluated already ({fold.report})", flush=True)
+        print(f"== crossval report ({run})", flush=True)
+        crossval.run(config, run)
 
 
 def _score_files(args: argparse.Namespace) -> int:
@@ -164,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.prediction or args.ground_truth:
             return _score_files(args)
         run = run_dir(args)
+        if args.stage == CROSSVAL:
+            run_crossval(args, run)
+            return 0
+        if run.folds.is_dir():
+            raise PipelineError(f"{run}: a cross-validation (--stage crossval), whose folds are runs of their own: "
+                                f"--run-dir {run.fold(0)}, ...")
         stages = STAGES if args.stage == "all" else (args.stage,)
         writes = bool({"prepare", "train"} & set(stages))  # else the stages only read the run's model
         with run.lock(exclusive=writes):

@@ -14,6 +14,8 @@ what a command may change in it.
     <run>/evaluation/<split>/      the same for another split (evaluate --split)
     <run>/predictions/             probability maps, masks and overlays of the test split
     <run>/export/<name>/<version>/ the SavedModel that `--stage all` writes (never saved_models/)
+    <run>/folds/fold-N/            a cross-validation's fold N (`--stage crossval`), a run directory itself
+    <run>/crossval/                its report.json and report.md over the folds, timing.json
 
 Every stage asks a `RunDir` for its paths; no other module joins path names.
 """
@@ -144,6 +146,31 @@ class RunDir:
     @property
     def export_root(self) -> Path:
         return self.root / "export"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds"
+
+    def fold(self, index: int) -> RunDir:
+        """The run directory of a cross-validation's fold `index`."""
+        return RunDir(self.folds / f"fold-{index}")
+
+    @property
+    def crossval(self) -> Path:
+        return self.root / "crossval"
+
+    @property
+    def crossval_report(self) -> Path:
+        return self.crossval / "report.json"
+
+    @property
+    def crossval_summary(self) -> Path:
+        return self.crossval / "report.md"
+
+    @property
+    def crossval_timing(self) -> Path:
+        """Seconds each fold has trained, added over the commands that trained it."""
+        return self.crossval / "timing.json"
 
     @contextlib.contextmanager
     def lock(self, exclusive: bool) -> Iterator[None]:

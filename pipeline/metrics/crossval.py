@@ -1,0 +1,129 @@
+"""The cross-validation report: the folds' evaluation reports as one, with their spread and every slice.
+
+Each fold's model is scored on its own test slices by `stages.evaluate`
+(`metrics.report.report_for`); `aggregate` puts those reports together: per fold its
+slices and values, every slice's values, the mean, standard deviation and range over the
+folds, and what can be pooled over all held-out slices. `markdown` shows it as tables.
+No model and no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.metrics.report import summary
+
+# The values the report carries, with their titles in the tables (lower is better, IoU and accuracy aside).
+KEYS = {"warping_error": "warping", "rand_error": "Rand", "pixel_error": "pixel", "v_rand_error": "1-Vrand",
+        "v_info_error": "1-Vinfo", "foreground_iou": "IoU cell", "pixel_accuracy": "accuracy"}
+# Why the other values are not pooled over all slices: their counts are not in the folds' reports.
+NOT_POOLED = ("Rand, pixel, V_rand and V_info errors and cell IoU are ratios of counts (pairs of pixels, "
+              "F-scores) that the folds' reports do not keep: over all slices they are given as the mean per "
+              "slice and the mean over folds, never pooled")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """One fold's evaluation: its index, its test slices' names and pixel counts, and evaluate's report."""
+
+    index: int
+    slices: list[str]
+    pixels: list[int]
+    report: dict
+
+
+def aggregate(folds: list[Fold]) -> dict:
+    """The cross-validation report of `folds` (see the module doc).
+
+    "folds": per fold its slices and values (the fold's overall values, as evaluate's
+    summary row); "slices": every slice's values with its fold, in slice order;
+    "across_folds": per value the mean, sample standard deviation (n - 1), minimum and
+    maximum of the folds' values; "mean_per_slice": the mean over all slices; "pooled":
+    the warping error and pixel accuracy of all held-out slices together, as one stack is
+    scored (their pixel counts added over the slices), and the threshold of the warping error.
+    """
+    seen = [name for fold in folds for name in fold.slices]
+    if len(set(seen)) != len(seen):
+        raise PipelineError(f"the folds' test splits overlap: {sorted({n for n in seen if seen.count(n) > 1})}")
+    rows = [_fold_row(fold) for fold in folds]
+    slices = sorted((_slice_row(fold, index) for fold in folds for index in range(len(fold.slices))),
+                    key=lambda row: row["slice"])
+    keys = [key for key in KEYS if all(key in row for row in rows)]
+    return {
+        "folds": rows,
+        "slices": slices,
+        "across_folds": {key: _spread([row[key] for row in rows]) for key in keys},
+        "mean_per_slice": {key: float(np.mean([row[key] for row in slices])) for key in keys},
+        "pooled": _pooled(folds),
+        "not_pooled": NOT_POOLED,
+    }
+
+
+def _fold_row(fold: Fold) -> dict:
+    values = summary(fold.report)
+    return {"fold": fold.index, "slices": fold.slices} | {key: values[key] for key in KEYS if key in values}
+
+
+def _slice_row(fold: Fold, index: int) -> dict:
+    values = fold.report["per_image"][index]
+    return {"slice": fold.slices[index], "fold": fold.index} | {key: values[key] for key in KEYS if key in values}
+
+
+def _spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), minimum and maximum."""
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(np.min(values)), "max": float(np.max(values))}
+
+
+def _pooled(folds: list[Fold]) -> dict:
+    """The warping error of all slices as one stack (mismatched pixels added, the lowest over the
+    thresholds, as `metrics.warping` scores a stack) and the pixel accuracy (correct pixels added)."""
+    rows = [row for fold in folds for row in fold.report["per_image"]]
+    pixels = np.array([count for fold in folds for count in fold.pixels], float)
+    curves = [row["per_threshold"]["warping_error"] for row in rows]
+    thresholds = list(curves[0])
+    if any(list(curve) != thresholds for curve in curves):
+        raise PipelineError("the folds' reports score the warping error at different thresholds; evaluate them again")
+    errors = [float(np.dot(pixels, [curve[t] for curve in curves]) / pixels.sum()) for t in thresholds]
+    best = int(np.argmin(errors))
+    accuracy = float(np.dot(pixels, [row["pixel_accuracy"] for row in rows]) / pixels.sum())
+    return {"warping_error": errors[best], "warping_error_threshold": float(thresholds[best]),
+            "pixel_accuracy": accuracy, "slices": len(rows)}
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: the protocol, the folds with their spread and the pooled values, every slice."""
+    keys = list(report["across_folds"])
+    header = "| | slices | " + " | ".join(KEYS[key] for key in keys) + " |"
+    rule = "| --- " * (len(keys) + 2) + "|"
+
+    def row(label: str, slices: str, values: dict) -> str:
+        return f"| {label} | {slices} | " + " | ".join(_number(values.get(key)) for key in keys) + " |"
+
+    spread = report["across_folds"]
+    folds = [row(f"fold {r['fold']}", _span(r["slices"]), r) for r in report["folds"]]
+    summary_rows = [row(f"{name} over folds", "", {key: spread[key][name] for key in keys})
+                    for name in ("mean", "std", "min", "max")]
+    pooled = report["pooled"]
+    slices = [row(r["slice"], f"fold {r['fold']}", r) for r in report["slices"]]
+    return "\n".join([
+        "# Cross-validation", "", *(f"- {line}" for line in report.get("protocol", [])), "",
+        "## Folds", "", "Each fold's values over its test slices (counts added over them, as evaluate's "
+        "overall row).", "", header, rule, *folds, *summary_rows,
+        row("mean per slice", f"{len(report['slices'])}", report["mean_per_slice"]), "",
+        f"Pooled over all {pooled['slices']} held-out slices: warping error {pooled['warping_error']:.6f} "
+        f"(threshold {pooled['warping_error_threshold']:g}), pixel accuracy {pooled['pixel_accuracy']:.4f}. "
+        f"{report['not_pooled']}.", "",
+        "## Every slice", "", header.replace("slices", "fold"), rule, *slices, "",
+    ])
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6f}" if abs(value) < 0.01 else f"{value:.4f}"
+
+
+def _span(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"

@@ -1,0 +1,132 @@
+"""Stage `crossval`: k-fold cross-validation over a data set's labelled images, one report.
+
+The labelled images are cut into `data.folds` folds of consecutive images (the data set
+owns the cut: `pipeline.data.isbi2012.fold_parts`). Fold i is a run directory of its own,
+`<run>/folds/fold-i/`, whose test split is fold i; its model trains on every other fold
+(the next fold is its validation split, trained on too: `train.include_validation`, the
+last epoch kept), so that nothing but the recipe chooses the model, exactly as the final
+model trains on all labelled images. `pipeline.cli` runs prepare, train and evaluate in
+each fold, as far as `remaining` says, since no stage calls another; `run` then writes
+the report over the folds (`pipeline.metrics.crossval`). A killed cross-validation resumes:
+a fold whose report is newer than its model is not redone, a fold part-trained resumes
+by the train stage's own resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config
+from pipeline.data import DATASETS
+from pipeline.errors import PipelineError
+from pipeline.files import io, rundir
+from pipeline.files.rundir import RunDir
+from pipeline.metrics import crossval
+
+DEFAULT_FOLDS = 5  # ISBI 2012's 20 labelled slices: folds of 4, as many as the test split without folds
+FOLD_STAGES = ("prepare", "train", "evaluate")
+
+
+def settings(config: Config) -> Config:
+    """The configuration every fold shares: `config` with its folds (default 5) and the protocol's
+    training (the validation fold trained on, the last epoch kept), checked again."""
+    if "folds" not in DATASETS[config.data.dataset].settings:
+        having = ", ".join(name for name, dataset in DATASETS.items() if "folds" in dataset.settings)
+        raise PipelineError(f"--stage crossval: the {config.data.dataset} data set has no folds "
+                            f"(data.folds belongs to: {having})")
+    data = dataclasses.replace(config.data, folds=config.data.folds or DEFAULT_FOLDS, fold=0)
+    train = dataclasses.replace(config.train, include_validation=True, select_by="last")
+    config = dataclasses.replace(config, data=data, train=train)
+    configuration.validate(config)
+    return config
+
+
+def folds(config: Config, run: RunDir) -> list[tuple[Config, RunDir]]:
+    """Each fold's configuration and run directory."""
+    return [(dataclasses.replace(config, data=dataclasses.replace(config.data, fold=index)), run.fold(index))
+            for index in range(config.data.folds)]
+
+
+def check(config: Config, run: RunDir, overwrite: bool) -> None:
+    """Refuses a run directory of another kind, and a configuration that a fold's model contradicts."""
+    if run.manifest.exists() or run.train.exists():
+        raise PipelineError(f"{run}: holds a run of its own (prepared/, train/), not a cross-validation; "
+                            "use a new --run-dir")
+    for fold_config, fold in folds(config, run):
+        fold.check_changes(fold_config, FOLD_STAGES, overwrite)
+
+
+def remaining(config: Config, fold: RunDir, overwrite: bool) -> tuple[str, ...]:
+    """The stages fold `fold` still needs: all with `overwrite`; none once its report is newer than its model."""
+    prepared = fold.manifest.exists() and json.loads(fold.manifest.read_text())["settings"] == \
+        rundir.data_settings(config)
+    if overwrite or not prepared:
+        return FOLD_STAGES
+    trained = fold.best_model.exists() and not fold.backup().exists()
+    if not trained:
+        return FOLD_STAGES[1:]
+    evaluated = fold.report.exists() and fold.report.stat().st_mtime >= fold.best_model.stat().st_mtime
+    return () if evaluated else FOLD_STAGES[2:]
+
+
+def record_training(run: RunDir, index: int, seconds: float, resumed: bool) -> None:
+    """Adds the seconds a command trained fold `index` to `<run>/crossval/timing.json`
+    (replaces them where the fold's training started over)."""
+    timing = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
+    key = f"fold-{index}"
+    timing[key] = (timing.get(key, 0.0) if resumed else 0.0) + seconds
+    io.atomic_write_text(run.crossval_timing, json.dumps(timing, indent=2))
+
+
+def run(config: Config, run: RunDir) -> dict:
+    """Writes `<run>/crossval/report.json` and `report.md` from the folds' evaluation reports."""
+    results = [_fold_result(index, fold) for index, (_, fold) in enumerate(folds(config, run))]
+    report = {"protocol": protocol(config, run)} | crossval.aggregate(results) | {"configuration": config.to_dict()}
+    io.atomic_write_text(run.crossval_report, json.dumps(report, indent=2))
+    io.atomic_write_text(run.crossval_summary, crossval.markdown(report))
+    spread = report["across_folds"]["rand_error"]
+    print(f"cross-validation over {config.data.folds} folds: Rand error {spread['mean']:.4f} "
+          f"(sd {spread['std']:.4f}, {spread['min']:.4f}-{spread['max']:.4f}), pooled warping error "
+          f"{report['pooled']['warping_error']:.6f} -> {run.crossval_summary}")
+    return report
+
+
+def _fold_result(index: int, fold: RunDir) -> crossval.Fold:
+    """A fold's evaluation report with its test slices' names and pixel counts (from its prepared data)."""
+    report = json.loads(rundir.require(fold.report, "crossval").read_text())
+    with np.load(fold.prepared("test")) as test:
+        names, sizes = [str(name) for name in test["ids"]], test["sizes"]
+    return crossval.Fold(index, names, [int(height) * int(width) for height, width in sizes], report)
+
+
+def protocol(config: Config, run: RunDir) -> list[str]:
+    """The protocol in words: folds, training, budget against the recipe's, time per fold, the final model."""
+    train = config.train
+    steps = train.epochs * train.steps_per_epoch
+    recipe = configuration.preset(config.preset, config.data.dataset).train
+    recipe_steps = recipe.epochs * recipe.steps_per_epoch
+    budget = ("the recipe's own budget" if steps == recipe_steps else
+              f"a {'shorter' if steps < recipe_steps else 'longer'} budget than the recipe's {recipe_steps:,} "
+              f"steps{' (screening)' if steps < recipe_steps else ''}")
+    timing = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
+    minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in sorted(timing.items()))
+    return [
+        f"{config.data.folds} folds of consecutive labelled slices of the {config.data.dataset} data set "
+        f"(data.folds={config.data.folds}); fold i's model is scored on fold i's slices once, and trained on all "
+        "the other folds' slices (the next fold is its validation split, trained on too: "
+        "train.include_validation=true, train.select_by=last), so no slice scored here chose the model: "
+        "no epoch, no early stop. As evaluate (and the challenge) scores, each error is the lowest over the "
+        "ISBI threshold grid, on the scored slices themselves; cell IoU and accuracy are at predict.threshold.",
+        f"Preset {config.preset}: {train.epochs} epochs x {train.steps_per_epoch} steps = {steps:,} steps, "
+        f"{budget}; train.seed={train.seed}.",
+        "Minutes of training per fold (added over the commands that finished training it; a killed "
+        f"command's are missing): {minutes or 'not recorded'}.",
+        "Recipes are compared on this report (another seed: the same command with --set train.seed=N and "
+        "another --run-dir), never on the slices a README figure is quoted from.",
+        "The final model trains on every labelled slice with the same steps (docs/results.md, "
+        "'Cross-validation'); no held-out score exists for it, and this report's figures are its estimate.",
+    ]

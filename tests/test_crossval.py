@@ -1,0 +1,173 @@
+"""k-fold cross-validation (`--stage crossval`): the folds' splits, the command end to end, its report and resume."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import data
+from pipeline.cli import main
+from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config, DataConfig
+from pipeline.data.isbi2012 import FILES, fold_parts
+from pipeline.errors import PipelineError
+from pipeline.metrics import crossval
+from pipeline.metrics.report import report_for
+from fakes import imwrite
+from test_data import isbi_folder
+
+SLICES, FOLDS = 6, 3
+SIZE = 96
+TINY = ["--preset", "smoke", "--dataset", "isbi2012", "--set", f"data.folds={FOLDS}",
+        "--set", "model.base_filters=2", "--set", "train.epochs=1", "--set", "train.steps_per_epoch=2",
+        "--set", "train.batch_size=1", "--set", "train.val_tiles_per_image=1"]
+
+
+def cell_grid_isbi(folder: Path) -> None:
+    """ISBI 2012's three stacks, small: square cells between 2-px membranes, shifted from slice to slice,
+    so that a network's first steps give few large segments (random labels make scoring slow)."""
+    rows = np.arange(SIZE)
+    labels = np.stack([np.where(((rows[:, None] + shift) % 24 < 2) | ((rows[None, :] + shift) % 24 < 2), 0, 255)
+                       for shift in range(SLICES)]).astype(np.uint8)
+    images = (255 - labels * 0.6 + np.random.default_rng(0).normal(0, 10, labels.shape)).clip(0, 255).astype(np.uint8)
+    for name, stack in ((FILES["train"], images), (FILES["labels"], labels), (FILES["test"], images[:2])):
+        imwrite(folder / name, stack)
+
+
+@pytest.mark.parametrize("count, folds", [(20, 5), (20, 4), (6, 3), (12, 3)])
+def test_folds_are_consecutive_disjoint_and_cover_every_slice(count, folds):
+    parts = [fold_parts(count, folds, fold) for fold in range(folds)]
+    tests = [part["test"] for part in parts]
+    np.testing.assert_array_equal(np.concatenate(tests), np.arange(count))  # each slice tested once, in order
+    for fold, part in enumerate(parts):
+        assert set(np.diff(part["test"])) <= {1}  # consecutive
+        np.testing.assert_array_equal(part["val"], tests[(fold + 1) % folds])
+        together = np.concatenate([part["train"], part["val"], part["test"]])
+        np.testing.assert_array_equal(np.sort(together), np.arange(count))  # disjoint, complete
+
+
+def test_folds_must_divide_the_slices():
+    with pytest.raises(PipelineError, match=r"^data.folds=3: the 20 labelled slices of train-volume.tif do not split "
+                                            r"into 3 folds of equal size; choose a divisor of 20$"):
+        fold_parts(20, 3, 0)
+
+
+def test_a_fold_reads_its_slices_named_by_their_place(tmp_path):
+    config = isbi_folder(tmp_path, slices=SLICES)
+    splits = data.load(DataConfig(**{**config.__dict__, "folds": FOLDS, "fold": 2}))
+    assert splits["test"].ids == ["train_004", "train_005"] and splits["val"].ids == ["train_000", "train_001"]
+    assert splits["train"].ids == ["train_002", "train_003"]
+    assert data.DATASETS["isbi2012"].held_out_test(DataConfig(dataset="isbi2012", folds=FOLDS, test_slices=0))
+
+
+def test_pooling_folds_scores_all_their_slices_as_one_stack():
+    # The warping error and pixel accuracy of all slices together, from the folds' reports alone.
+    rng = np.random.default_rng(3)
+    rows = np.arange(40)
+    truth = [((rows[:, None] + s) % 13 > 1) & ((rows[None, :] + 2 * s) % 11 > 1) for s in range(4)]
+    probability = [np.clip(t * 0.7 + rng.normal(0.15, 0.25, t.shape), 0, 1) for t in truth]
+    whole = report_for(probability, truth, 0.5)
+    folds = [crossval.Fold(i, [f"s{2 * i}", f"s{2 * i + 1}"], [40 * 40] * 2,
+                           report_for(probability[2 * i: 2 * i + 2], truth[2 * i: 2 * i + 2], 0.5)) for i in range(2)]
+    pooled = crossval.aggregate(folds)["pooled"]
+    assert whole["overall"]["warping_error"] > 0
+    assert pooled["warping_error"] == pytest.approx(whole["overall"]["warping_error"])
+    assert pooled["warping_error_threshold"] == pytest.approx(whole["overall"]["warping_error_threshold"])
+    assert pooled["pixel_accuracy"] == pytest.approx(whole["overall"]["pixel_accuracy"])
+    with pytest.raises(PipelineError, match=r"^the folds' test splits overlap: \['s0'\]$"):
+        crossval.aggregate([folds[0], dataclasses.replace(folds[1], slices=["s0", "s9"])])
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("data.folds=2", "data.folds=2: must be 0 (off) or at least 3: one fold is tested, the next validates, "
+                     "the others train"),
+    ("data.fold=3", "data.fold=3: must lie in [0, 2] with data.folds=3"),
+    ("data.fold=-1", "data.fold=-1: must be at least 0"),
+])
+def test_fold_settings_are_checked(assignment, message):
+    config = configuration.apply_overrides(Config(), configuration.parse_set(["data.folds=3", assignment]), "--set")
+    with pytest.raises(PipelineError, match=f"^{re.escape(message)}$"):
+        configuration.validate(config)
+    no_folds = configuration.apply_overrides(Config(), configuration.parse_set(["data.fold=1"]), "--set")
+    with pytest.raises(PipelineError, match=r"^data.fold=1: needs data.folds > 0$"):
+        configuration.validate(no_folds)
+
+
+def test_crossval_refusals_are_one_line_and_change_nothing(tmp_path, capsys):
+    cell_grid_isbi(tmp_path / "data")
+    run_dir = tmp_path / "cv"
+    common = ["--stage", "crossval", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "data"), *TINY]
+    for extra, error in [
+        (["--set", "data.folds=4"], "error: data.folds=4: the 6 labelled slices of train-volume.tif do not split "
+                                    "into 4 folds of equal size; choose a divisor of 6\n"),
+        (["--set", "data.fold=5"], "error: data.fold=5: must lie in [0, 2] with data.folds=3\n"),
+    ]:
+        assert main([*common, *extra]) == 2
+        assert capsys.readouterr().err == error
+        assert not run_dir.exists()
+    assert main(["--stage", "crossval", "--run-dir", str(run_dir), "--preset", "smoke"]) == 2
+    assert capsys.readouterr().err == ("error: --stage crossval: the synthetic data set has no folds "
+                                       "(data.folds belongs to: isbi2012)\n")
+    assert not run_dir.exists()
+
+
+def test_crossval_trains_every_fold_reports_them_and_resumes(tmp_path, capsys):
+    cell_grid_isbi(tmp_path / "data")
+    run_dir = tmp_path / "cv"
+    command = ["--stage", "crossval", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "data"), *TINY]
+    assert main(command) == 0
+    report = json.loads((run_dir / "crossval" / "report.json").read_text())
+    assert (run_dir / "crossval" / "report.md").read_text().startswith("# Cross-validation")
+
+    # Every slice is scored once, by the fold whose model never trained on it.
+    names = [f"train_{i:03d}" for i in range(SLICES)]
+    assert [row["slice"] for row in report["slices"]] == names
+    assert sorted(name for fold in report["folds"] for name in fold["slices"]) == names
+    for index, fold in enumerate(report["folds"]):
+        fold_run = run_dir / "folds" / f"fold-{index}"
+        fold_report = json.loads((fold_run / "evaluation" / "report.json").read_text())
+        assert fold_report["model_selection"].startswith("held out")
+        assert fold["slices"] == names[2 * index: 2 * index + 2]
+        trained_on = {str(i) for split in ("train", "val") for i in np.load(fold_run / "prepared" / f"{split}.npz")["ids"]}
+        assert trained_on == set(names) - set(fold["slices"])
+        assert fold["rand_error"] == fold_report["overall"]["rand_error"]
+        for row, per_image in zip([r for r in report["slices"] if r["fold"] == index], fold_report["per_image"]):
+            assert row["warping_error"] == per_image["warping_error"]
+    # The spread over folds is recomputed from the folds' values.
+    for key in ("rand_error", "warping_error", "pixel_error", "foreground_iou"):
+        values = [fold[key] for fold in report["folds"]]
+        spread = report["across_folds"][key]
+        assert spread["mean"] == pytest.approx(np.mean(values))
+        assert spread["std"] == pytest.approx(np.std(values, ddof=1))
+        assert (spread["min"], spread["max"]) == (min(values), max(values))
+        assert report["mean_per_slice"][key] == pytest.approx(np.mean([r[key] for r in report["slices"]]))
+    # Pooled over all slices, no less than the folds' mean, whose thresholds each fold chose for itself.
+    assert report["pooled"]["slices"] == SLICES
+    assert report["pooled"]["warping_error"] >= np.mean([f["warping_error"] for f in report["folds"]]) - 1e-12
+    assert "train.seed=0" in " ".join(report["protocol"])
+
+    # A second command finds every fold evaluated: nothing is trained or scored again.
+    models = {path: path.stat().st_mtime_ns for path in run_dir.glob("folds/*/train/best.keras")}
+    reports = {path: path.stat().st_mtime_ns for path in run_dir.glob("folds/*/evaluation/report.json")}
+    capsys.readouterr()
+    assert main(["--stage", "crossval", "--run-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out.count("evaluated already") == FOLDS
+    assert {path: path.stat().st_mtime_ns for path in models} == models
+    assert {path: path.stat().st_mtime_ns for path in reports} == reports
+    assert json.loads((run_dir / "crossval" / "report.json").read_text())["folds"] == report["folds"]
+
+    # A fold whose report is gone is evaluated again, and only that one; a change of recipe is refused.
+    (run_dir / "folds" / "fold-1" / "evaluation" / "report.json").unlink()
+    assert main(["--stage", "crossval", "--run-dir", str(run_dir)]) == 0
+    assert capsys.readouterr().out.count("evaluated already") == FOLDS - 1
+    assert {path: path.stat().st_mtime_ns for path in models} == models
+    assert main(["--stage", "crossval", "--run-dir", str(run_dir), "--set", "train.epochs=2"]) == 2
+    assert "the run's model was trained with train.epochs=1, not 2" in capsys.readouterr().err
+    # The folds are runs of their own; the cross-validation's folder is not one.
+    assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {run_dir}: a cross-validation (--stage crossval)")
