@@ -2,11 +2,15 @@
 skeleton and clDice, that a gap in a membrane costs it what the cross-entropy barely sees, and
 that with weight 0 the loss is the paper's."""
 
+import csv
+import math
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipeline.cli import main
 from pipeline.config import resolve as configuration
 from pipeline.training.loss import CrossEntropyWithClDice, soft_skeleton, training_loss, weighted_cross_entropy
 from pipeline.training.model import compiled_model
@@ -103,3 +107,15 @@ def test_a_model_compiled_with_the_term_saves_and_loads_with_it(tmp_path):
     model.save(tmp_path / "model.keras")
     loaded = keras.models.load_model(tmp_path / "model.keras").loss
     assert isinstance(loaded, CrossEntropyWithClDice) and (loaded.weight, loaded.iterations) == (0.3, 4)
+
+
+def test_a_smoke_training_with_the_term_logs_finite_losses(tmp_path):
+    run_dir = tmp_path / "run"
+    args = ["--run-dir", str(run_dir), "--preset", "smoke", "--set", "train.steps_per_epoch=4",
+            "--set", "train.epochs=2", "--set", "train.cldice_weight=0.5", "--set", "train.cldice_iterations=5"]
+    assert main(["--stage", "prepare", *args]) == 0
+    assert main(["--stage", "train", *args]) == 0
+    with open(run_dir / "train" / "history.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(math.isfinite(float(row[name])) for row in rows for name in ("loss", "val_loss"))
+    assert keras.models.load_model(run_dir / "train" / "best.keras").loss.weight == 0.5

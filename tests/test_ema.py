@@ -12,6 +12,7 @@ import tensorflow as tf
 from pipeline.cli import main
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config
+from pipeline.files.rundir import RunDir
 from pipeline.training import callbacks
 from pipeline.training.callbacks import AveragedWeights, BestModelCheckpoint
 from pipeline.training.distribution import fit_distributed
@@ -102,6 +103,32 @@ def test_the_multi_worker_loop_averages_as_model_fit_does(tmp_path):
     assert_weights_close(keras.models.load_model(tmp_path / "loop.keras").trainable_weights,
                          keras.models.load_model(tmp_path / "fit.keras").trainable_weights)
     np.testing.assert_allclose(loop_history["val_loss"], fit_history["val_loss"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["val_loss", "val_rand_error"])
+def test_the_average_is_in_the_model_from_validation_to_just_before_the_backup(tmp_path, selection):
+    # What test_the_saved_and_scored_models_are_the_average_of_the_trained_weights checks
+    # holds for this order: the challenge scores, the checkpoint, early stopping among the
+    # callbacks between, and the backup, with the trained weights, after them.
+    config = configuration.apply_overrides(tiny_config(0.9), {"train": {
+        "select_by": selection, "early_stopping_patience": 2}}, "test")
+    tile = (np.zeros((26, 26, 1), np.float32), np.zeros((10, 10), np.int32), np.ones((10, 10), np.float32))
+    val_split = {"images": np.zeros((1, 10, 10, 1), np.float32), "instances": np.zeros((1, 10, 10), np.int32)}
+    chosen = callbacks.run_callbacks(config, RunDir(tmp_path), None, tile, val_split)
+    averaged = chosen[0]
+    assert isinstance(averaged, AveragedWeights)
+    assert isinstance(chosen[-1], keras.callbacks.BackupAndRestore)
+    assert isinstance(chosen[-3], keras.callbacks.EarlyStopping)
+    restorer = chosen[-2]
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    for callback in (averaged, restorer):
+        callback.set_model(model)
+    averaged.trained = []  # as if the average were in: the restorer is the averaged weights' own
+    restorer.on_epoch_end(0)
+    assert averaged.trained is None
+    plain = configuration.apply_overrides(config, {"train": {"ema_momentum": 0.0}}, "test")
+    assert [type(c) for c in callbacks.run_callbacks(plain, RunDir(tmp_path), None, tile, val_split)] == [
+        type(c) for c in chosen[1:-2] + chosen[-1:]]
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ class AveragedWeights(keras.callbacks.Callback):
 
     def restorer(self) -> keras.callbacks.Callback:
         """The callback that puts the trained weights back at the end of each epoch."""
-        return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: self.put_trained_back())
+        return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs=None: self.put_trained_back())
 
 
 class HistoryLog(keras.callbacks.CSVLogger):
