@@ -163,6 +163,9 @@ _RANGES: dict[str, Range] = {
     "train.warmup_steps": Range(0),
     "train.momentum": Range(0, 1, open_high=True),
     "train.clipnorm": Range(0),
+    "train.ema_momentum": Range(0, 1, open_high=True),  # 1 would never move the average
+    "train.cldice_weight": Range(0),
+    "train.cldice_iterations": Range(1),
     "train.val_tiles_per_image": Range(1),
     "train.early_stopping_patience": Range(0),
     "predict.tiles_per_batch": Range(1),

@@ -114,6 +114,14 @@ class TrainConfig:
     # Scales the gradients down to this global norm where they exceed it, so that one
     # outlying batch cannot wreck the weights and Adam's moments; 0 = off. nnU-Net clips at 12.
     clipnorm: float = 0.0
+    # Levers against mergers (docs/training.md, "Beyond the paper"), both off by default.
+    # Keeps an exponential moving average of the weights (Keras' optimizer `use_ema`):
+    # validation, best.keras and last.keras use the average; 0 = off, e.g. 0.999.
+    ema_momentum: float = 0.0
+    # Adds cldice_weight x (1 - soft clDice) of the membrane class to the weighted cross-entropy
+    # (Shit et al., CVPR 2021): rewards thin, unbroken membranes; 0 = off (the paper's loss).
+    cldice_weight: float = 0.0
+    cldice_iterations: int = 10  # erosions of the soft skeleton: at least half the thickest membrane, in px
     val_tiles_per_image: int = 4  # fixed validation tiles cut from each validation image
     select_by: str = "val_loss"  # SELECTIONS: what picks the best epoch (and early stopping watches)
     early_stopping_patience: int = 0  # epochs without improvement of select_by; 0 = off

@@ -114,6 +114,49 @@ class BestModelCheckpoint(keras.callbacks.Callback):
             io.atomic_write_text(self.record, json.dumps({self.monitor: value, "epoch": epoch + 1}))
 
 
+class AveragedWeights(keras.callbacks.Callback):
+    """With `train.ema_momentum`: the moving average of the weights, which the optimizer
+    keeps (`schedule.optimizer`), is the model that each epoch's validation and epoch-end
+    callbacks see: the validation loss, the challenge scores, the pictures, best.keras and
+    early stopping's best weights are the average's.
+
+    It goes first in the callback list and puts the average into the model when validation
+    begins (or at the epoch's end, if nothing was validated); its `restorer` goes just
+    before the backup and puts the weights the optimizer steps from back. The backup so
+    holds those and, among the optimizer's variables, the average, as uninterrupted
+    training has them, and a resumed run goes on exactly. At the end `model.fit` (and
+    `distribution.fit_distributed`) puts the average into the model for good, so that
+    last.keras is the average too (`finalize_variable_values`).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.trained: list[np.ndarray] | None = None  # the optimizer's weights while the average is in the model
+
+    def on_test_begin(self, logs: dict | None = None) -> None:
+        self.put_average_in()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.put_average_in()
+
+    def put_average_in(self) -> None:
+        """Keeps the trained weights aside and gives the model the average, unless it has it."""
+        if self.trained is None:
+            self.trained = [keras.ops.convert_to_numpy(variable) for variable in self.model.trainable_weights]
+            self.model.optimizer.finalize_variable_values(self.model.trainable_weights)
+
+    def put_trained_back(self) -> None:
+        """Gives the model back the weights the optimizer steps from, exactly."""
+        if self.trained is not None:
+            for variable, value in zip(self.model.trainable_weights, self.trained):
+                variable.assign(value)
+            self.trained = None
+
+    def restorer(self) -> keras.callbacks.Callback:
+        """The callback that puts the trained weights back at the end of each epoch."""
+        return keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs=None: self.put_trained_back())
+
+
 class HistoryLog(keras.callbacks.CSVLogger):
     """Keras' CSVLogger appending to `path`, which keeps one row per epoch across resumes.
 
@@ -246,12 +289,17 @@ def run_callbacks(
     them read them from the same epoch's logs (every worker, as early stopping needs them).
     The backup comes last: an epoch counts as finished only once everything else of it is
     written, so a run that fails in any of them (a disk filling up) resumes at that epoch.
+    With `train.ema_momentum` everything between the two is given the averaged weights
+    (`AveragedWeights`).
     """
     backup = run.backup(task_id)
-    chosen = [StopOnDivergence()]
+    chosen: list[keras.callbacks.Callback] = [StopOnDivergence()]
     if config.train.select_by in ("val_rand_error", "val_warping_error"):
         chosen.insert(0, ChallengeScores(val_split["images"], val_split["instances"] > 0, val_split.get("sizes"),
                                          config))
+    averaged = AveragedWeights() if config.train.ema_momentum else None
+    if averaged is not None:
+        chosen.insert(0, averaged)
     if task_id is None:
         chosen += [
             BestModelCheckpoint(run.best_model, run.best_record, config, recorded_score(config.train),
@@ -263,6 +311,8 @@ def run_callbacks(
     if config.train.early_stopping_patience:
         chosen.append(keras.callbacks.EarlyStopping(
             config.train.select_by, patience=config.train.early_stopping_patience, restore_best_weights=True))
+    if averaged is not None:
+        chosen.append(averaged.restorer())
     return chosen + [keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True)]
 
 

@@ -7,7 +7,9 @@
   under `MultiWorkerMirroredStrategy` (keras-team/keras#20585: it reduces per-replica
   scalars along an axis they do not have), so `fit_distributed` runs the same model,
   loss, optimizer, metrics (Keras' own `train_step`/`test_step`) and callbacks in a loop
-  of its own. The chief writes checkpoints and logs.
+  of its own, calling the callbacks and ending as `model.fit` does (the validation's
+  `on_test_begin`/`on_test_end`, the optimizer's `finalize_variable_values`). The chief
+  writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -68,12 +70,17 @@ def fit_distributed(
             logs = {name: float(value) for name, value in train_step(next(batches)).items()}
             hooks.on_train_batch_end(step, logs)
         model.reset_metrics()
+        hooks.on_test_begin()
         for batch in distribution.experimental_distribute_dataset(val_data):
             val_logs = test_step(batch)
-        logs.update({f"val_{name}": float(value) for name, value in val_logs.items()})
+        val_logs = {name: float(value) for name, value in val_logs.items()}
+        hooks.on_test_end(val_logs)
+        logs.update({f"val_{name}": value for name, value in val_logs.items()})
         hooks.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
+    # As model.fit ends: an optimizer that averages the weights (train.ema_momentum) leaves the average.
+    model.optimizer.finalize_variable_values(model.trainable_weights)
     hooks.on_train_end(logs)
     return history
 

@@ -19,7 +19,7 @@ from pipeline.config.schema import Config, ModelConfig
 from pipeline.errors import PipelineError
 from pipeline.metrics.training import training_metrics
 from pipeline.sizes import skip_crops
-from pipeline.training.loss import weighted_cross_entropy
+from pipeline.training.loss import training_loss
 from pipeline.training.schedule import optimizer
 
 
@@ -121,7 +121,8 @@ def unet_in_precision(config: ModelConfig, precision: str) -> keras.Model:
 
 
 def compiled_model(config: Config) -> keras.Model:
-    """The U-Net compiled with the weighted loss; call inside a strategy scope.
+    """The U-Net compiled with the weighted loss (and the clDice term where
+    `train.cldice_weight` sets it); call inside a strategy scope.
 
     Mixed precision computes in float16/bfloat16 but keeps the variables, the softmax and
     the loss in float32 (and, for float16, scales the loss against underflow).
@@ -129,7 +130,7 @@ def compiled_model(config: Config) -> keras.Model:
     model = unet_in_precision(config.model, config.train.precision)
     model.compile(
         optimizer=optimizer(config.train),
-        loss=weighted_cross_entropy(),
+        loss=training_loss(config.train.cldice_weight, config.train.cldice_iterations),
         metrics=training_metrics(config.model.num_classes),
         jit_compile=config.train.jit_compile,
     )

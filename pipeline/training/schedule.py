@@ -45,7 +45,13 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
 
 def optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
     """SGD with the paper's high momentum, or Adam for fast convergence on a CPU, on `LearningRate`,
-    clipping the gradients' global norm at `train.clipnorm` where it is set.
+    clipping the gradients' global norm at `train.clipnorm` where it is set, and keeping an
+    exponential moving average of the weights where `train.ema_momentum` is set.
+
+    The average lives in the optimizer's variables, so a backup keeps it; it never replaces
+    the weights the optimizer steps from (no `ema_overwrite_frequency`): `callbacks.AveragedWeights`
+    puts it into the model for each epoch's validation and saving, and `model.fit` leaves it
+    there at the end (`finalize_variable_values`).
 
     Call it inside the strategy's scope. Keras clips each replica's gradients before they
     are summed, and each replica's are its share of the global batch's (the loss is divided
@@ -56,7 +62,9 @@ def optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
     if train.lr_schedule != "constant" or train.warmup_steps:
         rate = LearningRate(rate, train.epochs * train.steps_per_epoch, train.lr_schedule, train.warmup_steps)
     replicas = tf.distribute.get_strategy().num_replicas_in_sync
-    clipping = {"global_clipnorm": train.clipnorm / replicas} if train.clipnorm else {}
+    options = {"global_clipnorm": train.clipnorm / replicas} if train.clipnorm else {}
+    if train.ema_momentum:
+        options.update(use_ema=True, ema_momentum=train.ema_momentum)
     if train.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=train.momentum, **clipping)
-    return keras.optimizers.Adam(rate, **clipping)
+        return keras.optimizers.SGD(rate, momentum=train.momentum, **options)
+    return keras.optimizers.Adam(rate, **options)
