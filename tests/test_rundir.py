@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.config import resolve as configuration
@@ -134,3 +135,19 @@ def test_a_model_file_with_its_settings_keeps_keras_three_members(tmp_path):
     model_file.save(model, tmp_path / "m.keras", configuration.preset("smoke"))
     assert len(zipfile.ZipFile(tmp_path / "m.keras").namelist()) == 3
     assert model_file.trained_config(tmp_path / "m.keras") == configuration.preset("smoke")
+
+
+def test_data_prepared_before_a_data_field_existed_still_loads(tmp_path):
+    """A manifest that lacks a field added since (here data.folds, data.fold) was prepared with
+    that field's default; a field it records with another value is still refused."""
+    run = RunDir(tmp_path)
+    smoke = configuration.preset("smoke")
+    settings = rundir.data_settings(smoke)
+    for field in ("folds", "fold"):
+        del settings["data"][field]
+    run.manifest.parent.mkdir()
+    run.manifest.write_text(json.dumps({"settings": settings}))
+    np.savez(run.prepared("train"), images=np.zeros((1, 4, 4, 1), np.float32))
+    assert rundir.load_split(run, "train", smoke)["images"].shape == (1, 4, 4, 1)
+    with pytest.raises(PipelineError, match="prepared with other data/weight-map settings"):
+        rundir.load_split(run, "train", configuration.apply_overrides(smoke, {"data": {"folds": 5}}, "test"))

@@ -380,10 +380,20 @@ def data_settings(config: Config) -> dict:
     return {section: dataclasses.asdict(getattr(config, section)) for section in PREPARED_SECTIONS}
 
 
+def prepared_with(run: RunDir, config: Config) -> bool:
+    """Whether the run's prepared data was made with `config`'s data settings.
+
+    A field that the manifest lacks was added to the configuration after the data was
+    prepared; it counts at its default, the behaviour from before it existed.
+    """
+    recorded = json.loads(require(run.manifest, "prepare").read_text())["settings"]
+    defaults = data_settings(Config())
+    return {section: defaults[section] | recorded.get(section, {}) for section in defaults} == data_settings(config)
+
+
 def load_split(run: RunDir, split: str, config: Config) -> dict[str, np.ndarray]:
     """Loads a prepared split, refusing data prepared with other data settings."""
-    manifest = json.loads(require(run.manifest, "prepare").read_text())
-    if manifest["settings"] != data_settings(config):
+    if not prepared_with(run, config):
         raise PipelineError(
             f"{run.manifest}: data was prepared with other data/weight-map "
             "settings than the current configuration; run --stage prepare again"

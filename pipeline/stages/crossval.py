@@ -62,8 +62,7 @@ def check(config: Config, run: RunDir, overwrite: bool) -> None:
 
 def remaining(config: Config, fold: RunDir, overwrite: bool) -> tuple[str, ...]:
     """The stages fold `fold` still needs: all with `overwrite`; none once its report is newer than its model."""
-    prepared = fold.manifest.exists() and json.loads(fold.manifest.read_text())["settings"] == \
-        rundir.data_settings(config)
+    prepared = fold.manifest.exists() and rundir.prepared_with(fold, config)
     if overwrite or not prepared:
         return FOLD_STAGES
     trained = fold.best_model.exists() and not fold.backup().exists()
