@@ -1,7 +1,9 @@
 """The run directory's owner: who writes, which settings a run fixes, how a run is picked."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 
 from pipeline.config import resolve as configuration
@@ -134,3 +136,25 @@ def test_a_model_file_with_its_settings_keeps_keras_three_members(tmp_path):
     model_file.save(model, tmp_path / "m.keras", configuration.preset("smoke"))
     assert len(zipfile.ZipFile(tmp_path / "m.keras").namelist()) == 3
     assert model_file.trained_config(tmp_path / "m.keras") == configuration.preset("smoke")
+
+
+def test_the_models_report_is_the_one_written_after_it(tmp_path):
+    run = RunDir(tmp_path)
+    run.train.mkdir()
+    run.best_model.write_bytes(b"a model")
+    assert run.model_report() == (None, f"{run.report} does not exist")
+    run.evaluation.mkdir()
+    run.report.write_text('{"overall": {"rand_error": 0.1}}')
+    os.utime(run.report, (1, 1))  # written before the model: it scored another one
+    assert run.model_report() == (None, f"{run.report} is older than the model")
+    os.utime(run.best_model, (0, 0))
+    assert run.model_report() == ({"overall": {"rand_error": 0.1}}, None)
+
+
+def test_the_example_input_is_the_images_centre_at_most_512_pixels_square(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.example() is None
+    image = np.arange(600 * 300 * 2).reshape(600, 300, 2).astype(np.uint16)
+    run.save_example(image)
+    np.testing.assert_array_equal(run.example(), image[44:556])
+    assert not [path for path in run.train.iterdir() if path.name.startswith(".")]  # written atomically
