@@ -180,3 +180,16 @@ def test_a_large_input_that_cannot_be_chunked_is_listed_and_leaves_no_scratch(un
     [(file, reason)] = outputs.read_failures(out)
     assert file == str(images / "big_stack.tif") and reason.startswith("a stack of 2 images")
     assert len(files_of(out)) == 3 * 4 + 5 + 1  # the other three inputs' files, failures.csv, no hidden scratch
+
+
+@pytest.mark.parametrize("runner", ["local", "beam"])
+def test_each_input_is_classified_once_for_every_step(untrained_run, images, tmp_path, monkeypatch, runner):
+    """Whether an input is large (which opens its header) is decided once and passed on to the
+    checks and the runners."""
+    config, run = large_settings(untrained_run, tmp_path)
+    tifffile.imwrite(images / "big.tif", np.zeros((120, 120), np.uint8), tile=(64, 64), photometric="minisblack")
+    asked, is_large = [], large_image.is_large
+    monkeypatch.setattr(large_image, "is_large", lambda path, config: asked.append(path.name) or is_large(path, config))
+    predict.run(config, run, images, tmp_path / "out", runner=runner)
+    assert sorted(asked) == ["big.tif", "em.tif", "small.png", "stack.tif"]
+    assert (tmp_path / "out" / "big_labels.tif").exists() and (tmp_path / "out" / "em_labels.tif").exists()

@@ -25,7 +25,7 @@ def package(smoke_run) -> dict:
     """The package `--stage export` wrote for the smoke run, with the run's config and model."""
     run = RunDir(smoke_run["run_dir"])
     return {"path": smoke_run["exports"] / "unet" / "1" / PACKAGE_FILE, "run": run,
-            "config": configuration.load(run.config), "model": load_model(run)}
+            "config": configuration.load(run.config), "model": load_model(run.best_model)}
 
 
 def read(package: dict, name: str) -> bytes:
@@ -56,9 +56,10 @@ def test_the_zoo_pre_processing_is_the_training_normalisation(package):
     np.testing.assert_allclose(npy(package, "test_output.npy"), ours, atol=1e-6)
 
 
-def test_the_test_tile_is_the_center_of_the_runs_first_test_image(package):
+def test_the_test_tile_is_the_center_of_the_runs_first_validation_image(package):
+    """The example input that training recorded beside the model (`RunDir.example`)."""
     config = package["config"]
-    image = rundir.load_split(package["run"], "test", config)["images"][0]
+    image = rundir.load_split(package["run"], "val", config)["images"][0]
     side, border = config.predict.tile_size, (image.shape[0] - config.predict.tile_size) // 2  # square images
     center = image[border : border + side, border : border + side]
     np.testing.assert_array_equal(npy(package, "test_input.npy")[0], center)

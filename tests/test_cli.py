@@ -263,7 +263,7 @@ def test_overwriting_a_longer_stack_leaves_no_stale_overlays(smoke_run, tmp_path
 def test_a_run_model_loads_without_importing_the_training_stage(smoke_run):
     script = ("import sys; from pipeline.inference.segmenter import load_model; "
               "from pipeline.files.rundir import RunDir; "
-              f"load_model(RunDir({str(smoke_run['run_dir'])!r})); "
+              f"load_model(RunDir({str(smoke_run['run_dir'])!r}).trained_model()); "
               "assert not [m for m in sys.modules if m == 'pipeline.stages.train' or m.startswith('pipeline.training')]")
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-2000:]

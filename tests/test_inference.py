@@ -3,13 +3,14 @@
 import dataclasses
 
 import cv2
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from pipeline.config.resolve import preset
 from pipeline.inference.labelling.graph import connected_components
-from pipeline.inference.segmenter import segmentation_function
+from pipeline.inference.segmenter import load_model, segmentation_function
 from pipeline.training.model import unet
 
 LAYOUTS = "image must be [H, W], [B, H, W], [H, W, 1] or [B, H, W, 1] (or a grey image stored as colour"
@@ -123,3 +124,14 @@ def test_an_offset_image_gives_the_mask_of_its_unit_version_up_to_its_rounding(s
     np.testing.assert_allclose(result["probabilities"].numpy(), expected["probabilities"].numpy(), atol=1e-3)
     certain = np.abs(probability - 0.5) > 1e-3
     np.testing.assert_array_equal(result["mask"].numpy()[certain], expected["mask"].numpy()[certain])
+
+
+def test_load_model_reads_any_model_file_without_a_run_directory(tmp_path):
+    """Which file is the stages' business (`RunDir.trained_model`); inference loads the path it is given."""
+    keras.utils.set_random_seed(0)
+    model = unet(preset("smoke").model)
+    model.save(tmp_path / "anywhere.keras")
+    loaded = load_model(tmp_path / "anywhere.keras")
+    assert not loaded.compiled
+    for ours, theirs in zip(model.get_weights(), loaded.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)

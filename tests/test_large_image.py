@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -394,3 +397,37 @@ def test_an_ome_zarr_smaller_than_a_tile_is_predicted_as_a_whole_image_would_be(
     assert [path.name for path in written] == ["tiny_prob.ome.zarr", "tiny_mask.ome.zarr", "tiny_labels.ome.zarr",
                                                "tiny_instances.csv"]
     np.testing.assert_allclose(read_output(written[0]), Segmenter(model, config)(tiny[..., None]), atol=1e-5)
+
+
+def test_the_scratch_of_a_killed_chunked_prediction_is_removed_by_the_next_one(tmp_path, image):
+    source, out = write_tiled_tiff(tmp_path / "big.tif", image), tmp_path / "out"
+    script = ("import dataclasses, os, signal; from pipeline.config.resolve import preset; "
+              "from pipeline.inference import large_image; config = preset('smoke'); "
+              "config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, tile_size=60, "
+              "max_whole_pixels=10_000, chunk_size=110)); "
+              f"large_image.plan({str(source)!r}, {str(out)!r}, 'big', config); os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    [abandoned] = [path for path in out.iterdir() if path.name.startswith(".big.large")]
+    planned = large_image.plan(source, out, "big", small_config())
+    try:
+        assert not abandoned.exists() and planned.scratch.is_dir()
+        assert planned.scratch.name.startswith(".big.large.tmp-")  # io.scratch_name: named by its writer
+        assert list(planned.targets) == outputs.large_paths(out, "big", ome_zarr=False)
+    finally:
+        large_image.discard(planned)
+    assert list(out.iterdir()) == []
+
+
+def test_outputs_names_a_large_inputs_files_and_finds_the_existing_ones(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert [path.name for path in outputs.large_paths(out, "big", ome_zarr=False)] == [
+        "big_prob.tif", "big_mask.tif", "big_labels.tif", "big_instances.csv"]
+    assert [path.name for path in outputs.large_paths(out, "tiny", ome_zarr=True)] == [
+        "tiny_prob.ome.zarr", "tiny_mask.ome.zarr", "tiny_labels.ome.zarr", "tiny_instances.csv"]
+    (out / "big_mask.tif").write_text("an earlier result")
+    (out / "big_overlay.png").write_text("an earlier result, of the image read whole")
+    assert outputs.existing_of(out, outputs.Source(tmp_path / "big.tif", large=True)) == [out / "big_mask.tif"]
+    assert outputs.existing_of(out, outputs.Source(tmp_path / "big.tif", large=False)) == [
+        out / "big_mask.tif", out / "big_overlay.png"]

@@ -71,7 +71,7 @@ def test_exported_signature_segments_a_whole_image_like_the_model(smoke_run):
     image = (np.random.default_rng(0).uniform(0, 255, size=(75, 140, 1))).astype(np.float32)
     served = tf.saved_model.load(str(smoke_run["exports"] / "unet" / "1")).signatures["serving_default"]
     outputs = served(image=tf.constant(image))
-    expected = Segmenter(load_model(RunDir(run_dir)), config)(image)
+    expected = Segmenter(load_model(RunDir(run_dir).best_model), config)(image)
     assert outputs["probabilities"].shape == (75, 140, 2)
     np.testing.assert_allclose(outputs["probabilities"][..., 1].numpy(), expected, atol=1e-5)
     assert outputs["mask"].dtype == tf.uint8

@@ -39,7 +39,7 @@ def test_the_settings_inside_a_model_saved_before_the_move_are_read(tmp_path):
 def test_a_model_saved_before_the_move_predicts_what_it_predicted_then(tmp_path):
     run = _run(tmp_path)
     config = run.model_settings(configuration.preset("smoke"))
-    probability = Segmenter(load_model(run), config)(IMAGE[..., None])
+    probability = Segmenter(load_model(run.best_model), config)(IMAGE[..., None])
     np.testing.assert_allclose(probability, np.load(DATA / "pre_move_probabilities.npy"), atol=1e-6)
 
 

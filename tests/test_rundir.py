@@ -1,6 +1,7 @@
 """The run directory's owner: who writes, which settings a run fixes, how a run is picked."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -151,3 +152,25 @@ def test_data_prepared_before_a_data_field_existed_still_loads(tmp_path):
     assert rundir.load_split(run, "train", smoke)["images"].shape == (1, 4, 4, 1)
     with pytest.raises(PipelineError, match="prepared with other data/weight-map settings"):
         rundir.load_split(run, "train", configuration.apply_overrides(smoke, {"data": {"folds": 5}}, "test"))
+
+
+def test_the_models_report_is_the_one_written_after_it(tmp_path):
+    run = RunDir(tmp_path)
+    run.train.mkdir()
+    run.best_model.write_bytes(b"a model")
+    assert run.model_report() == (None, f"{run.report} does not exist")
+    run.evaluation.mkdir()
+    run.report.write_text('{"overall": {"rand_error": 0.1}}')
+    os.utime(run.report, (1, 1))  # written before the model: it scored another one
+    assert run.model_report() == (None, f"{run.report} is older than the model")
+    os.utime(run.best_model, (0, 0))
+    assert run.model_report() == ({"overall": {"rand_error": 0.1}}, None)
+
+
+def test_the_example_input_is_the_images_centre_at_most_512_pixels_square(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.example() is None
+    image = np.arange(600 * 300 * 2).reshape(600, 300, 2).astype(np.uint16)
+    run.save_example(image)
+    np.testing.assert_array_equal(run.example(), image[44:556])
+    assert not [path for path in run.train.iterdir() if path.name.startswith(".")]  # written atomically

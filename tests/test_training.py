@@ -1,8 +1,10 @@
 """Training that scales and survives: replicas, workers, kills, NaNs, mixed precision."""
 
+import dataclasses
 import errno
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,6 +17,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_framework_config  # is_op_determinism_enabled: no public name
 
 from pipeline.cli import main
 from pipeline.config import resolve as configuration
@@ -24,7 +27,8 @@ from pipeline.training import callbacks
 from pipeline.training.callbacks import resumed_epoch
 from pipeline.training.input_pipeline import joined
 from pipeline.training.model import compiled_model
-from pipeline.training.process import cpu_precision_problem, emulated_on_cpu, precision_notice, set_determinism
+from pipeline.training.process import (
+    configure_process, cpu_precision_problem, emulated_on_cpu, precision_notice, set_determinism)
 from pipeline.training.schedule import LearningRate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -342,3 +346,18 @@ def test_a_damaged_backup_record_is_one_line_naming_it(tmp_path, text):
         resumed_epoch(tmp_path)
     (tmp_path / "training_metadata.json").write_text('{"epoch": 3}')
     assert resumed_epoch(tmp_path) == 3
+
+
+def test_configure_process_seeds_every_generator_and_makes_the_ops_deterministic():
+    train = dataclasses.replace(configuration.preset("smoke").train, seed=7)
+
+    def draws() -> tuple:
+        return random.random(), np.random.random(), float(tf.random.uniform([])), float(keras.random.uniform([]))
+
+    configure_process(dataclasses.replace(train, jit_compile=True))  # XLA: without op determinism
+    first = draws()
+    assert not tf_framework_config.is_op_determinism_enabled()
+    configure_process(train)
+    assert draws() == first and tf_framework_config.is_op_determinism_enabled()
+    configure_process(dataclasses.replace(train, seed=8))
+    assert draws() != first

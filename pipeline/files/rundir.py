@@ -7,6 +7,7 @@ what a command may change in it.
     <run>/.lock                    the run lock (`RunDir.lock`), an empty file that commands `flock`
     <run>/train/best.keras         the model `train.select_by` chose, with its configuration inside
                                    (`model_file`); best.json (its epoch and value)
+    <run>/train/example.npy        an image of the data the model learned from, which export cuts its test tile from
     <run>/train/last.keras         model after the last epoch, history.csv, backup/ while training
     <run>/train/worker-N/          last model and backup of worker N > 0 (multi-worker training)
     <run>/logs/                    TensorBoard event files
@@ -44,6 +45,9 @@ LATEST = RUNS / ".latest"
 # What a trained model depends on: once a run has one (or a training in progress), these
 # sections may only change by training again from scratch (`--stage train --overwrite`).
 TRAINED_SECTIONS = ("data", "weight_map", "model", "augment", "train")
+# The largest side of the model's example input (`RunDir.save_example`): what the largest
+# presets' tiles (508 px) fit in.
+EXAMPLE_SIDE = 512
 # What prepared data depends on.
 PREPARED_SECTIONS = ("data", "weight_map")
 
@@ -94,6 +98,25 @@ class RunDir:
     def best_model(self) -> Path:
         return self.train / "best.keras"
 
+    def trained_model(self) -> Path:
+        """The best model, which the stages that read a model load, or an error saying to train first."""
+        return require(self.best_model, "train")
+
+    @property
+    def example_input(self) -> Path:
+        """An image [H, W, C] of the data the model was trained on (`save_example`), for the export."""
+        return self.train / "example.npy"
+
+    def save_example(self, image: np.ndarray) -> None:
+        """Records `image` (its centre, at most `EXAMPLE_SIDE` pixels square) as the model's example input."""
+        top, left = (max(0, (extent - EXAMPLE_SIDE) // 2) for extent in image.shape[:2])
+        with io.atomic_path(self.example_input, overwrite=True) as temporary, open(temporary, "wb") as file:
+            np.save(file, image[top:top + EXAMPLE_SIDE, left:left + EXAMPLE_SIDE])
+
+    def example(self) -> np.ndarray | None:
+        """The model's example input (`save_example`), or None for a run trained before models had one."""
+        return np.load(self.example_input) if self.example_input.exists() else None
+
     @property
     def best_record(self) -> Path:
         return self.train / "best.json"
@@ -135,6 +158,15 @@ class RunDir:
 
     def report_of(self, split: str | None = None) -> Path:
         return self.evaluation_of(split) / "report.json"
+
+    def model_report(self) -> tuple[dict | None, str | None]:
+        """(the default split's evaluation report of the best model, None), or (None, why there is
+        none): not written yet, or older than the model, so that it scored another one."""
+        if not self.report.exists():
+            return None, f"{self.report} does not exist"
+        if self.report.stat().st_mtime < self.best_model.stat().st_mtime:
+            return None, f"{self.report} is older than the model"
+        return json.loads(self.report.read_text()), None
 
     def panel(self, index: int, split: str | None = None) -> Path:
         return self.evaluation_of(split) / f"panel_{index:03d}.png"
@@ -219,7 +251,7 @@ class RunDir:
         shutil.rmtree(self.backup(task_id), ignore_errors=True)
         stale = [self.last_model(task_id)]
         if task_id is None:
-            stale += [self.best_model, self.best_record, self.history]
+            stale += [self.best_model, self.best_record, self.history, self.example_input]
         for path in stale:
             path.unlink(missing_ok=True)
 

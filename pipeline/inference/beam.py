@@ -22,7 +22,8 @@ Beam hands the elements to its workers.
   are never stacked), and `large_image.predict_chunk` on each chunk;
 - write: `outputs.write`, the local runner's writer, so the files are byte-identical;
   atomic per input, and a retried bundle rewrites the same bytes;
-- an image larger than `predict.max_whole_pixels` (`large_image.is_large`) is never read
+- an image larger than `predict.max_whole_pixels` (`large_image.sources`, decided once per
+  input by the predict stage) is never read
   whole: the driver plans its scratch arrays and computes its normalisation
   (`large_image.plan`, `statistics`), its chunks are spread over the workers, each
   predicts and writes chunks (`predict_chunk`, `write_chunk`), and once all its chunks
@@ -60,9 +61,10 @@ FAILED = "failed"  # the tag of the dead-letter outputs: (file, reason) records
 Failure = tuple[str, str]
 
 
-def predict(files: Sequence[Path], output_dir: Path, model_path: Path, config: Config,
+def predict(sources: Sequence[outputs.Source], output_dir: Path, model_path: Path, config: Config,
             options: Sequence[str] = (), refused: Sequence[Failure] = ()) -> list[Failure]:
-    """Segments `files` into `output_dir` with the model at `model_path`; returns the
+    """Segments the input files `sources` (`large_image.sources`: the large ones chunk by chunk)
+    into `output_dir` with the model at `model_path`; returns the
     failures (file, reason) that `failures.csv` lists, the driver's `refused` inputs
     (e.g. a listed path that does not exist) among them.
 
@@ -75,10 +77,8 @@ def predict(files: Sequence[Path], output_dir: Path, model_path: Path, config: C
         pipeline = beam.Pipeline(options=PipelineOptions(list(options)))
     except Exception as error:  # Beam raises several types for bad options
         raise PipelineError(f"Beam pipeline options {' '.join(options)}: {_first_line(error)}") from None
-    large, whole = [], []
-    for file in files:
-        (large if large_image.is_large(file, config) else whole).append(file)
-    planned, refused_large = plan_large(large, output_dir, config)
+    whole = [source.path for source in sources if not source.large]
+    planned, refused_large = plan_large([source for source in sources if source.large], output_dir, config)
     try:
         build(pipeline, whole, planned, [*refused, *refused_large], output_dir, model_path, config)
         pipeline.run().wait_until_finish()
@@ -160,7 +160,8 @@ def _write_large(pipeline: beam.Pipeline, chunks: beam.PCollection, large: Seque
     return finished.done, [written[FAILED], finished[FAILED]]
 
 
-def plan_large(files: Sequence[Path], output_dir: Path, config: Config) -> tuple[list[LargeInput], list[Failure]]:
+def plan_large(large: Sequence[outputs.Source], output_dir: Path, config: Config,
+               ) -> tuple[list[LargeInput], list[Failure]]:
     """On the driver: each large file's scratch arrays (`large_image.plan`) and normalisation
     (`large_image.statistics`), or a failure record if it cannot be predicted in chunks.
 
@@ -168,17 +169,17 @@ def plan_large(files: Sequence[Path], output_dir: Path, config: Config) -> tuple
     replace them.
     """
     planned, refused = [], []
-    for file in files:
+    for source in large:
         try:
-            plan = large_image.plan(file, output_dir, io.image_name(file), config, overwrite=True)
+            plan = large_image.plan(source.path, output_dir, source.name, config, overwrite=True)
         except PipelineError as error:
-            refused.append(failure(str(file), error))
+            refused.append(failure(str(source.path), error))
             continue
         try:
-            planned.append(LargeInput(str(file), plan, large_image.statistics(file, config)))
+            planned.append(LargeInput(str(source.path), plan, large_image.statistics(source.path, config)))
         except PipelineError as error:
             large_image.discard(plan)
-            refused.append(failure(str(file), error))
+            refused.append(failure(str(source.path), error))
     return planned, refused
 
 

@@ -18,7 +18,7 @@ the cells chunk by chunk (`chunked_labels`), writes their measurements and the f
 files, and renames them into place. `segment_large` is the same in one process.
 Everything passed between these functions is a plain dataclass of paths and numbers.
 
-Outputs, named as the predict stage names them: for a TIFF input NAME_prob.tif,
+Outputs, named by `outputs.large_paths`: for a TIFF input NAME_prob.tif,
 NAME_mask.tif, NAME_labels.tif (tiled BigTIFFs streamed tile by tile, with the input's
 pixel size as resolution tags) and NAME_instances.csv; for an OME-Zarr input
 NAME_prob.ome.zarr, NAME_mask.ome.zarr, NAME_labels.ome.zarr (single-scale OME-NGFF
@@ -33,12 +33,11 @@ import contextlib
 import dataclasses
 import math
 import os
-import secrets
 import shutil
 import stat
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -51,6 +50,7 @@ from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
 from pipeline.files import io
 from pipeline.files.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel_size_and_format
+from pipeline.inference import outputs as output_files
 from pipeline.inference.chunk_grid import Chunk, chunk_side, chunks, geometry, grid
 from pipeline.inference.labelling import chunked as chunked_labels, instances
 from pipeline.inference.tiling import padding, predict_padded
@@ -64,7 +64,7 @@ TIFF_TILE = 256  # side of the output TIFFs' tiles: what viewers of tiled TIFFs 
 # tenth of the speed of writing them as they are, so they are not compressed.
 _COMPRESSION = {"prob": {}, "mask": {"compression": "zlib", "compressionargs": {"level": 1}},
                 "labels": {"compression": "zlib", "compressionargs": {"level": 1}}}
-_KINDS = ("prob", "mask", "labels")
+_KINDS = output_files.IMAGE_KINDS  # the order of LargeOutputs.targets
 
 # The eight views of test-time augmentation, in `tiling.overlap_tile_predict`'s order
 # (quarter turns 0..3, each unflipped then flipped left-right), each written as
@@ -89,11 +89,10 @@ class LargeOutputs:
     created: tuple[Path, ...] = ()  # output folders that `plan` created, removed again by `discard`
 
 
-def output_paths(path: Path, output_dir: Path, name: str) -> list[Path]:
-    """[probability, mask, labels, measurements CSV] of a large image: OME-Zarr for an OME-Zarr input, else TIFF."""
-    suffix = ".ome.zarr" if io.is_ome_zarr(path) else ".tif"
-    return [Path(output_dir) / f"{name}_{kind}{suffix}" for kind in _KINDS] + [
-        Path(output_dir) / f"{name}_instances.csv"]
+def sources(files: Sequence[Path], config: Config) -> list[output_files.Source]:
+    """Each input file and whether it is large (`is_large`): decided here once per input, for
+    every step of the predict stage that needs to know (its checks, its runners)."""
+    return [output_files.Source(Path(file), is_large(file, config)) for file in files]
 
 
 def is_large(path: Path, config: Config) -> bool:
@@ -268,7 +267,7 @@ def check(path: Path, output_dir: Path, name: str, config: Config, overwrite: bo
     io.check_output_folder(output_dir)
     with open_lazy(path, config.model.input_channels) as image:
         height, width = image.shape[:2]
-    _refuse_existing(output_paths(path, output_dir, name), overwrite)
+    _refuse_existing(output_files.large_paths(output_dir, name, io.is_ome_zarr(path)), overwrite)
     io.check_free_space(output_dir, space_needed(path, height, width))
     return height, width
 
@@ -284,17 +283,19 @@ def plan(path: Path, output_dir: Path, name: str, config: Config, overwrite: boo
 
     The probability (float32) and mask (uint8) arrays are made in a hidden scratch folder
     in `output_dir`, chunked like the chunks, so that every chunk writes whole files of
-    its own.
+    its own. The folder names its writer (`io.scratch_name`): the scratch folders that
+    killed writers of this host left in `output_dir` are removed first.
     """
     path, output_dir = Path(path), Path(output_dir)
     height, width = check(path, output_dir, name, config, overwrite)
-    targets = output_paths(path, output_dir, name)
+    targets = output_files.large_paths(output_dir, name, io.is_ome_zarr(path))
     calibration, zarr_format = pixel_size_and_format(path)
     print(f"notice: {path}: predicted chunk by chunk (more than predict.max_whole_pixels="
           f"{config.predict.max_whole_pixels} pixels); no overlay picture", file=sys.stderr)
     created = tuple(io.missing_folders(output_dir))
-    outputs = LargeOutputs(path, tuple(targets), output_dir / f".{name}.large.{secrets.token_hex(6)}.tmp",
+    outputs = LargeOutputs(path, tuple(targets), output_dir / io.scratch_name(f"{name}.large"),
                            height, width, chunk_side(config), zarr_format, calibration, overwrite, created)
+    io.remove_abandoned(output_dir)
     try:
         with _writing(output_dir):
             for folder in created:

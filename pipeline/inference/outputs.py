@@ -4,7 +4,10 @@ Per input NAME, in the output folder: `NAME_prob.tif` (float32 probability of ce
 `NAME_mask.tif` (uint8, 255 = cell), `NAME_labels.tif` (the cell instances of
 `pipeline.inference.labelling.instances`), `NAME_instances.csv` (their measurements) and `NAME_overlay.png`
 (each cell outlined in its colour), or `NAME_overlay_NNN.png` per slice of a stack. The
-TIFFs keep the input's pixel size. An input's files are written together or not at all
+TIFFs keep the input's pixel size. An input larger than memory (`Source.large`), which
+`inference.large_image` segments chunk by chunk, gets the same names without overlays, as
+OME-Zarr images `NAME_prob.ome.zarr` ... for an OME-Zarr input (`large_paths`). This
+module names every output of the predict stage. An input's files are written together or not at all
 (`io.atomic_paths`), so a rerun, or a retried Beam bundle, replaces them with identical
 bytes and never leaves part of a group.
 
@@ -16,6 +19,7 @@ Both runners of the predict stage, in this process and on Apache Beam, write thr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 from pathlib import Path
 
@@ -36,16 +40,42 @@ OUTLINE_COLOURS = np.array([(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 
                             (75, 86, 140), (194, 119, 227), (34, 189, 188), (207, 190, 23)], np.uint8)
 
 
+# The images every input gets, in the order `paths` and `large_paths` list them.
+IMAGE_KINDS = ("prob", "mask", "labels")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """An input file of the predict stage and whether it is segmented chunk by chunk, which
+    `large_image.sources` decides once per input for every step that needs to know."""
+
+    path: Path
+    large: bool
+
+    @property
+    def name(self) -> str:
+        """The NAME its outputs take (`io.image_name`)."""
+        return io.image_name(self.path)
+
+
 def paths(output_dir: Path, name: str, count: int) -> list[Path]:
     """[probability TIFF, mask TIFF, labels TIFF, measurements CSV, one overlay PNG per slice]
     of an input of `count` slices."""
     overlays = [f"{name}_overlay.png"] if count == 1 else [f"{name}_overlay_{i:03d}.png" for i in range(count)]
-    files = [f"{name}_prob.tif", f"{name}_mask.tif", f"{name}_labels.tif", f"{name}_instances.csv", *overlays]
+    files = [*(f"{name}_{kind}.tif" for kind in IMAGE_KINDS), f"{name}_instances.csv", *overlays]
     return [Path(output_dir) / file for file in files]
 
 
+def large_paths(output_dir: Path, name: str, ome_zarr: bool) -> list[Path]:
+    """[probability, mask, labels, measurements CSV] of an input segmented chunk by chunk:
+    OME-Zarr images for an OME-Zarr input (`ome_zarr`), else TIFFs; no overlay."""
+    suffix = ".ome.zarr" if ome_zarr else ".tif"
+    return [Path(output_dir) / f"{name}_{kind}{suffix}" for kind in IMAGE_KINDS] + [
+        Path(output_dir) / f"{name}_instances.csv"]
+
+
 def existing(output_dir: Path, name: str) -> list[Path]:
-    """The files of an input NAME already in `output_dir`, whatever its earlier slice count.
+    """The files of an input NAME read whole already in `output_dir`, whatever its earlier slice count.
 
     What a run must refuse to replace without `--overwrite`: known before the input is
     read, so a Beam batch can refuse them on the driver.
@@ -53,6 +83,13 @@ def existing(output_dir: Path, name: str) -> list[Path]:
     output_dir = Path(output_dir)
     fixed = [path for path in paths(output_dir, name, 1)[:4] if path.exists()]
     return fixed + _overlays(output_dir, name)
+
+
+def existing_of(output_dir: Path, source: Source) -> list[Path]:
+    """The files of an input file already in `output_dir`: a large input's (`large_paths`), else `existing`'s."""
+    if source.large:
+        return [path for path in large_paths(output_dir, source.name, io.is_ome_zarr(source.path)) if path.exists()]
+    return existing(output_dir, source.name)
 
 
 def _overlays(output_dir: Path, name: str) -> list[Path]:

@@ -1,7 +1,7 @@
 """Whole-image inference: a trained model on images of any size, layout and numeric dtype.
 
 The library that the predict, evaluate and export stages share, so that no stage imports
-another. `load_model` reads a run's best model without its training configuration;
+another. `load_model` reads a trained model file without its training configuration;
 `segmentation_function` is the TensorFlow-only path from an image to its mask and class
 probabilities (layout check, `normalize`, overlap-tile prediction of `tiling`,
 threshold); `Segmenter` runs it on numpy images and the export traces it into the
@@ -12,14 +12,14 @@ SavedModel's signatures, so local and served predictions are the same computatio
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from pipeline.config.schema import Config
-from pipeline.files import io, rundir
-from pipeline.files.rundir import RunDir
+from pipeline.files import io
 from pipeline.inference.labelling.graph import connected_components, without_small
 from pipeline.inference.tiling import overlap_tile_predict
 from pipeline.normalization import normalize
@@ -178,11 +178,12 @@ class Segmenter:
         return self._segment(tf.cast(image, tf.float32))["probabilities"][..., 1].numpy()
 
 
-def load_model(run: RunDir) -> keras.Model:
-    """The best model of a run for inference, or an error saying to train first.
+def load_model(path: Path) -> keras.Model:
+    """The model in the .keras file `path`, for inference.
 
     Without its training configuration (loss, metrics, optimizer): inference needs none
     of it, and a plain `keras.saving.load_model(path, compile=False)` reads the same file
-    without this project.
+    without this project. Which file, and the error when a run has none, are the stages'
+    (`rundir.require(run.best_model, "train")`): inference knows no run directories.
     """
-    return keras.saving.load_model(rundir.require(run.best_model, "train"), compile=False)
+    return keras.saving.load_model(path, compile=False)

@@ -73,7 +73,7 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
                             f"score --split {default}")
     other = None if split_name == default else split_name  # where its report goes
     config = run.model_settings(config)
-    model = load_model(run)
+    model = load_model(run.trained_model())
     dataset = data.DATASETS[config.data.dataset]
     sequences = None
     if dataset.sequence_of is not None and "ids" in split:  # runs prepared before ids were kept have none

@@ -69,7 +69,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.files import bioimageio, io, rundir
+from pipeline.files import bioimageio, io
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, png_segmentation_function, segmentation_function, tile_function
 
@@ -261,8 +261,8 @@ def _publish(temporary: Path, target: Path) -> None:
 def provenance(config: Config, run: RunDir) -> dict:
     """What a version records about where it came from: run, model, configuration, scores, time.
 
-    The evaluation's values are included only when the report is newer than the model
-    (else it scored another model), and the note says why they are missing.
+    The scores are those of the run's evaluation of this very model (`RunDir.model_report`),
+    or None with a note saying why there are none.
     """
     model = run.best_model
     record = {
@@ -275,11 +275,9 @@ def provenance(config: Config, run: RunDir) -> dict:
         "software": {"unet-pipeline": _version("unet-pipeline"), "tensorflow": tf.__version__,
                      "keras": keras.__version__},
     }
-    if not run.report.exists():
-        return record | {"evaluation": None, "evaluation_note": f"{run.report} did not exist at export time"}
-    if run.report.stat().st_mtime < model.stat().st_mtime:
-        return record | {"evaluation": None, "evaluation_note": f"{run.report} is older than the model"}
-    report = json.loads(run.report.read_text())
+    report, note = run.model_report()
+    if report is None:
+        return record | {"evaluation": None, "evaluation_note": note}
     values = report["mean_per_image"] if report.get("overall") is None else report["overall"]
     evaluation = {key: report.get(key) for key in ("split", "dataset", "threshold", "warnings")}
     return record | {"evaluation": evaluation | {key: values[key] for key in HEADLINE if key in values}}
@@ -292,20 +290,17 @@ def _version(package: str) -> str | None:
         return None
 
 
-def example_image(config: Config, run: RunDir) -> np.ndarray | None:
-    """The run's first test image [H, W, C] (cropped to its own size), or None without prepared data."""
-    if not run.prepared("test").exists():
-        return None
-    test = rundir.load_split(run, "test", config)
-    height, width = test["sizes"][0]
-    return test["images"][0, :height, :width]
-
-
 def run(config: Config, run: RunDir, root: Path, overwrite: bool = False) -> Path:
     """Exports the run's best model as the next version (or `export.version`) under `root`,
-    described by the settings it was trained with (`RunDir.model_settings`)."""
+    described by the settings it was trained with (`RunDir.model_settings`).
+
+    Needs only the model: the zoo package's test tile comes from the example input that
+    training recorded beside it (`RunDir.example`), or for a model without one from a
+    synthetic image; the provenance records the model's evaluation if the run has one.
+    """
     config = run.model_settings(config)
-    target = export_model(load_model(run), config, root, provenance(config, run), overwrite, example_image(config, run))
+    model = load_model(run.trained_model())
+    target = export_model(model, config, root, provenance(config, run), overwrite, run.example())
     run.save_config(config)
     print(
         f"exported SavedModel -> {target} (signatures: serving_default, segment_uint8, "

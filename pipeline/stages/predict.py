@@ -70,17 +70,17 @@ def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir:
                overwrite: bool) -> list[Path]:
     """Every input read (or, if large, opened) and checked first, then segmented one after
     another in this process; a large input chunk by chunk (`large_image.segment_large`)."""
-    files = [] if input_path is None else input_files(input_path)
-    large = [file for file in files if large_image.is_large(file, config)]
+    sources = [] if input_path is None else large_image.sources(input_files(input_path), config)
+    large = [source for source in sources if source.large]
     large_space = _check_large(large, output_dir, config, overwrite)
     stacks = _test_split(config, run) if input_path is None else _read(
-        [file for file in files if file not in large], config.model.input_channels)
+        [source.path for source in sources if not source.large], config.model.input_channels)
     for name in stacks:
         io.refuse_existing(outputs.existing(output_dir, name), overwrite)
     # float32 probabilities, uint8 mask, uint16 (rarely uint32) labels, at most 3 bytes per
     # pixel of overlay PNG; the CSV, a line per cell, is small beside them.
     io.check_free_space(output_dir, large_space + sum(12 * stack[..., 0].size for stack, _ in stacks.values()))
-    model = load_model(run)
+    model = load_model(run.trained_model())
     segment = Segmenter(model, config)
     run.save_config(config)
     progress = progress_bar(sum(len(stack) for stack, _ in stacks.values()), "image")
@@ -88,21 +88,21 @@ def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir:
     for name, (stack, calibration) in stacks.items():
         probability = np.stack([_progress(segment(image), progress) for image in stack])
         written += outputs.write(output_dir, name, stack, probability, config, calibration, overwrite)
-    for file in large:
-        written += large_image.segment_large(model, file, output_dir, io.image_name(file), config, overwrite)
+    for source in large:
+        written += large_image.segment_large(model, source.path, output_dir, source.name, config, overwrite)
     print(f"predicted {len(stacks) + len(large)} input(s) -> {output_dir} ({len(written)} files)")
     return written
 
 
-def _check_large(files: list[Path], output_dir: Path, config: Config, overwrite: bool) -> int:
+def _check_large(large: list[outputs.Source], output_dir: Path, config: Config, overwrite: bool) -> int:
     """Refuses, before anything is written, a large input that cannot be segmented chunk by
     chunk (`large_image.check`: settings, the file, existing outputs unless `overwrite`, free
     space); returns the bytes they need together, which the free space must hold besides the
     other inputs'."""
     needed = 0
-    for file in files:
-        height, width = large_image.check(file, output_dir, io.image_name(file), config, overwrite)
-        needed += large_image.space_needed(file, height, width)
+    for source in large:
+        height, width = large_image.check(source.path, output_dir, source.name, config, overwrite)
+        needed += large_image.space_needed(source.path, height, width)
     return needed
 
 
@@ -113,30 +113,22 @@ def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: 
         raise PipelineError("--runner beam predicts files: give --input (an image, a folder, a glob pattern "
                             f"or a {LIST_SUFFIX} list of paths)")
     missing: list[Path] = []
-    files = input_files(input_path, missing)
-    for file in files:
-        io.refuse_existing(_existing(file, output_dir, config), overwrite)
+    sources = large_image.sources(input_files(input_path, missing), config)
+    for source in sources:
+        io.refuse_existing(outputs.existing_of(output_dir, source), overwrite)
     io.refuse_existing([outputs.failures_path(output_dir)], overwrite)
-    model_path = rundir.require(run.best_model, "train")
+    model_path = run.trained_model()
     run.save_config(config)
     from pipeline.inference import beam  # Apache Beam: only for this runner (the `beam` extra)
 
     refused = [(str(path), "no such file or folder") for path in missing]
-    failures = beam.predict(files, output_dir, model_path, config, beam_options, refused)
-    failed, total = {file for file, _ in failures}, len(files) + len(missing)
+    failures = beam.predict(sources, output_dir, model_path, config, beam_options, refused)
+    failed, total = {file for file, _ in failures}, len(sources) + len(missing)
     print(f"segmented {total - len(failed)}, failed {len(failed)} (see {outputs.FAILURES})")
     if failed:
         raise PipelineError(f"{outputs.failures_path(output_dir)}: {len(failed)} of {total} input(s) failed; "
                             f"the other {total - len(failed)} are written")
-    return [path for file in files for path in _existing(file, output_dir, config)]
-
-
-def _existing(file: Path, output_dir: Path, config: Config) -> list[Path]:
-    """The outputs of an input that are in `output_dir` already: a large input's (`large_image`),
-    else those `outputs` writes."""
-    if large_image.is_large(file, config):
-        return [path for path in large_image.output_paths(file, output_dir, io.image_name(file)) if path.exists()]
-    return outputs.existing(output_dir, io.image_name(file))
+    return [path for source in sources for path in outputs.existing_of(output_dir, source)]
 
 
 def input_files(input_path: Path, missing: list[Path] | None = None) -> list[Path]:

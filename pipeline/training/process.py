@@ -1,13 +1,34 @@
-"""Settings of the training process: TensorFlow's op determinism, and what this CPU makes of a precision."""
+"""Settings of the training process: the seed, TensorFlow's op determinism, what this CPU makes of a
+precision, keeping freed memory; `configure_process` makes them all, in one place, for the rest of
+the process."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_framework_config  # disable_op_determinism: no public name
 
 from pipeline.config.schema import TrainConfig
+from pipeline.training import allocator
+
+
+def configure_process(train: TrainConfig) -> None:
+    """Changes process-wide state for a training: seeds Python's, numpy's and TensorFlow's random
+    generators with `train.seed`, turns TensorFlow's op determinism on (off for
+    `train.jit_compile`), notes a mixed precision this CPU emulates, and keeps freed memory
+    (`train.keep_freed_memory`, `allocator`); each lasts until the process ends.
+
+    Call it after anything that draws random numbers which the run's stream must not
+    depend on (loading the initial weights), right before the training's own data and model.
+    """
+    keras.utils.set_random_seed(train.seed)
+    set_determinism(train)
+    precision_notice(train)
+    if train.keep_freed_memory and not allocator.keep_freed_memory():
+        print("notice: train.keep_freed_memory needs glibc's malloc, which this system does not have; "
+              "training frees memory as usual", flush=True)
 
 
 # The instructions that run a mixed precision's 16-bit convolutions natively on a CPU, as
