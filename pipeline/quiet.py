@@ -8,7 +8,8 @@ defaults (TensorFlow reads them when it starts).
 TensorFlow's shared libraries log "Could not find cuda drivers" (and absl's note that its
 log is not yet initialised) while they load, before they read TF_CPP_MIN_LOG_LEVEL, so the
 variable alone cannot hide them: the first import of `tensorflow` runs with the process's
-stderr captured, and gives back every line but the C++ log lines below that level.
+stderr captured, and gives back every line but the C++ log lines below that level (what
+other threads write meanwhile comes out once the import is done, in order).
 """
 
 from __future__ import annotations
