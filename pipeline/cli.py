@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import sys
 import time
 import typing
@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing trained model, prepared data, predictions, export version "
                    "or evaluation report")
+    p.add_argument("--verbose", action="store_true",
+                   help="the libraries' INFO log lines too, e.g. Beam's and its workers' (default: warnings only)")
     return p
 
 
@@ -201,9 +203,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of run_pipeline.py and the `unet-pipeline` command."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter out
     try:
         args = parse(sys.argv[1:] if argv is None else list(argv))
+        if args.verbose:
+            logging.basicConfig(level=logging.INFO)
         if args.prediction or args.ground_truth:
             return _score_files(args)
         run = run_dir(args)

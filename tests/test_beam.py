@@ -3,6 +3,7 @@ two worker processes) with a real Keras model on real files, against the local r
 
 import csv
 import dataclasses
+import logging
 import shutil
 
 import cv2
@@ -16,6 +17,7 @@ from pipeline.config import resolve as configuration
 from pipeline.data.synthetic import synthetic_em_image, synthetic_em_stack
 from pipeline.errors import PipelineError
 from pipeline.files.rundir import RunDir
+from pipeline.inference import beam as beam_pipeline
 from pipeline.inference import chunk_grid, large_image, outputs
 from pipeline.stages import predict
 from pipeline.training import model as unet_model
@@ -154,9 +156,10 @@ def large_settings(untrained_run, tmp_path):
 
 
 def test_two_worker_processes_write_what_the_local_runner_writes_large_images_in_chunks(untrained_run, images,
-                                                                                        tmp_path):
+                                                                                        tmp_path, capfd):
     """One image over the predict.max_whole_pixels limit: chunks spread over both workers, the
-    files of large_image.segment_large in one process (the local runner's)."""
+    files of large_image.segment_large in one process (the local runner's). The workers log
+    at WARNING: none of Beam's INFO lines (channels, harness, batch statistics)."""
     config, run = large_settings(untrained_run, tmp_path)
     rows, cols = np.mgrid[:290, :250]
     big = (100 + 60 * np.sin(rows / 9.0) * np.cos(cols / 13.0)).astype(np.uint8)
@@ -168,6 +171,19 @@ def test_two_worker_processes_write_what_the_local_runner_writes_large_images_in
     local, beam = files_of(tmp_path / "local"), files_of(tmp_path / "beam")
     assert beam.pop("failures.csv") == b"file,reason\r\n"
     assert beam == local and {"big_prob.tif", "big_labels.tif", "big_instances.csv"} <= set(local)
+    assert "INFO:apache_beam" not in capfd.readouterr().err
+
+
+def test_the_workers_log_at_the_level_this_process_logs_beam_at():
+    """WARNING by default; INFO once the command's --verbose has set logging to INFO."""
+    logger = logging.getLogger("apache_beam")
+    assert logger.getEffectiveLevel() == logging.WARNING
+    assert beam_pipeline.worker_log_level() == "--default_sdk_harness_log_level=WARNING"
+    logger.setLevel(logging.INFO)
+    try:
+        assert beam_pipeline.worker_log_level() == "--default_sdk_harness_log_level=INFO"
+    finally:
+        logger.setLevel(logging.NOTSET)
 
 
 def test_a_large_input_that_cannot_be_chunked_is_listed_and_leaves_no_scratch(untrained_run, images, tmp_path):

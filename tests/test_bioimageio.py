@@ -1,23 +1,27 @@
 """The BioImage Model Zoo package as the zoo's own validator, its model test and Keras read it."""
 
+import io
+import warnings
 import zipfile
 
 import cv2
 import keras
 import numpy as np
 import pytest
+import tifffile
 import yaml
 import bioimageio.core
 from bioimageio.spec.model import v0_5
 
 from pipeline.config import resolve as configuration
 from pipeline.files import rundir
-from pipeline.files.bioimageio import input_axes, output_axes
+from pipeline.files.bioimageio import input_axes, output_axes, package_files
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model
 from pipeline.normalization import normalize
 from pipeline.sizes import is_valid_input_size, output_size
 from pipeline.stages.export import PACKAGE_FILE
+from pipeline.training.model import unet
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +102,13 @@ def test_the_described_sizes_are_exactly_the_networks_valid_tile_sizes(preset, p
                 continue
             assert is_valid_input_size(size, depth, padding), size
             assert out_axis.size.get_size(out_axis, axis, ref_size=size) == output_size(size, depth, padding)
+
+
+def test_a_colour_models_sample_tiffs_are_written_without_a_warning_and_read_back_as_written():
+    """3 channels: tifffile warns that it will change how it stores them unless told."""
+    config = configuration.apply_overrides(configuration.preset("smoke"), {"model": {"input_channels": 3}}, "test")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", module="tifffile")
+        files = package_files(unet(config.model), config, 1, None, None)
+    tile = np.load(io.BytesIO(files["test_input.npy"]))[0]
+    np.testing.assert_array_equal(tifffile.imread(io.BytesIO(files["sample_input.tif"])), tile)

@@ -242,7 +242,9 @@ def package_files(
         files[name] = buffer.getvalue()
     for name, array in (("sample_input.tif", tile), ("sample_output.tif", probabilities[0])):
         buffer = bytes_io.BytesIO()
-        tifffile.imwrite(buffer, array)
+        # The layout tifffile picks today, stated: unstated, 3 or 4 channels draw its warning
+        # that a later version will store them as separate grey pages.
+        tifffile.imwrite(buffer, array, photometric="rgb" if array.shape[-1] in (3, 4) else "minisblack")
         files[name] = buffer.getvalue()
     files[WEIGHTS] = _keras_file(model)
     files["cover.png"] = _png(cover(tile, probabilities, config))

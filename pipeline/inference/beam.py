@@ -39,6 +39,7 @@ output folder must be on a file system every worker mounts at the same path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -74,7 +75,7 @@ def predict(sources: Sequence[outputs.Source], output_dir: Path, model_path: Pat
     pipeline replaces whatever it finds.
     """
     try:
-        pipeline = beam.Pipeline(options=PipelineOptions(list(options)))
+        pipeline = beam.Pipeline(options=PipelineOptions([worker_log_level(), *options]))  # a user's level, later, wins
     except Exception as error:  # Beam raises several types for bad options
         raise PipelineError(f"Beam pipeline options {' '.join(options)}: {_first_line(error)}") from None
     whole = [source.path for source in sources if not source.large]
@@ -86,6 +87,13 @@ def predict(sources: Sequence[outputs.Source], output_dir: Path, model_path: Pat
         for each in planned:
             large_image.discard(each.outputs)
     return outputs.read_failures(output_dir)
+
+
+def worker_log_level() -> str:
+    """The Beam option that has the workers log at this process's level for Beam: WARNING,
+    INFO with --verbose (else Beam's workers log at INFO, ~20 lines a worker)."""
+    level = logging.getLogger("apache_beam").getEffectiveLevel()
+    return f"--default_sdk_harness_log_level={logging.getLevelName(level)}"
 
 
 def build(pipeline: beam.Pipeline, whole: Sequence[Path], large: Sequence[LargeInput], refused: Sequence[Failure],
