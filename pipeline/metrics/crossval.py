@@ -62,6 +62,17 @@ def aggregate(folds: list[Fold]) -> dict:
     }
 
 
+def cost(seconds: list[list[float]]) -> dict:
+    """The cost of an ensemble from each fold's seconds of prediction per member (the first
+    member is the one model it is set against): per fold the ensemble's seconds (its
+    members' added) and one model's, and over all folds the two totals and their ratio."""
+    rows = [{"fold": index, "ensemble_seconds": float(sum(members)), "one_model_seconds": float(members[0])}
+            for index, members in enumerate(seconds)]
+    ensemble, one = (sum(row[key] for row in rows) for key in ("ensemble_seconds", "one_model_seconds"))
+    return {"folds": rows, "ensemble_seconds": ensemble, "one_model_seconds": one,
+            "ratio": ensemble / one if one > 0 else float("nan")}
+
+
 def _fold_row(fold: Fold) -> dict:
     values = summary(fold.report)
     return {"fold": fold.index, "slices": fold.slices} | {key: values[key] for key in KEYS if key in values}
@@ -118,7 +129,19 @@ def markdown(report: dict) -> str:
         f"(threshold {pooled['warping_error_threshold']:g}), pixel accuracy {pooled['pixel_accuracy']:.4f}. "
         f"{report['not_pooled']}.", "",
         "## Every slice", "", header.replace("slices", "fold"), rule, *slices, "",
+        *(_cost_lines(report["cost"]) if "cost" in report else []),
     ])
+
+
+def _cost_lines(cost: dict) -> list[str]:
+    """The ensemble's cost as a table: seconds of prediction per fold, the ensemble's and one model's."""
+    rows = [f"| fold {row['fold']} | {row['ensemble_seconds']:.2f} | {row['one_model_seconds']:.2f} |"
+            for row in cost["folds"]]
+    return ["## Cost", "", "Seconds of prediction of each fold's test slices, measured in the same pass (the "
+            "ensemble's members' seconds added; one model: the first cross-validation's; tracing included).", "",
+            "| | ensemble | one model |", "| --- | --- | --- |", *rows,
+            f"| all folds | {cost['ensemble_seconds']:.2f} | {cost['one_model_seconds']:.2f} |", "",
+            f"The ensemble takes {cost['ratio']:.1f} times one model's prediction time.", ""]
 
 
 def _number(value: float | None) -> str:
