@@ -121,7 +121,8 @@ def markdown(report: dict) -> str:
     pooled = report["pooled"]
     slices = [row(r["slice"], f"fold {r['fold']}", r) for r in report["slices"]]
     return "\n".join([
-        "# Cross-validation", "", *(f"- {line}" for line in report.get("protocol", [])), "",
+        "# Cross-validation" + (f": ensemble of {len(report['members'])}" if "members" in report else ""), "",
+        *(f"- {line}" for line in report.get("protocol", [])), "",
         "## Folds", "", "Each fold's values over its test slices (counts added over them, as evaluate's "
         "overall row).", "", header, rule, *folds, *summary_rows,
         row("mean per slice", f"{len(report['slices'])}", report["mean_per_slice"]), "",
