@@ -146,11 +146,11 @@ def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace)
                         beam_options=args.beam_options, models=models)
 
 
-def _models(args: argparse.Namespace) -> typing.ContextManager[list]:
-    """The models --model names, with the command's --config and --set on their settings."""
+def _models(args: argparse.Namespace, paths: list[Path] | None = None) -> typing.ContextManager[list]:
+    """The models `paths` (by default --model's) name, with the command's --config and --set on their settings."""
     from pipeline.files import model_source  # TensorFlow (the zoo package's module): lazily, as the stages
 
-    return model_source.opened(args.models, lambda config: _overrides(args, config))
+    return model_source.opened(args.models if paths is None else paths, lambda config: _overrides(args, config))
 
 
 def _overrides(args: argparse.Namespace, config: Config) -> Config:
@@ -174,11 +174,11 @@ def predict_with_models(args: argparse.Namespace) -> None:
 def crossval_ensemble(args: argparse.Namespace, run: RunDir) -> None:
     """`--stage crossval --run-dir CV0 --model CV1 ...`: every fold of CV0 scored by the ensemble of
     the fold's models of CV0, CV1, ..., then the ensemble's report (nothing is trained)."""
-    from pipeline.files import model_source
     from pipeline.stages import crossval, evaluate  # TensorFlow: lazily, as in run_stage
 
     members = [RunDir(path) for path in args.models]
     with run.lock(exclusive=True), contextlib.ExitStack() as locks:
+        crossval.require_crossvals([run, *members])
         config = crossval.settings(resolve(args, run))
         crossval.check_ensemble(config, run, members, args.overwrite)
         for member in members:
@@ -186,7 +186,7 @@ def crossval_ensemble(args: argparse.Namespace, run: RunDir) -> None:
         for index, (fold_config, fold) in enumerate(crossval.folds(config, run)):
             paths = [fold.root, *(member.fold(index).root for member in members)]
             print(f"== crossval fold {index}: evaluate the ensemble of {len(paths)} models", flush=True)
-            with fold.lock(exclusive=False), model_source.opened(paths, lambda c: _overrides(args, c)) as models:
+            with fold.lock(exclusive=False), _models(args, paths) as models:
                 evaluate.run(fold_config, fold, models=models, output=run.crossval_ensemble_fold(index),
                              overwrite=args.overwrite)
         print(f"== crossval ensemble report ({run})", flush=True)

@@ -95,26 +95,31 @@ def run(config: Config, run: RunDir) -> dict:
     return report
 
 
-def check_ensemble(config: Config, run: RunDir, members: list[RunDir], overwrite: bool) -> None:
-    """Refuses, in one line, an ensemble of cross-validations (`run` and `members`) that is not one:
-    a folder that is no cross-validation or is named twice, other data or folds than `run`'s
-    (`config`), a fold not trained or testing other slices; and existing reports unless `overwrite`."""
-    runs = [run, *members]
+def require_crossvals(runs: list[RunDir]) -> None:
+    """Refuses, in one line, a folder of `runs` that is no cross-validation, or one named twice."""
     for index, cv in enumerate(runs):
         if cv.saved_config() is None or not cv.folds.is_dir():
             raise PipelineError(f"{cv}: not a cross-validation (no config.yaml and folds/); "
                                 f"run --stage crossval --run-dir {cv} first")
         if any(cv.root.resolve() == other.root.resolve() for other in runs[:index]):
             raise PipelineError(f"{cv}: named twice; an ensemble's members are different cross-validations")
+
+
+def check_ensemble(config: Config, run: RunDir, members: list[RunDir], overwrite: bool) -> None:
+    """Refuses, in one line, cross-validations (`members`, `require_crossvals`) that cannot join
+    `run`'s in an ensemble: other data or folds than `run`'s (`config`), a fold not trained or
+    testing other slices; and existing reports unless `overwrite`."""
+    runs = [run, *members]
+    for cv in members:
         _refuse_other_data(settings(cv.saved_config()), config, cv, run)
     for index in range(config.data.folds):
-        slices = _test_slices(run.fold(index))
         for cv in runs:
-            fold = cv.fold(index)
-            if not fold.best_model.exists() or fold.backup().exists():
-                raise PipelineError(f"{fold}: not trained; finish --stage crossval --run-dir {cv} first")
-            if cv is not run and _test_slices(fold) != slices:
-                raise PipelineError(f"{fold}: tests other slices than {run.fold(index)}")
+            if not cv.fold(index).best_model.exists() or cv.fold(index).backup().exists():
+                raise PipelineError(f"{cv.fold(index)}: not trained; finish --stage crossval --run-dir {cv} first")
+        slices = _test_slices(run.fold(index))
+        for cv in members:
+            if _test_slices(cv.fold(index)) != slices:
+                raise PipelineError(f"{cv.fold(index)}: tests other slices than {run.fold(index)}")
     reports = [run.crossval_ensemble_report, run.crossval_ensemble_summary,
                *(run.crossval_ensemble_fold(index) for index in range(config.data.folds))]
     io.refuse_existing(reports, overwrite)
