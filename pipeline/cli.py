@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
 import typing
@@ -51,10 +53,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", metavar="PATH", help="train: start from these weights instead of random ones "
                    "(fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
                    "bioimage.io package (.zip); sets train.init_from")
+    p.add_argument("--model", dest="models", action="append", type=Path, metavar="PATH",
+                   help="predict, evaluate: segment with this model instead of the run's: a run directory, a .keras "
+                   "file, an export version folder or a bioimage.io package (.zip); repeated: their ensemble (mean "
+                   "probability of cell). predict needs no --run-dir with it, but --input and --output. crossval: "
+                   "another cross-validation of the same folds (repeatable), whose fold models join --run-dir's "
+                   "in an ensemble per fold")
     p.add_argument("--input", type=Path, help="predict: an image, a stack, a folder, a quoted glob pattern, a .txt "
                    "list of paths (TIFF/PNG), or an OME-Zarr image")
     p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions); "
-                   "evaluate with --prediction: the JSON report to write")
+                   "evaluate with --prediction or --model: the JSON report to write (with --model by default "
+                   "<run>/evaluation/models/report.json)")
     p.add_argument("--prediction", type=Path, help="evaluate: score this probability-of-cell TIFF (image or stack) "
                    "instead of a run's model; needs --ground-truth")
     p.add_argument("--ground-truth", type=Path, help="evaluate: binary labels for --prediction (255 or 1 = cell)")
@@ -124,6 +133,9 @@ def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace)
         rundir.mark_latest(run)
     elif stage == "train":
         train.run(config, run, overwrite=args.overwrite)
+    elif stage == "evaluate" and args.models:
+        with _models(args) as models:
+            evaluate.run(config, run, args.split, models, args.output, overwrite=args.overwrite)
     elif stage == "evaluate":
         evaluate.run(config, run, args.split)
     elif stage == "export":
@@ -132,8 +144,56 @@ def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace)
         root = run.export_root if args.stage == "all" else Path(config.export.root)
         export.run(config, run, root, overwrite=args.overwrite)
     elif stage == "predict":
-        predict.run(config, run, args.input, args.output, overwrite=args.overwrite, runner=args.runner,
-                    beam_options=args.beam_options)
+        with _models(args) if args.models else contextlib.nullcontext() as models:
+            predict.run(config, run, args.input, args.output, overwrite=args.overwrite, runner=args.runner,
+                        beam_options=args.beam_options, models=models)
+
+
+def _models(args: argparse.Namespace, paths: list[Path] | None = None) -> typing.ContextManager[list]:
+    """The models `paths` (by default --model's) name, with the command's --config and --set on their settings."""
+    from pipeline.files import model_source  # TensorFlow (the zoo package's module): lazily, as the stages
+
+    return model_source.opened(args.models if paths is None else paths, lambda config: _overrides(args, config))
+
+
+def _overrides(args: argparse.Namespace, config: Config) -> Config:
+    """`config` with the command's --config file and --set assignments."""
+    if args.config:
+        config = configuration.apply_overrides(config, configuration.read_file(args.config), str(args.config))
+    return configuration.apply_overrides(config, configuration.parse_set(args.assignments), "--set")
+
+
+def predict_with_models(args: argparse.Namespace) -> None:
+    """`--stage predict --model M [--model M2 ...] --input IN --output OUT` without --run-dir: no run
+    directory is read, created or locked; the settings for the outputs are the first model's."""
+    from pipeline.stages import predict  # TensorFlow: lazily, as in run_stage
+
+    with _models(args) as models:
+        print(f"== predict ({', '.join(str(source.named) for source in models)})", flush=True)
+        predict.run(models[0].config, None, args.input, args.output, overwrite=args.overwrite, runner=args.runner,
+                    beam_options=args.beam_options, models=models)
+
+
+def crossval_ensemble(args: argparse.Namespace, run: RunDir) -> None:
+    """`--stage crossval --run-dir CV0 --model CV1 ...`: every fold of CV0 scored by the ensemble of
+    the fold's models of CV0, CV1, ..., then the ensemble's report (nothing is trained)."""
+    from pipeline.stages import crossval, evaluate  # TensorFlow: lazily, as in run_stage
+
+    members = [RunDir(path) for path in args.models]
+    with run.lock(exclusive=True), contextlib.ExitStack() as locks:
+        crossval.require_crossvals([run, *members])
+        config = crossval.settings(resolve(args, run))
+        crossval.check_ensemble(config, run, members, args.overwrite)
+        for member in members:
+            locks.enter_context(member.lock(exclusive=False))
+        for index, (fold_config, fold) in enumerate(crossval.folds(config, run)):
+            paths = [fold.root, *(member.fold(index).root for member in members)]
+            print(f"== crossval fold {index}: evaluate the ensemble of {len(paths)} models", flush=True)
+            with fold.lock(exclusive=False), _models(args, paths) as models:
+                evaluate.run(fold_config, fold, models=models, output=run.crossval_ensemble_fold(index),
+                             overwrite=args.overwrite)
+        print(f"== crossval ensemble report ({run})", flush=True)
+        crossval.ensemble_run(config, run, members)
 
 
 def run_crossval(args: argparse.Namespace, run: RunDir) -> None:
@@ -144,6 +204,9 @@ def run_crossval(args: argparse.Namespace, run: RunDir) -> None:
     """
     from pipeline.stages import crossval, evaluate, prepare, train  # TensorFlow: lazily, as in run_stage
 
+    if args.models:
+        crossval_ensemble(args, run)
+        return
     with run.lock(exclusive=True):
         config = crossval.settings(resolve(args, run))
         crossval.check(config, run, args.overwrite)
@@ -195,10 +258,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
         raise PipelineError("options after -- are Beam pipeline options: they need --stage predict --runner beam")
     if args.runner == "beam" and args.stage != "predict":
         raise PipelineError("--runner beam runs the predict stage: use it with --stage predict")
+    _check_models(args)
     if args.split and (args.stage not in ("evaluate", "all") or args.prediction):
         raise PipelineError("--split chooses what the evaluate stage scores of a run: use it with --stage evaluate "
                             "(or all), without --prediction")
     return args
+
+
+def _check_models(args: argparse.Namespace) -> None:
+    """Refuses --model where it has no meaning, and what it needs beside it."""
+    if not args.models:
+        return
+    if args.stage not in ("predict", "evaluate", CROSSVAL) or args.prediction:
+        raise PipelineError("--model names the models of --stage predict, evaluate or crossval")
+    if args.stage == CROSSVAL and not args.run_dir:
+        raise PipelineError("crossval --model needs --run-dir: the cross-validation whose folds the ensemble scores")
+    if args.stage == "predict" and not args.output:
+        raise PipelineError("predict --model needs --output: the folder its predictions go to")
+    chosen = [flag for flag, value in (("--preset", args.preset), ("--dataset", args.dataset),
+                                       ("--data-dir", args.data_dir)) if value]
+    if args.stage == "predict" and not args.run_dir and chosen:
+        raise PipelineError(f"predict --model takes the settings its models were trained with; {chosen[0]} "
+                            "chooses nothing there (--set predict.FIELD=VALUE changes how they predict)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -209,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             logging.basicConfig(level=logging.INFO)
         if args.prediction or args.ground_truth:
             return _score_files(args)
+        if args.models and args.stage == "predict" and not args.run_dir:
+            predict_with_models(args)
+            return 0
         run = run_dir(args)
         if args.stage == CROSSVAL:
             run_crossval(args, run)

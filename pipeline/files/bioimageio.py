@@ -291,21 +291,41 @@ def keras_weights(package: Path) -> bytes:
     One line for a file that is no package of ours: not a zip, no rdf.yaml, no keras_v3
     weights, or weights the zip does not hold.
     """
-    if not zipfile.is_zipfile(package):
-        raise PipelineError(f"{package}: not a zip archive, so not a bioimage.io package")
-    with zipfile.ZipFile(package) as archive:
-        if RDF not in archive.namelist():
-            raise PipelineError(f"{package}: holds no {RDF}, so not a bioimage.io package")
-        try:
-            description = yaml.safe_load(archive.read(RDF))
-        except yaml.YAMLError as error:
-            raise PipelineError(f"{package}: {RDF} is not valid YAML ({str(error).splitlines()[0]})") from None
-        source = _keras_weights_entry(description)
+    with _opened(package) as archive:
+        source = _keras_weights_entry(_description(archive, package))
         if source is None:
             raise PipelineError(f"{package}: {RDF} lists no keras_v3 weights (weights: keras_v3: source)")
         if source not in archive.namelist():
             raise PipelineError(f"{package}: {RDF} names keras_v3 weights {source!r}, which the zip does not hold")
         return archive.read(source)
+
+
+def trained_settings(package: Path) -> dict | None:
+    """The training configuration that rdf.yaml's `config: unet_pipeline: configuration` holds
+    (as `Config.to_dict` wrote it), or None for a package that holds none."""
+    with _opened(package) as archive:
+        description = _description(archive, package)
+    settings: object = description
+    for key in ("config", "unet_pipeline", "configuration"):
+        settings = settings.get(key) if isinstance(settings, dict) else None
+    return settings if isinstance(settings, dict) else None
+
+
+def _opened(package: Path) -> zipfile.ZipFile:
+    """The package's zip archive, or one line for a file that is not one."""
+    if not zipfile.is_zipfile(package):
+        raise PipelineError(f"{package}: not a zip archive, so not a bioimage.io package")
+    return zipfile.ZipFile(package)
+
+
+def _description(archive: zipfile.ZipFile, package: Path) -> object:
+    """The package's rdf.yaml, read; one line where it is missing or not YAML."""
+    if RDF not in archive.namelist():
+        raise PipelineError(f"{package}: holds no {RDF}, so not a bioimage.io package")
+    try:
+        return yaml.safe_load(archive.read(RDF))
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{package}: {RDF} is not valid YAML ({str(error).splitlines()[0]})") from None
 
 
 def _keras_weights_entry(description: object) -> str | None:

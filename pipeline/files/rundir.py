@@ -13,10 +13,13 @@ what a command may change in it.
     <run>/logs/                    TensorBoard event files
     <run>/evaluation/              report.json, panel_NNN.png of the split evaluate scores by default
     <run>/evaluation/<split>/      the same for another split (evaluate --split)
+    <run>/evaluation[/<split>]/models/report.json   evaluate --model: other models (an ensemble) on the split
     <run>/predictions/             probability maps, masks and overlays of the test split
     <run>/export/<name>/<version>/ the SavedModel that `--stage all` writes (never saved_models/)
     <run>/folds/fold-N/            a cross-validation's fold N (`--stage crossval`), a run directory itself
     <run>/crossval/                its report.json and report.md over the folds, timing.json
+    <run>/crossval/ensemble/       report.json and report.md of the folds' ensembles (crossval --model),
+                                   fold-N/report.json: fold N scored by its ensemble
 
 Every stage asks a `RunDir` for its paths; no other module joins path names.
 """
@@ -168,6 +171,10 @@ class RunDir:
             return None, f"{self.report} is older than the model"
         return json.loads(self.report.read_text()), None
 
+    def models_report_of(self, split: str | None = None) -> Path:
+        """Where evaluate --model writes its report by default: beside, never over, the run's own."""
+        return self.evaluation_of(split) / "models" / "report.json"
+
     def panel(self, index: int, split: str | None = None) -> Path:
         return self.evaluation_of(split) / f"panel_{index:03d}.png"
 
@@ -198,6 +205,19 @@ class RunDir:
     @property
     def crossval_summary(self) -> Path:
         return self.crossval / "report.md"
+
+    @property
+    def crossval_ensemble_report(self) -> Path:
+        """The report of each fold scored by the ensemble of this and other cross-validations' fold models."""
+        return self.crossval / "ensemble" / "report.json"
+
+    @property
+    def crossval_ensemble_summary(self) -> Path:
+        return self.crossval / "ensemble" / "report.md"
+
+    def crossval_ensemble_fold(self, index: int) -> Path:
+        """Fold `index`'s evaluation report by the ensemble (its panels beside it, `report_panels/`)."""
+        return self.crossval / "ensemble" / f"fold-{index}" / "report.json"
 
     @property
     def crossval_timing(self) -> Path:

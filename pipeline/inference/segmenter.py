@@ -11,7 +11,8 @@ SavedModel's signatures, so local and served predictions are the same computatio
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import keras
@@ -176,6 +177,33 @@ class Segmenter:
     def __call__(self, image: np.ndarray) -> np.ndarray:
         """[H, W, C] image of any dtype -> [H, W] float32 probability of cell."""
         return self._segment(tf.cast(image, tf.float32))["probabilities"][..., 1].numpy()
+
+
+class Ensemble:
+    """The mean probability of cell of several models, each segmenting with its own settings.
+
+    Each member tiles the image as its `Config` says (depth, tile sizes and test-time
+    augmentation may differ); their probabilities are averaged in float64. An ensemble of
+    one model gives that model's probabilities exactly. `seconds` holds each member's
+    time spent segmenting so far (its first image includes tracing its graph), so that a
+    caller can set the ensemble's cost beside one model's, measured in the same pass.
+    """
+
+    def __init__(self, members: Sequence[tuple[keras.Model, Config]]):
+        if not members:
+            raise ValueError("an ensemble needs at least one model")
+        self._segmenters = [Segmenter(model, config) for model, config in members]
+        self.seconds = [0.0] * len(members)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """[H, W, C] image of any dtype -> [H, W] float32 mean probability of cell."""
+        total = None
+        for index, segment in enumerate(self._segmenters):
+            start = time.perf_counter()
+            probability = segment(image).astype(np.float64)
+            self.seconds[index] += time.perf_counter() - start
+            total = probability if total is None else total + probability
+        return (total / len(self._segmenters)).astype(np.float32)
 
 
 def load_model(path: Path) -> keras.Model:

@@ -62,6 +62,17 @@ def aggregate(folds: list[Fold]) -> dict:
     }
 
 
+def cost(seconds: list[list[float]]) -> dict:
+    """The cost of an ensemble from each fold's seconds of prediction per member (the first
+    member is the one model it is set against): per fold the ensemble's seconds (its
+    members' added) and one model's, and over all folds the two totals and their ratio."""
+    rows = [{"fold": index, "ensemble_seconds": float(sum(members)), "one_model_seconds": float(members[0])}
+            for index, members in enumerate(seconds)]
+    ensemble, one = (sum(row[key] for row in rows) for key in ("ensemble_seconds", "one_model_seconds"))
+    return {"folds": rows, "ensemble_seconds": ensemble, "one_model_seconds": one,
+            "ratio": ensemble / one if one > 0 else float("nan")}
+
+
 def _fold_row(fold: Fold) -> dict:
     values = summary(fold.report)
     return {"fold": fold.index, "slices": fold.slices} | {key: values[key] for key in KEYS if key in values}
@@ -110,7 +121,8 @@ def markdown(report: dict) -> str:
     pooled = report["pooled"]
     slices = [row(r["slice"], f"fold {r['fold']}", r) for r in report["slices"]]
     return "\n".join([
-        "# Cross-validation", "", *(f"- {line}" for line in report.get("protocol", [])), "",
+        "# Cross-validation" + (f": ensemble of {len(report['members'])}" if "members" in report else ""), "",
+        *(f"- {line}" for line in report.get("protocol", [])), "",
         "## Folds", "", "Each fold's values over its test slices (counts added over them, as evaluate's "
         "overall row).", "", header, rule, *folds, *summary_rows,
         row("mean per slice", f"{len(report['slices'])}", report["mean_per_slice"]), "",
@@ -118,7 +130,19 @@ def markdown(report: dict) -> str:
         f"(threshold {pooled['warping_error_threshold']:g}), pixel accuracy {pooled['pixel_accuracy']:.4f}. "
         f"{report['not_pooled']}.", "",
         "## Every slice", "", header.replace("slices", "fold"), rule, *slices, "",
+        *(_cost_lines(report["cost"]) if "cost" in report else []),
     ])
+
+
+def _cost_lines(cost: dict) -> list[str]:
+    """The ensemble's cost as a table: seconds of prediction per fold, the ensemble's and one model's."""
+    rows = [f"| fold {row['fold']} | {row['ensemble_seconds']:.2f} | {row['one_model_seconds']:.2f} |"
+            for row in cost["folds"]]
+    return ["## Cost", "", "Seconds of prediction of each fold's test slices, measured in the same pass (the "
+            "ensemble's members' seconds added; one model: the first cross-validation's; tracing included).", "",
+            "| | ensemble | one model |", "| --- | --- | --- |", *rows,
+            f"| all folds | {cost['ensemble_seconds']:.2f} | {cost['one_model_seconds']:.2f} |", "",
+            f"The ensemble takes {cost['ratio']:.1f} times one model's prediction time.", ""]
 
 
 def _number(value: float | None) -> str:

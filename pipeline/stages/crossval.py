@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -94,9 +95,77 @@ def run(config: Config, run: RunDir) -> dict:
     return report
 
 
-def _fold_result(index: int, fold: RunDir) -> crossval.Fold:
-    """A fold's evaluation report with its test slices' names and pixel counts (from its prepared data)."""
-    report = json.loads(rundir.require(fold.report, "crossval").read_text())
+def require_crossvals(runs: list[RunDir]) -> None:
+    """Refuses, in one line, a folder of `runs` that is no cross-validation, or one named twice."""
+    for index, cv in enumerate(runs):
+        if cv.saved_config() is None or not cv.folds.is_dir():
+            raise PipelineError(f"{cv}: not a cross-validation (no config.yaml and folds/); "
+                                f"run --stage crossval --run-dir {cv} first")
+        if any(cv.root.resolve() == other.root.resolve() for other in runs[:index]):
+            raise PipelineError(f"{cv}: named twice; an ensemble's members are different cross-validations")
+
+
+def check_ensemble(config: Config, run: RunDir, members: list[RunDir], overwrite: bool) -> None:
+    """Refuses, in one line, cross-validations (`members`, `require_crossvals`) that cannot join
+    `run`'s in an ensemble: other data or folds than `run`'s (`config`), a fold not trained or
+    testing other slices; and existing reports unless `overwrite`."""
+    runs = [run, *members]
+    for cv in members:
+        _refuse_other_data(settings(cv.saved_config()), config, cv, run)
+    for index in range(config.data.folds):
+        for cv in runs:
+            if not cv.fold(index).best_model.exists() or cv.fold(index).backup().exists():
+                raise PipelineError(f"{cv.fold(index)}: not trained; finish --stage crossval --run-dir {cv} first")
+        slices = _test_slices(run.fold(index))
+        for cv in members:
+            if _test_slices(cv.fold(index)) != slices:
+                raise PipelineError(f"{cv.fold(index)}: tests other slices than {run.fold(index)}")
+    reports = [run.crossval_ensemble_report, run.crossval_ensemble_summary,
+               *(run.crossval_ensemble_fold(index) for index in range(config.data.folds))]
+    io.refuse_existing(reports, overwrite)
+
+
+def _refuse_other_data(theirs: Config, ours: Config, cv: RunDir, run: RunDir) -> None:
+    """One line naming the first data field in which cross-validation `cv` differs from `run`."""
+    mine, other = rundir.data_settings(ours), rundir.data_settings(theirs)
+    for section, fields in mine.items():
+        for field, value in fields.items():
+            if other[section][field] != value:
+                raise PipelineError(f"{cv}: cross-validates with {section}.{field}={other[section][field]!r}, "
+                                    f"{run} with {value!r}; an ensemble's folds must hold the same slices")
+
+
+def _test_slices(fold: RunDir) -> list[str]:
+    with np.load(rundir.require(fold.prepared("test"), "crossval")) as test:
+        return [str(name) for name in test["ids"]]
+
+
+def ensemble_run(config: Config, run: RunDir, members: list[RunDir]) -> dict:
+    """Writes `<run>/crossval/ensemble/report.json` and `report.md` from the folds' ensemble reports
+    (`crossval_ensemble_fold`, which evaluate wrote): the aggregate of `run`'s own report, the
+    member cross-validations, and the cost: seconds of prediction per fold, the ensemble's
+    against one model's (`run`'s fold model), both from the same pass."""
+    results = [_fold_result(index, fold, run.crossval_ensemble_fold(index))
+               for index, (_, fold) in enumerate(folds(config, run))]
+    cost = crossval.cost([result.report["prediction_seconds"] for result in results])
+    runs = [str(cv) for cv in (run, *members)]
+    lines = [f"Ensemble: each fold's slices are scored by the mean probability of cell of the fold's models of "
+             f"{len(runs)} cross-validations ({', '.join(runs)}), each model tiling with its own settings."]
+    report = ({"protocol": lines + protocol(config, run), "members": runs} | crossval.aggregate(results)
+              | {"cost": cost, "configuration": config.to_dict()})
+    io.atomic_write_text(run.crossval_ensemble_report, json.dumps(report, indent=2))
+    io.atomic_write_text(run.crossval_ensemble_summary, crossval.markdown(report))
+    spread = report["across_folds"]["rand_error"]
+    print(f"ensemble of {len(runs)} cross-validations over {config.data.folds} folds: Rand error "
+          f"{spread['mean']:.4f} (sd {spread['std']:.4f}), {cost['ratio']:.1f}x one model's prediction time "
+          f"-> {run.crossval_ensemble_summary}")
+    return report
+
+
+def _fold_result(index: int, fold: RunDir, path: Path | None = None) -> crossval.Fold:
+    """A fold's evaluation report (its own, or the one at `path`) with its test slices' names and
+    pixel counts (from its prepared data)."""
+    report = json.loads(rundir.require(path or fold.report, "crossval").read_text())
     with np.load(fold.prepared("test")) as test:
         names, sizes = [str(name) for name in test["ids"]], test["sizes"]
     return crossval.Fold(index, names, [int(height) * int(width) for height, width in sizes], report)

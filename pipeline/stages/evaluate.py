@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -20,9 +21,10 @@ from pipeline import data
 from pipeline.config.schema import Config, TrainConfig
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
-from pipeline.files import io, rundir
+from pipeline.files import io, model_source, rundir
+from pipeline.files.model_source import ModelSource
 from pipeline.files.rundir import RunDir
-from pipeline.inference.segmenter import Segmenter, load_model
+from pipeline.inference.segmenter import Ensemble, Segmenter, load_model
 from pipeline.metrics.common import check_pair
 from pipeline.metrics.report import panel, report_for, summary, table
 
@@ -37,9 +39,16 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     `instances`) adds SEG per sequence. Returns `report_for`'s report, plus the
     predicted probabilities under the key "probabilities" (not written to JSON).
     """
+    return evaluate_segmenter(Segmenter(model, config), images, truth, config, instances, sizes, sequences)
+
+
+def evaluate_segmenter(segment: Callable[[np.ndarray], np.ndarray], images: np.ndarray, truth: np.ndarray,
+                       config: Config, instances: np.ndarray | None = None, sizes: np.ndarray | None = None,
+                       sequences: list[str] | None = None) -> dict:
+    """`evaluate_model` with any image -> probability of cell function (an `Ensemble`, say);
+    `config` gives the threshold and the labelling of the report."""
     sizes = [image.shape[:2] for image in images] if sizes is None else [tuple(size) for size in sizes]
     crops = [(slice(0, height), slice(0, width)) for height, width in sizes]
-    segment = Segmenter(model, config)
     progress = progress_bar(len(images), "image")
     probabilities = []
     for image, crop in zip(images, crops):
@@ -52,8 +61,16 @@ def evaluate_model(model: keras.Model, images: np.ndarray, truth: np.ndarray, co
     return report | {"probabilities": probabilities}
 
 
-def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
+def run(config: Config, run: RunDir, requested: str | None = None, models: list[ModelSource] | None = None,
+        output: Path | None = None, overwrite: bool = False) -> dict:
     """Scores the best model on the `requested` split: by default test, or val where test has no labels.
+
+    `models` (`files.model_source.opened`) are scored instead of the run's model, as their
+    ensemble (one model alone, or their mean probability of cell), with the run's settings
+    for the report (threshold, labelling): the report names them and goes to `output`, or
+    by default to <run>/evaluation[/<split>]/models/report.json, never over the run's own
+    report; an existing one is refused unless `overwrite`. Its panels go to the folder
+    beside it named after it (`report_panels/`).
 
     The default split's report and panels go to <run>/evaluation/, where export looks for
     them; another split's to <run>/evaluation/<split>/. With
@@ -72,33 +89,58 @@ def run(config: Config, run: RunDir, requested: str | None = None) -> dict:
         raise PipelineError(f"{run.prepared(split_name)}: the {split_name} split has no labels to score against; "
                             f"score --split {default}")
     other = None if split_name == default else split_name  # where its report goes
-    config = run.model_settings(config)
-    model = load_model(run.trained_model())
+    if models is None:
+        config = run.model_settings(config)
+        members = [(load_model(run.trained_model()), config)]
+        path = run.report_of(other)
+    else:
+        model_source.check_compatible(models, config.model.input_channels)
+        path = Path(output) if output is not None else run.models_report_of(other)
+        io.check_output_file(path)
+        io.refuse_existing([path], overwrite)
+        members = [(load_model(source.file), source.config) for source in models]
     dataset = data.DATASETS[config.data.dataset]
     sequences = None
     if dataset.sequence_of is not None and "ids" in split:  # runs prepared before ids were kept have none
         sequences = [dataset.sequence_of(str(example)) for example in split["ids"]]
 
-    def evaluate(settings: Config) -> dict:
-        return evaluate_model(model, split["images"], split["instances"] > 0, settings, split["instances"],
-                              split.get("sizes"), sequences)
+    def evaluate(segment: Ensemble) -> dict:
+        return evaluate_segmenter(segment, split["images"], split["instances"] > 0, config,
+                                  split["instances"], split.get("sizes"), sequences)
 
-    report = evaluate(config)
+    ensemble = Ensemble(members)
+    report = evaluate(ensemble)
     probabilities = report.pop("probabilities")
-    report = {"split": split_name, "dataset": config.data.dataset,
-              "model_selection": _selection(split_name, dataset.held_out_test(config.data), config.train)} | report
-    if config.predict.test_time_augmentation:
-        plain = dataclasses.replace(config, predict=dataclasses.replace(config.predict, test_time_augmentation=False))
-        report["without_test_time_augmentation"] = summary(evaluate(plain))
+    selection = (_selection(split_name, dataset.held_out_test(config.data), config.train) if models is None else
+                 "not known: models from outside this run's training, which may have trained on these images")
+    # Each model's seconds of prediction in this pass, tracing its graph included, in the order of "models".
+    named = {} if models is None else {"models": [str(source.named) for source in models],
+                                       "prediction_seconds": ensemble.seconds}
+    report = {"split": split_name, "dataset": config.data.dataset, "model_selection": selection} | named | report
+    if any(settings.predict.test_time_augmentation for _, settings in members):
+        report["without_test_time_augmentation"] = summary(evaluate(Ensemble([(model, _plain(settings))
+                                                                              for model, settings in members])))
     if dataset.reference is not None:
         report["paper"] = dataset.reference.row(split_name)
-    run.save_config(config)
-    _write(report, run.report_of(other))
+    if models is None:
+        run.save_config(config)
+    _write(report, path, overwrite=models is None or overwrite)
     for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
         height, width = probability.shape
         picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width])
-        io.write_png(run.panel(index, other), picture, overwrite=True)
+        target = run.panel(index, other) if models is None else _panels(path) / f"panel_{index:03d}.png"
+        io.write_png(target, picture, overwrite=True)
     return report
+
+
+def _plain(settings: Config) -> Config:
+    """`settings` without test-time augmentation."""
+    return dataclasses.replace(settings, predict=dataclasses.replace(settings.predict, test_time_augmentation=False))
+
+
+def _panels(report: Path) -> Path:
+    """The folder of a report's error pictures, beside it: `<report without suffix>_panels/`."""
+    return report.with_suffix("").with_name(report.stem + "_panels")
 
 
 def _selection(split_name: str, held_out: bool, train: TrainConfig) -> str:
@@ -147,7 +189,7 @@ def score_files(prediction: Path, ground_truth: Path, output: Path | None = None
               | report_for(probability, cells, threshold, names=names))
     if output is not None:
         _write(report, Path(output), overwrite)
-        folder = Path(output).with_suffix("").with_name(Path(output).stem + "_panels")
+        folder = _panels(Path(output))
         for index, (p, t) in enumerate(zip(probability, cells)):
             io.write_png(folder / f"panel_{index:03d}.png", panel(p, t, threshold), overwrite=True)
     else:

@@ -69,13 +69,13 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.files import bioimageio, io
+from pipeline.files import bioimageio, io, model_source
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, png_segmentation_function, segmentation_function, tile_function
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 PROVENANCE_FILE = Path("assets.extra") / "provenance.json"
-PACKAGE_FILE = Path("assets.extra") / "bioimageio.zip"
+PACKAGE_FILE = model_source.EXPORT_PACKAGE  # where `--model VERSION` looks for it too
 LOCK_FILE = ".export.lock"  # in the export root: see `publication_lock`
 # The evaluation values a version records (those the report has).
 HEADLINE = ("warping_error", "rand_error", "pixel_error", "foreground_iou", "seg")

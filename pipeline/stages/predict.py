@@ -15,6 +15,7 @@ fails at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 from pathlib import Path
 
@@ -24,10 +25,11 @@ import numpy as np
 from pipeline.config.schema import Config
 from pipeline.console import progress_bar
 from pipeline.errors import PipelineError
-from pipeline.files import io, rundir
+from pipeline.files import io, model_source, rundir
+from pipeline.files.model_source import ModelSource
 from pipeline.files.rundir import RunDir
 from pipeline.inference import large_image, outputs
-from pipeline.inference.segmenter import Segmenter, load_model
+from pipeline.inference.segmenter import Ensemble, load_model
 from pipeline.normalization import notice_constant
 
 # A file of input paths, one a line, rather than an image.
@@ -36,12 +38,13 @@ LIST_SUFFIX = ".txt"
 
 def run(
     config: Config,
-    run: RunDir,
+    run: RunDir | None,
     input_path: Path | None = None,
     output_dir: Path | None = None,
     overwrite: bool = False,
     runner: str = "local",
     beam_options: list[str] | None = None,
+    models: list[ModelSource] | None = None,
 ) -> list[Path]:
     """Writes NAME_prob.tif, NAME_mask.tif, NAME_labels.tif, NAME_instances.csv and
     NAME_overlay*.png per input image or stack; the TIFFs keep the input's pixel size.
@@ -53,26 +56,44 @@ def run(
     together or not at all. `runner="beam"` runs `pipeline.inference.beam` with the Beam pipeline
     options `beam_options` (e.g. ["--direct_num_workers=2"]); the local runner returns
     the files written, the Beam runner the files of the inputs it segmented.
+
+    `models` (`files.model_source.opened`) segment instead of the run's model: several
+    give their ensemble (`inference.segmenter.Ensemble`: the mean probability of cell,
+    each model tiling with its own settings), in this process and for images up to
+    `predict.max_whole_pixels`. `config` is then the command's settings for the outputs
+    (threshold, labelling, large images), the run's configuration is not saved, and `run`
+    is None where `input_path` names files and `output_dir` is given.
     """
     if runner not in ("local", "beam"):
         raise ValueError(f"runner must be 'local' or 'beam', not {runner!r}")
-    config = run.model_settings(config)
+    if models is None:
+        config = run.model_settings(config)
+    else:
+        model_source.check_compatible(models, config.model.input_channels)
     if beam_options and runner != "beam":
         raise PipelineError("Beam pipeline options need the Beam runner (--runner beam)")
+    if run is None and (output_dir is None or input_path is None):
+        raise PipelineError("--model without --run-dir predicts the files --input names into the folder --output "
+                            "names: give both")
     output_dir = Path(output_dir or run.predictions)
     io.check_output_folder(output_dir)
     if runner == "beam":
-        return _run_beam(config, run, input_path, output_dir, overwrite, beam_options or [])
-    return _run_local(config, run, input_path, output_dir, overwrite)
+        return _run_beam(config, run, input_path, output_dir, overwrite, beam_options or [], models)
+    return _run_local(config, run, input_path, output_dir, overwrite, models)
 
 
-def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir: Path,
-               overwrite: bool) -> list[Path]:
+def _run_local(config: Config, run: RunDir | None, input_path: Path | None, output_dir: Path,
+               overwrite: bool, models: list[ModelSource] | None) -> list[Path]:
     """Every input read (or, if large, opened) and checked first, then segmented one after
     another in this process; a large input chunk by chunk (`large_image.segment_large`)."""
     sources = [] if input_path is None else large_image.sources(input_files(input_path), config)
     large = [source for source in sources if source.large]
-    large_space = _check_large(large, output_dir, config, overwrite)
+    if large and models is not None and len(models) > 1:
+        raise PipelineError(f"{large[0].path}: larger than predict.max_whole_pixels, so predicted chunk by chunk, "
+                            "which takes one model; give it one --model")
+    # A large input: one model, chunk by chunk, with its own network and tiling.
+    chunked = config if models is None else _with_tiling(config, models[0].config)
+    large_space = _check_large(large, output_dir, chunked, overwrite)
     stacks = _test_split(config, run) if input_path is None else _read(
         [source.path for source in sources if not source.large], config.model.input_channels)
     for name in stacks:
@@ -80,16 +101,17 @@ def _run_local(config: Config, run: RunDir, input_path: Path | None, output_dir:
     # float32 probabilities, uint8 mask, uint16 (rarely uint32) labels, at most 3 bytes per
     # pixel of overlay PNG; the CSV, a line per cell, is small beside them.
     io.check_free_space(output_dir, large_space + sum(12 * stack[..., 0].size for stack, _ in stacks.values()))
-    model = load_model(run.trained_model())
-    segment = Segmenter(model, config)
-    run.save_config(config)
+    members = _members(config, run, models)
+    segment = Ensemble(members)
+    if models is None:
+        run.save_config(config)
     progress = progress_bar(sum(len(stack) for stack, _ in stacks.values()), "image")
     written = []
     for name, (stack, calibration) in stacks.items():
         probability = np.stack([_progress(segment(image), progress) for image in stack])
         written += outputs.write(output_dir, name, stack, probability, config, calibration, overwrite)
     for source in large:
-        written += large_image.segment_large(model, source.path, output_dir, source.name, config, overwrite)
+        written += large_image.segment_large(members[0][0], source.path, output_dir, source.name, chunked, overwrite)
     print(f"predicted {len(stacks) + len(large)} input(s) -> {output_dir} ({len(written)} files)")
     return written
 
@@ -106,19 +128,42 @@ def _check_large(large: list[outputs.Source], output_dir: Path, config: Config, 
     return needed
 
 
-def _run_beam(config: Config, run: RunDir, input_path: Path | None, output_dir: Path, overwrite: bool,
-              beam_options: list[str]) -> list[Path]:
+def _members(config: Config, run: RunDir | None, models: list[ModelSource] | None) -> list[tuple[keras.Model, Config]]:
+    """The models that segment, each with its settings: the run's model, or `models`."""
+    if models is None:
+        return [(load_model(run.trained_model()), config)]
+    return [(load_model(source.file), source.config) for source in models]
+
+
+def _with_tiling(config: Config, settings: Config) -> Config:
+    """`config` for the outputs with one model's network and tiling (tile size, batch, test-time
+    augmentation): what predicts with that model alone where `Ensemble` cannot (chunks, Beam)."""
+    tiling = settings.predict
+    predict = dataclasses.replace(config.predict, tile_size=tiling.tile_size, tiles_per_batch=tiling.tiles_per_batch,
+                                  test_time_augmentation=tiling.test_time_augmentation)
+    return dataclasses.replace(config, model=settings.model, predict=predict)
+
+
+def _run_beam(config: Config, run: RunDir | None, input_path: Path | None, output_dir: Path, overwrite: bool,
+              beam_options: list[str], models: list[ModelSource] | None) -> list[Path]:
     """The inputs as a Beam pipeline; fails, after the good ones are written, if any input failed."""
     if input_path is None:
         raise PipelineError("--runner beam predicts files: give --input (an image, a folder, a glob pattern "
                             f"or a {LIST_SUFFIX} list of paths)")
+    if models is not None and len(models) > 1:
+        raise PipelineError("--runner beam takes one --model; an ensemble predicts in this process (--runner local)")
+    if models is not None:
+        config = _with_tiling(config, models[0].config)
     missing: list[Path] = []
     sources = large_image.sources(input_files(input_path, missing), config)
     for source in sources:
         io.refuse_existing(outputs.existing_of(output_dir, source), overwrite)
     io.refuse_existing([outputs.failures_path(output_dir)], overwrite)
-    model_path = run.trained_model()
-    run.save_config(config)
+    if models is None:
+        model_path = run.trained_model()
+        run.save_config(config)
+    else:
+        model_path = models[0].file
     from pipeline.inference import beam  # Apache Beam: only for this runner (the `beam` extra)
 
     refused = [(str(path), "no such file or folder") for path in missing]
