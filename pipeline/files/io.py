@@ -55,8 +55,17 @@ class Calibration:
     z: float | None = None  # slice spacing of a stack (ImageJ's "spacing")
 
 
-# Units (as ImageJ and TIFF files name them) per centimetre, TIFF's own resolution unit.
-_CENTIMETRES = {"cm": 1.0, "mm": 10.0, "um": 1e4, "µm": 1e4, "\\u00B5m": 1e4, "micron": 1e4, "nm": 1e7}
+# Length units by the short name outputs give them, with the spellings files use for them
+# (ImageJ, TIFF, OME-NGFF's UDUNITS names); matched exactly, never guessed from the case.
+LENGTH_UNITS = {
+    "nm": ("nm", "nanometer", "nanometre"),
+    "um": ("um", "µm", "μm", "\\u00B5m", "micron", "microns", "micrometer", "micrometre"),
+    "mm": ("mm", "millimeter", "millimetre"),
+    "cm": ("cm", "centimeter", "centimetre"),
+    "m": ("m", "meter", "metre"),
+}
+# Units per centimetre, TIFF's own resolution unit.
+_CENTIMETRES = {"cm": 1.0, "mm": 10.0, "um": 1e4, "nm": 1e7, "m": 0.01}
 _TIFF_UNITS = {2: ("um", 25400.0), 3: ("um", 1e4)}  # ResolutionUnit inch, centimetre -> um per unit
 
 
@@ -344,10 +353,16 @@ def resolution_tags(calibration: Calibration | None) -> dict:
     """
     if calibration is None:
         return {}
-    per_cm = _CENTIMETRES.get(calibration.unit)
+    per_cm = _CENTIMETRES.get(length_unit(calibration.unit))
     if per_cm is None:  # a unit TIFF's tags cannot name: the numbers without it
         return {"resolution": (1 / calibration.x, 1 / calibration.y)}
     return {"resolution": (per_cm / calibration.x, per_cm / calibration.y), "resolutionunit": "CENTIMETER"}
+
+
+def length_unit(unit: str) -> str | None:
+    """The short name ("nm", "um", "mm", "cm", "m") of a length unit as a file spells it; None
+    for anything else (no unit, "pixel", "inch", a spelling not listed in `LENGTH_UNITS`)."""
+    return next((short for short, spellings in LENGTH_UNITS.items() if unit in spellings), None)
 
 
 def encode_png(path: Path, array: np.ndarray) -> None:
@@ -380,7 +395,10 @@ def read_calibration(path: Path) -> Calibration | None:
     """The pixel size a TIFF declares (ImageJ unit and spacing, or resolution in inch/cm).
 
     None for a PNG and for a TIFF without one: TIFF's default resolution (72 per inch,
-    or 1 with no unit) says nothing about the sample.
+    or 1 with no unit) says nothing about the sample. ImageJ's unit wins over the TIFF's
+    resolution unit, as in Fiji. Another resolution with no unit (ResolutionUnit NONE and
+    no ImageJ unit) is a size in an unknown unit: None too, with a one-line notice, never
+    taken for micrometres.
     """
     if Path(path).suffix.lower() not in (".tif", ".tiff"):
         return None
@@ -392,7 +410,13 @@ def read_calibration(path: Path) -> Calibration | None:
         imagej = tiff.imagej_metadata or {}
         if imagej.get("unit"):
             return Calibration(1 / x_per_unit, 1 / y_per_unit, imagej["unit"], imagej.get("spacing"))
-        if (x_per_unit, y_per_unit) == (72.0, 72.0) or int(page.resolutionunit) not in _TIFF_UNITS:
+        if int(page.resolutionunit) not in _TIFF_UNITS:
+            if (x_per_unit, y_per_unit) != (1.0, 1.0):
+                print(f"notice: {path}: a resolution of {x_per_unit:g} x {y_per_unit:g} pixels per unit without "
+                      "a unit (TIFF ResolutionUnit NONE); its outputs carry no pixel size and measure in pixels",
+                      file=sys.stderr)
+            return None
+        if (x_per_unit, y_per_unit) == (72.0, 72.0):
             return None
         unit, size = _TIFF_UNITS[int(page.resolutionunit)]
         return Calibration(size / x_per_unit, size / y_per_unit, unit)

@@ -423,7 +423,7 @@ def finish(outputs: LargeOutputs, config: Config) -> list[Path]:
                             outputs.calibration)
     made.append(outputs.scratch / csv_target.name)
     with _writing(csv_target):
-        chunked_labels.write_measurements(made[-1], cells)
+        chunked_labels.write_measurements(made[-1], cells, output_files.physical_size(outputs.calibration, csv_target))
     _publish(made, outputs)
     shutil.rmtree(outputs.scratch, ignore_errors=True)
     return list(outputs.targets)

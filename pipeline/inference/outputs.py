@@ -2,7 +2,9 @@
 
 Per input NAME, in the output folder: `NAME_prob.tif` (float32 probability of cell),
 `NAME_mask.tif` (uint8, 255 = cell), `NAME_labels.tif` (the cell instances of
-`pipeline.inference.labelling.instances`), `NAME_instances.csv` (their measurements) and `NAME_overlay.png`
+`pipeline.inference.labelling.instances`),
+`NAME_instances.csv` (their measurements, in pixels and, where the input declares its pixel
+size in a length unit, in that unit too) and `NAME_overlay.png`
 (each cell outlined in its colour), or `NAME_overlay_NNN.png` per slice of a stack. The
 TIFFs keep the input's pixel size. An input larger than memory (`Source.large`), which
 `inference.large_image` segments chunk by chunk, gets the same names without overlays, as
@@ -21,6 +23,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +42,9 @@ FAILURE_COLUMNS = ("file", "reason")
 OUTLINE_COLOURS = np.array([(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
                             (75, 86, 140), (194, 119, 227), (34, 189, 188), (207, 190, 23)], np.uint8)
 
+
+# What ImageJ names an uncalibrated image's unit: no physical size, and nothing to notice.
+_PIXEL_UNITS = ("pixel", "pixels", "px")
 
 # The images every input gets, in the order `paths` and `large_paths` list them.
 IMAGE_KINDS = ("prob", "mask", "labels")
@@ -131,7 +137,7 @@ def write(output_dir: Path, name: str, stack: np.ndarray, probability: np.ndarra
         io.encode_tiff(prob_path, probability[0] if single else probability, calibration)
         io.encode_tiff(mask_path, mask[0] if single else mask, calibration)
         io.encode_tiff(labels_path, instances.label_image(labels[0] if single else labels), calibration)
-        write_measurements(csv_path, labels, probability, single)
+        write_measurements(csv_path, labels, probability, single, physical_size(calibration, targets[3]))
         for image, image_labels, path in zip(stack, labels, overlay_paths):
             io.encode_png(path, overlay(image, image_labels))
     for stale in set(_overlays(Path(output_dir), name)) - set(targets):
@@ -139,25 +145,68 @@ def write(output_dir: Path, name: str, stack: np.ndarray, probability: np.ndarra
     return targets
 
 
-def write_measurements(path: Path, labels: np.ndarray, probability: np.ndarray, single: bool) -> None:
-    """Writes each cell's `instances.COLUMNS` as CSV into `path`, for a stack with its slice first."""
+def physical_size(calibration: io.Calibration | None, target: Path) -> io.Calibration | None:
+    """The pixel size that the measurements `target` adds physical columns in: the input's, its
+    unit as `io.length_unit` names it; None (pixels only) without one.
+
+    A declared size whose unit is no length unit (none, "pixel", "inch", an unknown
+    spelling) is never guessed: pixels only, with a one-line notice naming `target`
+    (none for "pixel", which declares no physical size).
+    """
+    if calibration is None or calibration.unit in _PIXEL_UNITS:
+        return None
+    unit = io.length_unit(calibration.unit)
+    if unit is None:
+        declared = f"is in {calibration.unit!r}, not a length unit" if calibration.unit else "has no unit"
+        print(f"notice: {target}: in pixels only: the input's pixel size {declared} "
+              f"(physical columns take {', '.join(io.LENGTH_UNITS)})", file=sys.stderr)
+        return None
+    return io.Calibration(calibration.x, calibration.y, unit, calibration.z)
+
+
+def measurement_columns(size: io.Calibration | None) -> tuple[str, ...]:
+    """The header of NAME_instances.csv: `instances.COLUMNS`, then with a pixel `size` (from
+    `physical_size`) area, centroid and box in its unit, which each column's name ends with."""
+    if size is None:
+        return instances.COLUMNS
+    unit = size.unit
+    return (*instances.COLUMNS, f"area_{unit}2", f"centroid_y_{unit}", f"centroid_x_{unit}", f"min_y_{unit}",
+            f"min_x_{unit}", f"max_y_{unit}", f"max_x_{unit}")
+
+
+def write_measurements(path: Path, labels: np.ndarray, probability: np.ndarray, single: bool,
+                       size: io.Calibration | None = None) -> None:
+    """Writes each cell's `measurement_columns` as CSV into `path`, for a stack with its slice first."""
     rows = []
     for index, (slice_labels, slice_probability) in enumerate(zip(labels, probability)):
         for cell in instances.measure(slice_labels, slice_probability):
-            row = measurement_row(*cell)
+            row = measurement_row(*cell, size=size)
             rows.append(row if single else [index, *row])
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(instances.COLUMNS if single else ("slice", *instances.COLUMNS))
+        columns = measurement_columns(size)
+        writer.writerow(columns if single else ("slice", *columns))
         writer.writerows(rows)
 
 
 def measurement_row(label: float, area: float, y: float, x: float, first_row: float, first_col: float,
-                    last_row: float, last_col: float, mean: float) -> list[int | str]:
-    """One cell's `instances.COLUMNS` as NAME_instances.csv holds them: whole numbers, the centroid
-    to 3 decimals, the mean probability to 6; for images read whole and chunk by chunk alike."""
-    return [int(label), int(area), f"{y:.3f}", f"{x:.3f}", int(first_row), int(first_col), int(last_row),
-            int(last_col), f"{mean:.6f}"]
+                    last_row: float, last_col: float, mean: float,
+                    size: io.Calibration | None = None) -> list[int | str]:
+    """One cell's `measurement_columns` as NAME_instances.csv holds them: whole numbers, the
+    centroid to 3 decimals, the mean probability to 6, physical values to 9 significant
+    digits; for images read whole and chunk by chunk alike.
+
+    A physical position is the pixel position times the pixel size (y by its height, x by
+    its width), so the centre of the top left pixel is at 0; the area is the pixel count
+    times the pixel's area.
+    """
+    row = [int(label), int(area), f"{y:.3f}", f"{x:.3f}", int(first_row), int(first_col), int(last_row),
+           int(last_col), f"{mean:.6f}"]
+    if size is None:
+        return row
+    physical = (area * size.y * size.x, y * size.y, x * size.x, first_row * size.y, first_col * size.x,
+                last_row * size.y, last_col * size.x)
+    return row + [f"{value:.9g}" for value in physical]
 
 
 def failures_path(output_dir: Path) -> Path:

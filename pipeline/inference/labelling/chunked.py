@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import zarr
 
+from pipeline.files import io
 from pipeline.inference import outputs
 from pipeline.inference.chunk_grid import Chunk
 from pipeline.inference.labelling import instances
@@ -229,11 +230,13 @@ def write_labels(mask: zarr.Array, labels: zarr.Array, grid: list[Chunk], cells:
         labels[chunk.box] = table[local]
 
 
-def write_measurements(path: Path, cells: Cells) -> None:
-    """Each cell's `instances.COLUMNS` as CSV, formatted as the predict stage formats a single image's."""
+def write_measurements(path: Path, cells: Cells, size: io.Calibration | None = None) -> None:
+    """Each cell's `outputs.measurement_columns` (physical ones with a pixel `size`, from
+    `outputs.physical_size`) as CSV, formatted as the predict stage formats a single image's."""
     columns = (cells.area, cells.row_sum / cells.area, cells.col_sum / cells.area, cells.top, cells.left,
                cells.bottom, cells.right, cells.probability_sum / cells.area)
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(instances.COLUMNS)
-        writer.writerows(outputs.measurement_row(label, *cell) for label, cell in enumerate(zip(*columns), start=1))
+        writer.writerow(outputs.measurement_columns(size))
+        writer.writerows(outputs.measurement_row(label, *cell, size=size)
+                         for label, cell in enumerate(zip(*columns), start=1))
