@@ -1,6 +1,6 @@
 """Physical units: where the input declares its pixel size in a length unit, NAME_instances.csv
 adds area, centroid and box in that unit, named in the columns; an unreadable unit gives
-pixels only with a notice."""
+pixels only with a notice; NAME_labels.tif carries a LUT that Fiji shows, its pixels the labels."""
 
 from __future__ import annotations
 
@@ -126,6 +126,43 @@ def test_a_resolution_without_a_unit_is_no_pixel_size_and_says_so(tmp_path, caps
     assert io.read_calibration(tmp_path / "plain.tif") is None and capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_the_labels_tiff_has_a_lut_and_keeps_the_labels_and_the_pixel_size(tmp_path, calibrated):
+    calibration = io.Calibration(0.5, 0.25, "um") if calibrated else None
+    probability = cells_probability()
+    written = write_whole(tmp_path, probability, calibration)
+    with tifffile.TiffFile(written[2]) as tiff:
+        metadata = tiff.imagej_metadata
+        labels = tiff.asarray()
+    lut = np.asarray(metadata["LUTs"])
+    assert lut.shape == (3, 256) and lut.dtype == np.uint8
+    assert lut[:, 0].tolist() == [0, 0, 0] and lut[:, 1:].max(axis=0).min() > 0  # background black, cells bright
+    assert len({tuple(colour) for colour in lut[:, 1:].T}) == 255  # a colour of its own per label up to 255
+    assert (metadata["min"], metadata["max"]) == (0, 255)  # so that label k is shown in entry k
+    assert labels.dtype == np.uint16
+    np.testing.assert_array_equal(labels, instances.cell_instances(probability, 0.5, "components", 16))
+    if calibrated:
+        assert io.read_calibration(written[2]) == calibration
+    # The other images have no LUT.
+    with tifffile.TiffFile(written[1]) as tiff:
+        assert "LUTs" not in (tiff.imagej_metadata or {})
+
+
+def test_a_stack_of_labels_keeps_its_slices_with_the_lut(tmp_path):
+    probability = np.stack([cells_probability(), cells_probability()[::-1]])
+    image = (probability * 255).astype(np.uint8)[..., None]
+    written = outputs.write(tmp_path, "stack", image, probability, preset("smoke"), None, overwrite=False)
+    with tifffile.TiffFile(written[2]) as tiff:
+        assert tiff.series[0].axes == "ZYX" and np.asarray(tiff.imagej_metadata["LUTs"]).shape == (3, 256)
+        np.testing.assert_array_equal(tiff.asarray(),
+                                      instances.cell_instances(probability, 0.5, "components", 16))
+
+
+def test_more_than_255_cells_spread_the_lut_over_all_labels():
+    labels = np.arange(300, dtype=np.uint16).reshape(15, 20)
+    assert outputs.label_display(labels)["max"] == 299
+
+
 def test_whole_and_chunked_measurements_are_identical_with_a_pixel_size(tmp_path):
     config = preset("smoke")
     config = dataclasses.replace(config, predict=dataclasses.replace(
@@ -143,3 +180,4 @@ def test_whole_and_chunked_measurements_are_identical_with_a_pixel_size(tmp_path
     assert header[-7:] == ["area_um2", "centroid_y_um", "centroid_x_um", "min_y_um", "min_x_um", "max_y_um",
                            "max_x_um"] and len(rows) == 5
     assert chunked[3].read_bytes() == whole[3].read_bytes()
+    np.testing.assert_array_equal(tifffile.imread(chunked[2]), tifffile.imread(whole[2]))

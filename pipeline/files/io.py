@@ -319,30 +319,34 @@ def write_png(target: Path, array: np.ndarray, overwrite: bool = False) -> None:
         encode_png(temporary, array)
 
 
-def encode_tiff(path: Path, array: np.ndarray, calibration: Calibration | None = None) -> None:
+def encode_tiff(path: Path, array: np.ndarray, calibration: Calibration | None = None,
+                display: dict | None = None) -> None:
     """Writes an image or stack as a grey TIFF straight into `path` (a temporary of `atomic_paths`).
 
     With a `calibration` (the input's, from `read_calibration`), the file carries the same
     pixel size: as ImageJ metadata (unit, slice spacing) where ImageJ's format takes the
     pixel type (8/16-bit, float32), else as TIFF resolution tags in pixels per centimetre.
+    `display` is ImageJ metadata on how Fiji shows the image (e.g. `LUTs`, `min`, `max`),
+    written where ImageJ's format takes the pixel type and left out elsewhere.
     """
     # Encoded in memory: tifffile's own file writes report a full disk without errno.
     buffer = BytesIO()
-    tifffile.imwrite(buffer, array, photometric="minisblack", **_calibration_tags(array, calibration))
+    tifffile.imwrite(buffer, array, photometric="minisblack", **_tiff_tags(array, calibration, display or {}))
     _write_bytes(path, buffer.getbuffer())
 
 
-def _calibration_tags(array: np.ndarray, calibration: Calibration | None) -> dict:
-    """tifffile.imwrite's keywords that record `calibration` for `array`."""
-    if calibration is None:
-        return {}
-    resolution = (1 / calibration.x, 1 / calibration.y)
-    if array.dtype in (np.uint8, np.uint16, np.float32):
-        metadata = {"unit": calibration.unit, "axes": "ZYX" if array.ndim == 3 else "YX"}
-        if calibration.z is not None:
-            metadata["spacing"] = calibration.z
-        return {"imagej": True, "resolution": resolution, "metadata": metadata}
-    return resolution_tags(calibration)
+def _tiff_tags(array: np.ndarray, calibration: Calibration | None, display: dict) -> dict:
+    """tifffile.imwrite's keywords that record `calibration` and ImageJ's `display` metadata for `array`."""
+    if array.dtype not in (np.uint8, np.uint16, np.float32) or (calibration is None and not display):
+        return resolution_tags(calibration)
+    metadata = {} if calibration is None else {"unit": calibration.unit}
+    metadata["axes"] = "ZYX" if array.ndim == 3 else "YX"
+    if calibration is not None and calibration.z is not None:
+        metadata["spacing"] = calibration.z
+    tags = {"imagej": True, "metadata": {**metadata, **display}}
+    if calibration is not None:
+        tags["resolution"] = (1 / calibration.x, 1 / calibration.y)
+    return tags
 
 
 def resolution_tags(calibration: Calibration | None) -> dict:

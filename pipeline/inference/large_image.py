@@ -464,7 +464,8 @@ def segment_large(model: keras.Model, path: Path, output_dir: Path, name: str, c
 def _write_tiff(path: Path, array: zarr.Array, compression: dict, calibration: io.Calibration | None) -> None:
     """Writes a 2-D zarr array as a tiled BigTIFF, streamed tile by tile (`compression`: tifffile's keywords)."""
     # The pixel size as resolution tags: ImageJ's own metadata (what `io.encode_tiff` writes
-    # for small images) does not go with tiled BigTIFFs, which ImageJ reads through Bio-Formats.
+    # for small images, the labels' LUT included) does not go with tiled BigTIFFs, which
+    # ImageJ reads through Bio-Formats.
     tifffile.imwrite(path, _tiles(array), shape=array.shape, dtype=array.dtype, tile=(TIFF_TILE, TIFF_TILE),
                      bigtiff=True, photometric="minisblack", **compression, **io.resolution_tags(calibration))
 

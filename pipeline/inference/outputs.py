@@ -2,7 +2,7 @@
 
 Per input NAME, in the output folder: `NAME_prob.tif` (float32 probability of cell),
 `NAME_mask.tif` (uint8, 255 = cell), `NAME_labels.tif` (the cell instances of
-`pipeline.inference.labelling.instances`),
+`pipeline.inference.labelling.instances`, with a LUT that Fiji shows them in),
 `NAME_instances.csv` (their measurements, in pixels and, where the input declares its pixel
 size in a length unit, in that unit too) and `NAME_overlay.png`
 (each cell outlined in its colour), or `NAME_overlay_NNN.png` per slice of a stack. The
@@ -20,6 +20,7 @@ Both runners of the predict stage, in this process and on Apache Beam, write thr
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import dataclasses
 import re
@@ -42,6 +43,19 @@ FAILURE_COLUMNS = ("file", "reason")
 OUTLINE_COLOURS = np.array([(180, 119, 31), (14, 127, 255), (44, 160, 44), (40, 39, 214), (189, 103, 148),
                             (75, 86, 140), (194, 119, 227), (34, 189, 188), (207, 190, 23)], np.uint8)
 
+
+# How NAME_labels.tif looks in Fiji: ImageJ shows a 16-bit image through a 256-entry LUT
+# spread over its display range. Entry 0 (background) is black; entries 1..255 are bright
+# colours whose hues step by the golden ratio of the circle, in three shades taken in turn,
+# so that cells numbered one after another (neighbours along a row) differ.
+def _label_lut() -> np.ndarray:
+    """uint8 [3, 256]: the labels' LUT, rows red, green and blue."""
+    colours = [(0.0, 0.0, 0.0)] + [colorsys.hsv_to_rgb(k * 0.618033988749895 % 1.0, (1.0, 0.6, 0.9)[k % 3],
+                                                       (1.0, 1.0, 0.7)[k % 3]) for k in range(1, 256)]
+    return np.round(np.array(colours).T * 255).astype(np.uint8)
+
+
+LABEL_LUT = _label_lut()
 
 # What ImageJ names an uncalibrated image's unit: no physical size, and nothing to notice.
 _PIXEL_UNITS = ("pixel", "pixels", "px")
@@ -136,13 +150,24 @@ def write(output_dir: Path, name: str, stack: np.ndarray, probability: np.ndarra
     with io.atomic_paths(targets, overwrite) as (prob_path, mask_path, labels_path, csv_path, *overlay_paths):
         io.encode_tiff(prob_path, probability[0] if single else probability, calibration)
         io.encode_tiff(mask_path, mask[0] if single else mask, calibration)
-        io.encode_tiff(labels_path, instances.label_image(labels[0] if single else labels), calibration)
+        stored = instances.label_image(labels[0] if single else labels)
+        io.encode_tiff(labels_path, stored, calibration, label_display(stored))
         write_measurements(csv_path, labels, probability, single, physical_size(calibration, targets[3]))
         for image, image_labels, path in zip(stack, labels, overlay_paths):
             io.encode_png(path, overlay(image, image_labels))
     for stale in set(_overlays(Path(output_dir), name)) - set(targets):
         stale.unlink(missing_ok=True)  # missing: another attempt at this input removed it first
     return targets
+
+
+def label_display(labels: np.ndarray) -> dict:
+    """ImageJ metadata that shows a label image in `LABEL_LUT` in Fiji (`io.encode_tiff`'s `display`).
+
+    The display range is 0..255 where the labels end there, so that cell k takes entry k;
+    beyond, 0..the last label, over which ImageJ spreads the 256 entries (runs of
+    consecutive cells share a colour). The pixels stay the labels.
+    """
+    return {"LUTs": [LABEL_LUT], "min": 0, "max": max(255, int(labels.max(initial=0)))}
 
 
 def physical_size(calibration: io.Calibration | None, target: Path) -> io.Calibration | None:
