@@ -126,6 +126,15 @@ def test_a_resolution_without_a_unit_is_no_pixel_size_and_says_so(tmp_path, caps
     assert io.read_calibration(tmp_path / "plain.tif") is None and capsys.readouterr().err == ""
 
 
+def test_a_pixel_height_in_another_unit_than_the_width_is_no_pixel_size_and_says_so(tmp_path, capsys):
+    source = tmp_path / "in.tif"
+    tifffile.imwrite(source, np.zeros((4, 4), np.uint8), imagej=True, resolution=(2.0, 4.0),
+                     metadata={"unit": "um", "yunit": "nm", "axes": "YX"})
+    assert io.read_calibration(source) is None
+    assert capsys.readouterr().err == (f"notice: {source}: ImageJ's pixel width is in 'um' but its height in 'nm'; "
+                                       "its outputs carry no pixel size and measure in pixels\n")
+
+
 @pytest.mark.parametrize("calibrated", [False, True])
 def test_the_labels_tiff_has_a_lut_and_keeps_the_labels_and_the_pixel_size(tmp_path, calibrated):
     calibration = io.Calibration(0.5, 0.25, "um") if calibrated else None

@@ -401,8 +401,9 @@ def read_calibration(path: Path) -> Calibration | None:
     None for a PNG and for a TIFF without one: TIFF's default resolution (72 per inch,
     or 1 with no unit) says nothing about the sample. ImageJ's unit wins over the TIFF's
     resolution unit, as in Fiji. Another resolution with no unit (ResolutionUnit NONE and
-    no ImageJ unit) is a size in an unknown unit: None too, with a one-line notice, never
-    taken for micrometres.
+    no ImageJ unit) is a size in an unknown unit, and ImageJ's pixel height in another
+    unit than its width (`yunit`) is no one pixel size: None too, with a one-line notice,
+    never guessed.
     """
     if Path(path).suffix.lower() not in (".tif", ".tiff"):
         return None
@@ -412,6 +413,10 @@ def read_calibration(path: Path) -> Calibration | None:
         if x_per_unit <= 0 or y_per_unit <= 0:
             return None
         imagej = tiff.imagej_metadata or {}
+        if imagej.get("unit") and imagej.get("yunit", imagej["unit"]) != imagej["unit"]:
+            print(f"notice: {path}: ImageJ's pixel width is in {imagej['unit']!r} but its height in "
+                  f"{imagej['yunit']!r}; its outputs carry no pixel size and measure in pixels", file=sys.stderr)
+            return None
         if imagej.get("unit"):
             return Calibration(1 / x_per_unit, 1 / y_per_unit, imagej["unit"], imagej.get("spacing"))
         if int(page.resolutionunit) not in _TIFF_UNITS:
