@@ -79,13 +79,14 @@ def test_of_two_writers_started_together_one_is_refused_naming_the_other(tmp_pat
 
 def test_readers_share_the_lock_and_keep_writers_out(tmp_path):
     run = tmp_path / "run"
-    readers = [holder(run, "shared", 3), holder(run, "shared", 3)]
-    wait_for(lambda: run.joinpath(".lock").exists())
-    time.sleep(1.0)  # both readers hold it now (each takes ~1 s to start)
+    readers = [holder(run, "shared", 30), holder(run, "shared", 30)]
+    assert [reader.stdout.readline() for reader in readers] == ["in\n", "in\n"]  # both hold it now
     writer = finished(holder(run, "exclusive", 0))
     line = error_line(writer)
     assert all(f"PID {reader.pid} (" in line for reader in readers) and "reading its model" in line
-    assert [finished(r).stdout for r in readers] == ["in\n", "in\n"]
+    for reader in readers:
+        reader.kill()
+        reader.wait()
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
