@@ -48,7 +48,7 @@ setup(
         "tfds-cli": TFDS_CLI,
         # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
         "beam": BEAM,
-        "test": ["pytest>=8.0", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
 )
