@@ -51,7 +51,6 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="run_pipeline.py", description=DESCRIPTION)
     p.add_argument("--stage", choices=EVERY, default="all",
                    help="stage to run (default: all, in order); crossval: k-fold cross-validation, one report")
-    _add_version(p)
     _add_options(p)
     return p
 
@@ -61,16 +60,12 @@ def console_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=CONSOLE, description=DESCRIPTION,
                 epilog=f"`{CONSOLE} STAGE --help` lists a stage's options. `{CONSOLE} STAGE ...` is "
                 "`python run_pipeline.py --stage STAGE ...` in a checkout of the project.")
-    _add_version(p)
+    # Not in run_pipeline.py's parser, where it would make `--ver` (for --verbose) ambiguous.
+    p.add_argument("--version", action="version", version=f"{CONSOLE} {__version__}")
     commands = p.add_subparsers(dest="stage", metavar="STAGE", title="stages", required=True)
     for stage, summary in SUBCOMMANDS.items():
         _add_options(commands.add_parser(stage, help=summary, description=summary), stage)
     return p
-
-
-def _add_version(p: argparse.ArgumentParser) -> None:
-    """--version: the installed distribution's name and this package's version, as `pip show` gives them."""
-    p.add_argument("--version", action="version", version=f"{CONSOLE} {__version__}")
 
 
 def _add_options(p: argparse.ArgumentParser, stage: str | None = None) -> None:

@@ -101,7 +101,7 @@ def test_each_stage_lists_the_options_it_uses_and_run_pipeline_takes_them_all():
     assert {"--prediction", "--ground-truth", "--split", "--model", "-o"} <= options("evaluate")
     assert {"--model", "--init-from"} <= options("crossval") and "--input" not in options("crossval")
     every = {flag for action in cli.parser()._actions for flag in action.option_strings}
-    assert set().union(*map(options, cli.EVERY)) | {"--stage", "--version"} == every
+    assert set().union(*map(options, cli.EVERY)) | {"--stage"} == every
 
 
 # (unet-pipeline's arguments, run_pipeline.py's): the same command.
