@@ -50,5 +50,5 @@ setup(
         "beam": BEAM,
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
     },
-    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:main"]},
+    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"]},
 )

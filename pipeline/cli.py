@@ -11,6 +11,7 @@ import time
 import typing
 from pathlib import Path
 
+from pipeline import __version__
 from pipeline.config import resolve as configuration
 from pipeline.config.presets import PRESETS
 from pipeline.config.schema import STRATEGIES, Config
@@ -22,6 +23,20 @@ from pipeline.files.rundir import RunDir
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
 CROSSVAL = "crossval"  # prepare, train and evaluate in every fold, then one report (pipeline.stages.crossval)
 RUNNERS = ("local", "beam")
+CONSOLE = "unet-pipeline"  # the command `pip install` adds (setup.py's console_scripts), and the distribution
+DESCRIPTION = "U-Net (Ronneberger et al. 2015): prepare, train, evaluate, export, predict."
+EVERY = STAGES + ("all", CROSSVAL)
+TRAINING = ("train", "all", CROSSVAL)  # the stages that train, and so take --strategy and --init-from
+# `unet-pipeline STAGE`: what each stage does, in the command's --help.
+SUBCOMMANDS = {
+    "prepare": "cut the data set into the run's prepared train, val and test splits, with weight maps",
+    "train": "train the U-Net on the run's prepared data (train/best.keras)",
+    "evaluate": "score the run's model, --model's or --prediction's file on a labelled split",
+    "export": "publish the run's model: a versioned SavedModel for TF Serving, with its bioimage.io package",
+    "predict": "segment images with the run's model or --model's: probabilities, masks, cells, overlays",
+    "all": "prepare, train, evaluate, export (into the run) and predict, in order, in a new run directory",
+    CROSSVAL: "k-fold cross-validation: prepare, train and evaluate every fold, then one report",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,53 +47,76 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="run_pipeline.py",
-        description="U-Net (Ronneberger et al. 2015): prepare, train, evaluate, export, predict.",
-    )
-    p.add_argument("--stage", choices=STAGES + ("all", CROSSVAL), default="all",
+    """run_pipeline.py's arguments: `--stage STAGE` (default: all) and every stage's options."""
+    p = _Parser(prog="run_pipeline.py", description=DESCRIPTION)
+    p.add_argument("--stage", choices=EVERY, default="all",
                    help="stage to run (default: all, in order); crossval: k-fold cross-validation, one report")
-    p.add_argument("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
-                   "runs/<time>-<preset>-crossval for crossval, else the run that prepare last started here, "
-                   "recorded in runs/.latest)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu)")
-    p.add_argument("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
-    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one field, e.g. --set train.epochs=20 (repeatable)")
-    p.add_argument("--dataset", choices=DATASETS, help="data set (default: embedded synthetic)")
-    p.add_argument("--data-dir", help="folder of the data set's files: isbi2012's TIFF stacks, image_folder's "
-                   "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
-    p.add_argument("--strategy", choices=STRATEGIES,
-                   help="train on this machine's devices (default) or on the TF_CONFIG cluster")
-    p.add_argument("--init-from", metavar="PATH", help="train: start from these weights instead of random ones "
-                   "(fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
-                   "bioimage.io package (.zip); sets train.init_from")
-    p.add_argument("--model", dest="models", action="append", type=Path, metavar="PATH",
-                   help="predict, evaluate: segment with this model instead of the run's: a run directory, a .keras "
-                   "file, an export version folder or a bioimage.io package (.zip); repeated: their ensemble (mean "
-                   "probability of cell). predict needs no --run-dir with it, but --input and --output. crossval: "
-                   "another cross-validation of the same folds (repeatable), whose fold models join --run-dir's "
-                   "in an ensemble per fold")
-    p.add_argument("--input", type=Path, help="predict: an image, a stack, a folder, a quoted glob pattern, a .txt "
-                   "list of paths (TIFF/PNG), or an OME-Zarr image")
-    p.add_argument("--output", type=Path, help="predict: output folder (default: <run-dir>/predictions); "
-                   "evaluate with --prediction or --model: the JSON report to write (with --model by default "
-                   "<run>/evaluation/models/report.json)")
-    p.add_argument("--prediction", type=Path, help="evaluate: score this probability-of-cell TIFF (image or stack) "
-                   "instead of a run's model; needs --ground-truth")
-    p.add_argument("--ground-truth", type=Path, help="evaluate: binary labels for --prediction (255 or 1 = cell)")
-    p.add_argument("--split", choices=("test", "val"),
-                   help="evaluate: the labelled split to score (default: test, or val where the test split has no "
-                   "labels, as ISBI 2012's); another split than the default is written to <run>/evaluation/<split>/")
-    p.add_argument("--runner", choices=RUNNERS, default="local",
-                   help="predict: in this process (default), or as an Apache Beam pipeline, whose options "
-                   "follow a bare --, e.g. -- --direct_num_workers=2 or -- --runner=FlinkRunner ...")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing trained model, prepared data, predictions, export version "
-                   "or evaluation report")
-    p.add_argument("--verbose", action="store_true",
-                   help="the libraries' INFO log lines too, e.g. Beam's and its workers' (default: warnings only)")
+    _add_options(p)
     return p
+
+
+def console_parser() -> argparse.ArgumentParser:
+    """The `unet-pipeline` command's arguments: the stage as a subcommand, then that stage's options."""
+    p = _Parser(prog=CONSOLE, description=DESCRIPTION,
+                epilog=f"`{CONSOLE} STAGE --help` lists a stage's options. `{CONSOLE} STAGE ...` is "
+                "`python run_pipeline.py --stage STAGE ...` in a checkout of the project.")
+    # Not in run_pipeline.py's parser, where it would make `--ver` (for --verbose) ambiguous.
+    p.add_argument("--version", action="version", version=f"{CONSOLE} {__version__}")
+    commands = p.add_subparsers(dest="stage", metavar="STAGE", title="stages", required=True)
+    for stage, summary in SUBCOMMANDS.items():
+        _add_options(commands.add_parser(stage, help=summary, description=summary), stage)
+    return p
+
+
+def _add_options(p: argparse.ArgumentParser, stage: str | None = None) -> None:
+    """Adds to `p` the options of `stage`, or with None every option (run_pipeline.py takes each with any
+    --stage, and `parse` refuses the combinations that mean nothing); one definition for both commands."""
+
+    def option(*flags: str, stages: tuple[str, ...] = EVERY, **settings: typing.Any) -> None:
+        if stage is None or stage in stages:
+            p.add_argument(*flags, **settings)
+
+    option("--run-dir", type=Path, help="run directory (default: new runs/<time>-<preset> for prepare/all, "
+           "runs/<time>-<preset>-crossval for crossval, else the run that prepare last started here, "
+           "recorded in runs/.latest)")
+    option("--preset", choices=sorted(PRESETS), help="named configuration (default: cpu)")
+    option("--config", type=Path, help="YAML or JSON file of overrides, e.g. a saved config.yaml")
+    option("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+           help="override one field, e.g. --set train.epochs=20 (repeatable)")
+    option("--dataset", choices=DATASETS, help="data set (default: embedded synthetic)")
+    option("--data-dir", help="folder of the data set's files: isbi2012's TIFF stacks, image_folder's "
+           "images/ and masks/, ctc2d's NAME.zip or NAME/ (without it, ctc2d downloads the zip once)")
+    option("--strategy", stages=TRAINING, choices=STRATEGIES,
+           help="train on this machine's devices (default) or on the TF_CONFIG cluster")
+    option("--init-from", stages=TRAINING, metavar="PATH", help="train: start from these weights instead of "
+           "random ones (fine-tuning): a run directory (its train/best.keras), a .keras file or an exported "
+           "bioimage.io package (.zip); sets train.init_from")
+    option("--model", stages=("predict", "evaluate", CROSSVAL), dest="models", action="append", type=Path,
+           metavar="PATH", help="predict, evaluate: segment with this model instead of the run's: a run directory, "
+           "a .keras file, an export version folder or a bioimage.io package (.zip); repeated: their ensemble "
+           "(mean probability of cell). predict needs no --run-dir with it, but --input and --output. crossval: "
+           "another cross-validation of the same folds (repeatable), whose fold models join --run-dir's "
+           "in an ensemble per fold")
+    option("-i", "--input", stages=("predict", "all"), type=Path, help="predict: an image, a stack, a folder, "
+           "a quoted glob pattern, a .txt list of paths (TIFF/PNG), or an OME-Zarr image")
+    option("-o", "--output", stages=("predict", "evaluate", "all"), type=Path, help="predict: output folder "
+           "(default: <run-dir>/predictions); evaluate with --prediction or --model: the JSON report to write "
+           "(with --model by default <run>/evaluation/models/report.json)")
+    option("--prediction", stages=("evaluate",), type=Path, help="evaluate: score this probability-of-cell TIFF "
+           "(image or stack) instead of a run's model; needs --ground-truth")
+    option("--ground-truth", stages=("evaluate",), type=Path,
+           help="evaluate: binary labels for --prediction (255 or 1 = cell)")
+    option("--split", stages=("evaluate", "all"), choices=("test", "val"),
+           help="evaluate: the labelled split to score (default: test, or val where the test split has no "
+           "labels, as ISBI 2012's); another split than the default is written to <run>/evaluation/<split>/")
+    option("--runner", stages=("predict",), choices=RUNNERS, default="local",
+           help="predict: in this process (default), or as an Apache Beam pipeline, whose options "
+           "follow a bare --, e.g. -- --direct_num_workers=2 or -- --runner=FlinkRunner ...")
+    option("--overwrite", action="store_true",
+           help="replace an existing trained model, prepared data, predictions, export version "
+           "or evaluation report")
+    option("--verbose", action="store_true",
+           help="the libraries' INFO log lines too, e.g. Beam's and its workers' (default: warnings only)")
 
 
 def run_dir(args: argparse.Namespace) -> RunDir:
@@ -248,20 +286,24 @@ def _score_files(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    """Our arguments, and in `beam_options` the Beam pipeline options after a bare `--`."""
+def parse(argv: list[str], command: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Our arguments as `command` (default: run_pipeline.py's `parser`) reads them, and in
+    `beam_options` the Beam pipeline options after a bare `--`.
+
+    Every option a stage's subcommand does not take has its default, as with run_pipeline.py.
+    """
     separated = "--" in argv
     cut = argv.index("--") if separated else len(argv)
-    args = parser().parse_args(argv[:cut])
+    args = (command or parser()).parse_args(argv[:cut], namespace=parser().parse_args([]))
     args.beam_options = argv[cut + 1:]
     if separated and (args.runner != "beam" or args.stage != "predict"):
-        raise PipelineError("options after -- are Beam pipeline options: they need --stage predict --runner beam")
+        raise PipelineError("options after -- are Beam pipeline options: they need the predict stage with --runner beam")
     if args.runner == "beam" and args.stage != "predict":
         raise PipelineError("--runner beam runs the predict stage: use it with --stage predict")
     _check_models(args)
     if args.split and (args.stage not in ("evaluate", "all") or args.prediction):
-        raise PipelineError("--split chooses what the evaluate stage scores of a run: use it with --stage evaluate "
-                            "(or all), without --prediction")
+        raise PipelineError("--split chooses what the evaluate stage scores of a run: use it with the evaluate "
+                            "stage (or all), without --prediction")
     return args
 
 
@@ -270,7 +312,7 @@ def _check_models(args: argparse.Namespace) -> None:
     if not args.models:
         return
     if args.stage not in ("predict", "evaluate", CROSSVAL) or args.prediction:
-        raise PipelineError("--model names the models of --stage predict, evaluate or crossval")
+        raise PipelineError("--model names the models of the predict, evaluate or crossval stage")
     if args.stage == CROSSVAL and not args.run_dir:
         raise PipelineError("crossval --model needs --run-dir: the cross-validation whose folds the ensemble scores")
     if args.stage == "predict" and not args.output:
@@ -283,9 +325,24 @@ def _check_models(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of run_pipeline.py and the `unet-pipeline` command."""
+    """Entry point of run_pipeline.py: `--stage STAGE` (default: all) and its options."""
+    return _main(sys.argv[1:] if argv is None else list(argv), parser())
+
+
+def console(argv: list[str] | None = None) -> int:
+    """Entry point of the `unet-pipeline` command: `unet-pipeline STAGE [options]`; bare, its help."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = console_parser()
+    if not argv:  # a bare command is a question, not an order to train
+        command.print_help()
+        return 0
+    return _main(argv, command)
+
+
+def _main(argv: list[str], command: argparse.ArgumentParser) -> int:
+    """Runs the command `argv` asks `command` for; 2 after a one-line `error: ...` on stderr."""
     try:
-        args = parse(sys.argv[1:] if argv is None else list(argv))
+        args = parse(argv, command)
         if args.verbose:
             logging.basicConfig(level=logging.INFO)
         if args.prediction or args.ground_truth:
