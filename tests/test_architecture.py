@@ -31,7 +31,9 @@ def pipeline_imports(path: Path, root: Path = PIPELINE) -> set[str]:
                 found.add(candidate if is_module else base)
         elif isinstance(node, ast.Import):
             found |= {a.name.removeprefix("pipeline.") for a in node.names if a.name.startswith("pipeline.")}
-    return found - {module_name(path, root)}
+    # "": a name of `pipeline/__init__.py` itself (`__version__`), which Python runs before any
+    # module of the package, so importing from it adds no arrow between modules.
+    return found - {module_name(path, root), ""}
 
 
 def import_map(root: Path = PIPELINE) -> dict[str, set[str]]:
