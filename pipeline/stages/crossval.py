@@ -86,13 +86,18 @@ def run(config: Config, run: RunDir) -> dict:
     """Writes `<run>/crossval/report.json` and `report.md` from the folds' evaluation reports."""
     results = [_fold_result(index, fold) for index, (_, fold) in enumerate(folds(config, run))]
     report = {"protocol": protocol(config, run)} | crossval.aggregate(results) | {"configuration": config.to_dict()}
-    io.atomic_write_text(run.crossval_report, json.dumps(report, indent=2))
-    io.atomic_write_text(run.crossval_summary, crossval.markdown(report))
-    spread = report["across_folds"]["rand_error"]
+    spread = _write(report, run.crossval_report, run.crossval_summary)
     print(f"cross-validation over {config.data.folds} folds: Rand error {spread['mean']:.4f} "
           f"(sd {spread['std']:.4f}, {spread['min']:.4f}-{spread['max']:.4f}), pooled warping error "
           f"{report['pooled']['warping_error']:.6f} -> {run.crossval_summary}")
     return report
+
+
+def _write(report: dict, path: Path, summary: Path) -> dict:
+    """Writes `report` as JSON to `path` and as Markdown to `summary`; returns its Rand error across the folds."""
+    io.atomic_write_text(path, json.dumps(report, indent=2))
+    io.atomic_write_text(summary, crossval.markdown(report))
+    return report["across_folds"]["rand_error"]
 
 
 def require_crossvals(runs: list[RunDir]) -> None:
@@ -153,9 +158,7 @@ def ensemble_run(config: Config, run: RunDir, members: list[RunDir]) -> dict:
              f"{len(runs)} cross-validations ({', '.join(runs)}), each model tiling with its own settings."]
     report = ({"protocol": lines + protocol(config, run), "members": runs} | crossval.aggregate(results)
               | {"cost": cost, "configuration": config.to_dict()})
-    io.atomic_write_text(run.crossval_ensemble_report, json.dumps(report, indent=2))
-    io.atomic_write_text(run.crossval_ensemble_summary, crossval.markdown(report))
-    spread = report["across_folds"]["rand_error"]
+    spread = _write(report, run.crossval_ensemble_report, run.crossval_ensemble_summary)
     print(f"ensemble of {len(runs)} cross-validations over {config.data.folds} folds: Rand error "
           f"{spread['mean']:.4f} (sd {spread['std']:.4f}), {cost['ratio']:.1f}x one model's prediction time "
           f"-> {run.crossval_ensemble_summary}")
