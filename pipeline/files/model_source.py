@@ -132,9 +132,7 @@ def _package(package: Path, scratch: Path, named: Path) -> tuple[Path, Config]:
 
 def _settings(trained: Config, adjust: Callable[[Config], Config], named: Path) -> Config:
     """`trained` with the command's overrides, except in the sections the model was trained with."""
-    adjusted = adjust(trained)
-    config = dataclasses.replace(adjusted, **{section: getattr(trained, section)
-                                              for section in rundir.TRAINED_SECTIONS})
+    config = rundir.with_trained_sections(adjust(trained), trained)
     try:
         configuration.validate(config)
     except PipelineError as error:

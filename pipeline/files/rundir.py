@@ -284,7 +284,7 @@ class RunDir:
         trained = model_file.trained_config(self.best_model)
         if trained is None:
             return config
-        return dataclasses.replace(config, **{section: getattr(trained, section) for section in TRAINED_SECTIONS})
+        return with_trained_sections(config, trained)
 
     def has_trained_model(self) -> bool:
         """A finished training (best model) or one in progress (backup)."""
@@ -418,6 +418,11 @@ def mark_latest(run: RunDir) -> None:
     """Records `run` as the one later commands without --run-dir use."""
     if is_chief():
         io.atomic_write_text(LATEST, f"{run.root}\n")
+
+
+def with_trained_sections(config: Config, trained: Config) -> Config:
+    """`config` with the sections a model was trained with (`TRAINED_SECTIONS`) taken from `trained`."""
+    return dataclasses.replace(config, **{section: getattr(trained, section) for section in TRAINED_SECTIONS})
 
 
 def require(path: Path, stage: str) -> Path:
