@@ -14,4 +14,9 @@ def smoke_run(tmp_path_factory) -> dict:
     assert main(["--stage", "all", "--preset", "smoke", "--run-dir", str(run_dir), "--set", f"export.root={exports}"]) == 0
     exports_after_all = exports.exists()
     assert main(["--stage", "export", "--run-dir", str(run_dir)]) == 0
-    return {"run_dir": run_dir, "exports": exports, "exports_after_all": exports_after_all}
+    # Later commands on the shared run (a predict with other settings) rewrite config.yaml; the
+    # export's settings stay here.
+    exported_config = root / "config.exported.yaml"
+    exported_config.write_bytes((run_dir / "config.yaml").read_bytes())
+    return {"run_dir": run_dir, "exports": exports, "exports_after_all": exports_after_all,
+            "exported_config": exported_config}

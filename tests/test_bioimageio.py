@@ -29,7 +29,7 @@ def package(smoke_run) -> dict:
     """The package `--stage export` wrote for the smoke run, with the run's config and model."""
     run = RunDir(smoke_run["run_dir"])
     return {"path": smoke_run["exports"] / "unet" / "1" / PACKAGE_FILE, "run": run,
-            "config": configuration.load(run.config), "model": load_model(run.best_model)}
+            "config": configuration.load(smoke_run["exported_config"]), "model": load_model(run.best_model)}
 
 
 def read(package: dict, name: str) -> bytes:
