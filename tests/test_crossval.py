@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,10 +17,13 @@ from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.isbi2012 import FILES, fold_parts
 from pipeline.errors import PipelineError
+from pipeline.files.rundir import RunDir
+from pipeline.inference.segmenter import Ensemble
 from pipeline.metrics import crossval
-from pipeline.metrics.report import report_for
+from pipeline.metrics.report import report_for, summary
 from fakes import imwrite
 from test_data import isbi_folder
+from test_ensemble import member
 
 SLICES, FOLDS = 6, 3
 SIZE = 96
@@ -116,11 +120,21 @@ def test_crossval_refusals_are_one_line_and_change_nothing(tmp_path, capsys):
     assert not run_dir.exists()
 
 
-def test_crossval_trains_every_fold_reports_them_and_resumes(tmp_path, capsys):
-    cell_grid_isbi(tmp_path / "data")
-    run_dir = tmp_path / "cv"
-    command = ["--stage", "crossval", "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "data"), *TINY]
-    assert main(command) == 0
+@pytest.fixture(scope="module")
+def two_crossvals(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny cross-validations of the same folds, seeds 0 and 1."""
+    root = tmp_path_factory.mktemp("crossvals")
+    cell_grid_isbi(root / "data")
+    runs = {}
+    for seed in (0, 1):
+        runs[seed] = root / f"cv{seed}"
+        assert main(["--stage", "crossval", "--run-dir", str(runs[seed]), "--data-dir", str(root / "data"), *TINY,
+                     "--set", f"train.seed={seed}"]) == 0
+    return runs | {"root": root}
+
+
+def test_crossval_trains_every_fold_reports_them_and_resumes(two_crossvals, tmp_path, capsys):
+    run_dir = shutil.copytree(two_crossvals[0], tmp_path / "cv")  # `--stage crossval` with TINY, seed 0
     report = json.loads((run_dir / "crossval" / "report.json").read_text())
     assert (run_dir / "crossval" / "report.md").read_text().startswith("# Cross-validation")
 
@@ -171,3 +185,59 @@ def test_crossval_trains_every_fold_reports_them_and_resumes(tmp_path, capsys):
     # The folds are runs of their own; the cross-validation's folder is not one.
     assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {run_dir}: a cross-validation (--stage crossval)")
+
+
+def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsys):
+    cv0, cv1 = RunDir(two_crossvals[0]), RunDir(two_crossvals[1])
+    own = cv0.crossval_report.read_text()
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1)]) == 0
+    report = json.loads(cv0.crossval_ensemble_report.read_text())
+    assert report["members"] == [str(cv0), str(cv1)]
+    assert cv0.crossval_report.read_text() == own
+    assert "## Cost" in cv0.crossval_ensemble_summary.read_text()
+    for index, row in enumerate(report["folds"]):
+        fold = cv0.fold(index)
+        members = [member(cv.fold(index).root) for cv in (cv0, cv1)]
+        test = np.load(fold.prepared("test"))
+        probabilities = [Ensemble(members)(image[:h, :w]) for image, (h, w) in zip(test["images"], test["sizes"])]
+        truth = [cells[:h, :w] > 0 for cells, (h, w) in zip(test["instances"], test["sizes"])]
+        expected = summary(report_for(probabilities, truth, members[0][1].predict.threshold))
+        assert row["rand_error"] == pytest.approx(expected["rand_error"], abs=1e-6)
+        assert row["pixel_error"] == pytest.approx(expected["pixel_error"], abs=1e-6)
+        cost = report["cost"]["folds"][index]
+        assert cost["ensemble_seconds"] > cost["one_model_seconds"] > 0
+    assert report["cost"]["ratio"] > 1
+    # Across folds, the same aggregate as the single-model report.
+    values = [row["rand_error"] for row in report["folds"]]
+    assert report["across_folds"]["rand_error"]["mean"] == pytest.approx(np.mean(values))
+
+    # Refusals, in one line: the report exists, a fold not trained, other data.
+    capsys.readouterr()
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1)]) == 2
+    assert capsys.readouterr().err == (f"error: {cv0.crossval_ensemble_report}: already exists "
+                                       "(pass --overwrite to replace it)\n")
+    broken = RunDir(two_crossvals["root"] / "broken")
+    shutil.copytree(cv1.root, broken.root)
+    broken.fold(1).best_model.unlink()
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(broken), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"error: {broken.fold(1)}: not trained; finish --stage crossval "
+                                       f"--run-dir {broken} first\n")
+    other = RunDir(two_crossvals["root"] / "other")
+    shutil.copytree(cv1.root, other.root)
+    other.config.write_text(other.config.read_text().replace(str(two_crossvals["root"] / "data"), "elsewhere"))
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(other), "--overwrite"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {other}: cross-validates with data.data_dir='elsewhere'")
+    shifted = RunDir(two_crossvals["root"] / "shifted")
+    shutil.copytree(cv1.root, shifted.root)
+    arrays = dict(np.load(shifted.fold(0).prepared("test")))
+    np.savez(shifted.fold(0).prepared("test"), **(arrays | {"ids": arrays["ids"][::-1]}))
+    for cv, error in [
+        (shifted, f"{shifted.fold(0)}: tests other slices than {cv0.fold(0)}"),
+        (cv0, f"{cv0}: named twice; an ensemble's members are different cross-validations"),
+        (RunDir(two_crossvals["root"] / "data"), f"{two_crossvals['root'] / 'data'}: not a cross-validation (no "
+                                                 f"config.yaml and folds/); run --stage crossval --run-dir "
+                                                 f"{two_crossvals['root'] / 'data'} first"),
+    ]:
+        assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv), "--overwrite"]) == 2
+        assert capsys.readouterr().err == f"error: {error}\n"
+    assert json.loads(cv0.crossval_ensemble_report.read_text()) == report

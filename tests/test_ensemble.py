@@ -19,7 +19,6 @@ from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import Ensemble, Segmenter, load_model
 from pipeline.metrics.report import report_for, summary
 from pipeline.training.model import unet
-from test_crossval import TINY, cell_grid_isbi
 
 QUICK = ["--preset", "smoke", "--set", "model.base_filters=2", "--set", "train.epochs=1",
          "--set", "train.steps_per_epoch=2", "--set", "train.batch_size=1", "--set", "train.val_tiles_per_image=1"]
@@ -158,72 +157,3 @@ def test_evaluate_with_two_models_writes_a_report_naming_them(runs, capsys):
     capsys.readouterr()
     assert main(command) == 2
     assert capsys.readouterr().err == f"error: {run.models_report_of()}: already exists (pass --overwrite to replace it)\n"
-
-
-@pytest.fixture(scope="module")
-def two_crossvals(tmp_path_factory) -> dict[str, Path]:
-    """Two tiny cross-validations of the same folds, seeds 0 and 1."""
-    root = tmp_path_factory.mktemp("crossvals")
-    cell_grid_isbi(root / "data")
-    runs = {}
-    for seed in (0, 1):
-        runs[seed] = root / f"cv{seed}"
-        assert main(["--stage", "crossval", "--run-dir", str(runs[seed]), "--data-dir", str(root / "data"), *TINY,
-                     "--set", f"train.seed={seed}"]) == 0
-    return runs | {"root": root}
-
-
-def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsys):
-    cv0, cv1 = RunDir(two_crossvals[0]), RunDir(two_crossvals[1])
-    own = cv0.crossval_report.read_text()
-    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1)]) == 0
-    report = json.loads(cv0.crossval_ensemble_report.read_text())
-    assert report["members"] == [str(cv0), str(cv1)]
-    assert cv0.crossval_report.read_text() == own
-    assert "## Cost" in cv0.crossval_ensemble_summary.read_text()
-    for index, row in enumerate(report["folds"]):
-        fold = cv0.fold(index)
-        members = [member(cv.fold(index).root) for cv in (cv0, cv1)]
-        test = np.load(fold.prepared("test"))
-        probabilities = [Ensemble(members)(image[:h, :w]) for image, (h, w) in zip(test["images"], test["sizes"])]
-        truth = [cells[:h, :w] > 0 for cells, (h, w) in zip(test["instances"], test["sizes"])]
-        expected = summary(report_for(probabilities, truth, members[0][1].predict.threshold))
-        assert row["rand_error"] == pytest.approx(expected["rand_error"], abs=1e-6)
-        assert row["pixel_error"] == pytest.approx(expected["pixel_error"], abs=1e-6)
-        cost = report["cost"]["folds"][index]
-        assert cost["ensemble_seconds"] > cost["one_model_seconds"] > 0
-    assert report["cost"]["ratio"] > 1
-    # Across folds, the same aggregate as the single-model report.
-    values = [row["rand_error"] for row in report["folds"]]
-    assert report["across_folds"]["rand_error"]["mean"] == pytest.approx(np.mean(values))
-
-    # Refusals, in one line: the report exists, a fold not trained, other data.
-    capsys.readouterr()
-    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1)]) == 2
-    assert capsys.readouterr().err == (f"error: {cv0.crossval_ensemble_report}: already exists "
-                                       "(pass --overwrite to replace it)\n")
-    broken = RunDir(two_crossvals["root"] / "broken")
-    shutil.copytree(cv1.root, broken.root)
-    broken.fold(1).best_model.unlink()
-    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(broken), "--overwrite"]) == 2
-    assert capsys.readouterr().err == (f"error: {broken.fold(1)}: not trained; finish --stage crossval "
-                                       f"--run-dir {broken} first\n")
-    other = RunDir(two_crossvals["root"] / "other")
-    shutil.copytree(cv1.root, other.root)
-    other.config.write_text(other.config.read_text().replace(str(two_crossvals["root"] / "data"), "elsewhere"))
-    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(other), "--overwrite"]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {other}: cross-validates with data.data_dir='elsewhere'")
-    shifted = RunDir(two_crossvals["root"] / "shifted")
-    shutil.copytree(cv1.root, shifted.root)
-    arrays = dict(np.load(shifted.fold(0).prepared("test")))
-    np.savez(shifted.fold(0).prepared("test"), **(arrays | {"ids": arrays["ids"][::-1]}))
-    for cv, error in [
-        (shifted, f"{shifted.fold(0)}: tests other slices than {cv0.fold(0)}"),
-        (cv0, f"{cv0}: named twice; an ensemble's members are different cross-validations"),
-        (RunDir(two_crossvals["root"] / "data"), f"{two_crossvals['root'] / 'data'}: not a cross-validation (no "
-                                                 f"config.yaml and folds/); run --stage crossval --run-dir "
-                                                 f"{two_crossvals['root'] / 'data'} first"),
-    ]:
-        assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv), "--overwrite"]) == 2
-        assert capsys.readouterr().err == f"error: {error}\n"
-    assert json.loads(cv0.crossval_ensemble_report.read_text()) == report
