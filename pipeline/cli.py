@@ -140,13 +140,29 @@ def resolve(args: argparse.Namespace, run: RunDir) -> Config:
     else:
         dataset = args.dataset or _dataset_of(assignments) or _dataset_of(overrides)
         config = configuration.preset(args.preset or overrides.get("preset", "cpu"), dataset)
-    config = configuration.apply_overrides(config, overrides, str(args.config))
+    config = configuration.apply_overrides(config, _absolute_paths(overrides), str(args.config))
     data = {k: v for k, v in (("dataset", args.dataset), ("data_dir", args.data_dir)) if v is not None}
     train = {k: v for k, v in (("strategy", args.strategy), ("init_from", args.init_from)) if v is not None}
-    config = configuration.apply_overrides(config, {"data": data, "train": train}, "command line")
-    config = configuration.apply_overrides(config, assignments, "--set")
+    config = configuration.apply_overrides(config, _absolute_paths({"data": data, "train": train}), "command line")
+    config = configuration.apply_overrides(config, _absolute_paths(assignments), "--set")
     configuration.validate(config)
     return config
+
+
+# Inputs a run records and reads again in later commands (a resumed cross-validation prepares
+# its next fold from data.data_dir), maybe from another working directory.
+_INPUT_PATHS = (("data", "data_dir"), ("train", "init_from"))
+
+
+def _absolute_paths(overrides: dict) -> dict:
+    """`overrides` with relative input paths made absolute against the working directory, so that
+    the run records the folder this command meant, not a path that means another one elsewhere."""
+    result = dict(overrides)
+    for section, field in _INPUT_PATHS:
+        values = result.get(section)
+        if isinstance(values, dict) and isinstance(values.get(field), str) and values[field]:
+            result[section] = values | {field: os.path.abspath(values[field])}
+    return result
 
 
 def _dataset_of(overrides: dict) -> str | None:

@@ -18,7 +18,9 @@ import pytest
 import tifffile
 
 from pipeline.cli import main
+from pipeline.config import resolve as configuration
 from pipeline.files import io
+from test_data import isbi_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 # TensorFlow's own start-up lines on stderr, which no setting turns off in TF 2.21.
@@ -267,3 +269,16 @@ def test_a_run_model_loads_without_importing_the_training_stage(smoke_run):
               "assert not [m for m in sys.modules if m == 'pipeline.stages.train' or m.startswith('pipeline.training')]")
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert process.returncode == 0, process.stderr[-2000:]
+
+
+def test_relative_input_paths_are_recorded_as_the_folders_they_named(tmp_path, monkeypatch):
+    """A later command from another working directory (a resumed cross-validation preparing its next
+    fold) must read the files this one meant."""
+    isbi_folder(tmp_path / "isbi")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--stage", "prepare", "--preset", "smoke", "--dataset", "isbi2012", "--data-dir", "isbi",
+                 "--run-dir", "run", "--set", "data.val_slices=2", "--set", "data.test_slices=0",
+                 "--set", "train.init_from=weights/best.keras"]) == 0
+    saved = configuration.load(tmp_path / "run" / "config.yaml")
+    assert (saved.data.data_dir, saved.train.init_from) == (str(tmp_path / "isbi"),
+                                                           str(tmp_path / "weights" / "best.keras"))
