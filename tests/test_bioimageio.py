@@ -1,6 +1,7 @@
 """The BioImage Model Zoo package as the zoo's own validator, its model test and Keras read it."""
 
 import io
+import sys
 import warnings
 import zipfile
 
@@ -15,7 +16,7 @@ from bioimageio.spec.model import v0_5
 
 from pipeline.config import resolve as configuration
 from pipeline.files import rundir
-from pipeline.files.bioimageio import input_axes, output_axes, package_files
+from pipeline.files.bioimageio import ONNX_NOTICE, input_axes, output_axes, package_files, write_package
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model
 from pipeline.normalization import normalize
@@ -42,13 +43,30 @@ def npy(package: dict, name: str) -> np.ndarray:
         return np.load(file)
 
 
-def test_the_zoo_validates_the_package_and_reproduces_its_test_output(package):
-    summary = bioimageio.core.test_model(package["path"])
+WEIGHT_FORMATS = ("keras_v3", "onnx", "tensorflow_saved_model_bundle")
+
+
+@pytest.mark.parametrize("weight_format", WEIGHT_FORMATS)
+def test_the_zoo_validates_the_package_and_reproduces_its_test_output(package, weight_format, tmp_path, monkeypatch):
+    """`bioimageio test` for each weight format: what deepImageJ and QuPath (ONNX, SavedModel) run."""
+    monkeypatch.chdir(tmp_path)  # bioimageio.core unzips the SavedModel into the working directory
+    summary = bioimageio.core.test_model(package["path"], weight_format=weight_format)
     assert summary.status == "passed", summary.format()
     passed = {detail.name for detail in summary.details if detail.status == "passed"}
-    assert "Reproduce test outputs from test inputs (keras_v3)" in passed
+    assert f"Reproduce test outputs from test inputs ({weight_format})" in passed
     # The zoo ran the network on sizes n = 0, 1, 2 of the parametrized sides, with 1 and 2 images.
-    assert sum(name.startswith("Run keras_v3 inference for inputs with") for name in passed) == 6
+    assert sum(name.startswith(f"Run {weight_format} inference for inputs with") for name in passed) == 6
+
+
+def test_without_tf2onnx_the_package_has_the_other_two_formats_and_the_export_says_so(tmp_path, monkeypatch, capsys):
+    """The `onnx` extra not installed: None in sys.modules is Python's own 'cannot be imported'."""
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)
+    config = configuration.preset("smoke")
+    path = write_package(tmp_path / "bioimageio.zip", unet(config.model), config, 1)
+    assert capsys.readouterr().out.splitlines() == [ONNX_NOTICE]
+    rdf = yaml.safe_load(zipfile.ZipFile(path).read("rdf.yaml"))
+    assert set(rdf["weights"]) == {"keras_v3", "tensorflow_saved_model_bundle"}
+    assert bioimageio.core.load_model_description(path, perform_io_checks=True).weights.onnx is None
 
 
 def test_the_zoo_pre_processing_is_the_training_normalisation(package):

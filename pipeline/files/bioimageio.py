@@ -4,6 +4,10 @@ One zip, `bioimage.io` model description format 0.5 (FORMAT_VERSION):
 
     rdf.yaml          the description: axes, sizes, pre-processing, files and their SHA-256
     model.keras       keras_v3 weights: the network alone, without training state
+    tf_saved_model.zip  tensorflow_saved_model_bundle weights: the same network as a SavedModel
+                      (endpoint `serve`, returning {"probabilities": ...}), zipped as the spec asks
+    model.onnx        onnx weights, converted by tf2onnx (the `onnx` extra; without it the package
+                      has the other two, and the export says so)
     test_input.npy    a tile [1, T, T, C] float32, as read (before normalisation)
     test_output.npy   the model's class probabilities for it [1, T - 2 context, ..., classes]
     sample_input.tif, sample_output.tif   the same two as TIFF, for people and viewers
@@ -25,15 +29,18 @@ Conventions of the description:
 - The output is the network's softmax as it is: no post-processing.
 
 Written as plain YAML, so that exporting needs no `bioimageio` package; the tests check
-the package with the zoo's own validator and model test (`bioimageio.core.test_model`).
+the package with the zoo's own validator and model test (`bioimageio.core.test_model`),
+for each of the three weight formats.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.util
 import io as bytes_io
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -63,6 +70,16 @@ CITATION = {
 }
 INPUT, OUTPUT = "input", "probabilities"  # tensor ids
 WEIGHTS, RDF = "model.keras", "rdf.yaml"
+SAVED_MODEL, ONNX = "tf_saved_model.zip", "model.onnx"
+SAVED_MODEL_ENDPOINT = "serve"  # the endpoint bioimageio.core's TensorFlow adapter calls first
+# Opset 15: run by every ONNX Runtime since 1.10, which deepImageJ's (JDLL) and QuPath's
+# (DJL) engines bundle, and tf2onnx's default.
+ONNX_OPSET = 15
+ONNX_NOTICE = ("notice: the BioImage Model Zoo package has keras_v3 and tensorflow_saved_model_bundle weights; "
+               "ONNX weights need `pip install unet-pipeline[onnx]`")
+# Members of the zip files get this mode, whatever the writer's umask: they are extracted
+# on other machines, where only readable files are of use.
+MEMBER_MODE = 0o644
 # The pipeline's class order (ModelConfig.num_classes): 0 = membrane/background, 1 = cell.
 CLASS_NAMES = ("background", "cell")
 
@@ -169,9 +186,7 @@ def description(config: Config, version: int, files: dict[str, bytes], provenanc
             "sample_tensor": _file("sample_output.tif", files),
             "data": {"type": "float32", "range": [0.0, 1.0]},
         }],
-        "weights": {"keras_v3": _file(WEIGHTS, files) | {
-            "keras_version": keras.__version__, "backend": [keras.backend.backend(), tf.__version__],
-        }},
+        "weights": weights(files),
         "config": {
             "bioimageio": {"architecture_type": "U-Net"},
             # What assets.extra/provenance.json holds, so that the package alone tells which
@@ -179,6 +194,19 @@ def description(config: Config, version: int, files: dict[str, bytes], provenanc
             "unet_pipeline": {"configuration": config.to_dict()} | (provenance or {}) | {"version": version},
         },
     }
+
+
+def weights(files: dict[str, bytes]) -> dict:
+    """The description's weights: keras_v3, the SavedModel and, where converted, ONNX, both from keras_v3."""
+    entries = {
+        "keras_v3": _file(WEIGHTS, files) | {
+            "keras_version": keras.__version__, "backend": [keras.backend.backend(), tf.__version__]},
+        "tensorflow_saved_model_bundle": _file(SAVED_MODEL, files) | {
+            "tensorflow_version": tf.__version__, "parent": "keras_v3"},
+    }
+    if ONNX in files:
+        entries["onnx"] = _file(ONNX, files) | {"opset_version": ONNX_OPSET, "parent": "keras_v3"}
+    return entries
 
 
 def readme(config: Config, version: int) -> str:
@@ -246,11 +274,65 @@ def package_files(
         # that a later version will store them as separate grey pages.
         tifffile.imwrite(buffer, array, photometric="rgb" if array.shape[-1] in (3, 4) else "minisblack")
         files[name] = buffer.getvalue()
-    files[WEIGHTS] = _keras_file(model)
+    files |= weight_files(model)
     files["cover.png"] = _png(cover(tile, probabilities, config))
     files["README.md"] = readme(config, version).encode()
     rdf = yaml.safe_dump(description(config, version, files, provenance), sort_keys=False)
     return {RDF: rdf.encode()} | files
+
+
+def onnx_available() -> bool:
+    """Whether tf2onnx is installed (the `onnx` extra), so that the package gets ONNX weights."""
+    return importlib.util.find_spec("tf2onnx") is not None
+
+
+def weight_files(network: keras.Model) -> dict[str, bytes]:
+    """The network in each weight format, by file name: keras_v3, SavedModel and, with tf2onnx, ONNX."""
+    files = {WEIGHTS: _keras_file(network), SAVED_MODEL: _saved_model_zip(network)}
+    if onnx_available():
+        files[ONNX] = _onnx_file(network)
+    return files
+
+
+def _endpoint(network: keras.Model) -> tuple[tf.types.experimental.PolymorphicFunction, tf.TensorSpec]:
+    """The network as a function of a float32 batch [B, y, x, C] returning {OUTPUT: probabilities}.
+
+    A dict, because bioimageio.core's SavedModel adapter takes its outputs from one.
+    """
+    spec = tf.TensorSpec([None, None, None, network.input_shape[-1]], tf.float32, INPUT)
+    return tf.function(lambda batch: {OUTPUT: network(batch, training=False)}), spec
+
+
+def _saved_model_zip(network: keras.Model) -> bytes:
+    """The network as a SavedModel (endpoint `serve`), zipped: the spec's tensorflow_saved_model_bundle."""
+    function, spec = _endpoint(network)
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint(SAVED_MODEL_ENDPOINT, function, input_signature=[spec])
+    with tempfile.TemporaryDirectory() as folder:
+        archive.write_out(folder, verbose=False)
+        return _zip({path.relative_to(folder).as_posix(): path.read_bytes()
+                     for path in sorted(Path(folder).rglob("*")) if path.is_file()})
+
+
+def _onnx_file(network: keras.Model) -> bytes:
+    """The network as ONNX (opset ONNX_OPSET), converted by tf2onnx from the same function."""
+    import tf2onnx  # the `onnx` extra: only where onnx_available()
+
+    function, spec = _endpoint(network)
+    proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=ONNX_OPSET)
+    return proto.SerializeToString()
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    """A zip archive of `files` (name -> bytes), deflated, every member of mode MEMBER_MODE."""
+    buffer, now = bytes_io.BytesIO(), time.localtime()[:6]
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            member = zipfile.ZipInfo(name, date_time=now)
+            member.external_attr = MEMBER_MODE << 16
+            archive.writestr(member, data, zipfile.ZIP_DEFLATED)
+    return buffer.getvalue()
 
 
 def _keras_file(model: keras.Model) -> bytes:
@@ -275,13 +357,16 @@ def write_package(
 ) -> Path:
     """Writes the package zip to `target`, atomically; `image` [H, W, C] gives the test tile.
 
+    Without tf2onnx (the `onnx` extra) the package has no ONNX weights, and a notice says so.
+
     `model` is the network for inference (as `inference.segmenter.load_model` gives it), so the
     weights hold no training state.
     """
-    files = package_files(model, config, version, image, provenance)
-    with io.atomic_path(target) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in files.items():
-            archive.writestr(name, data)
+    if not onnx_available():  # never silently a package with fewer weights
+        print(ONNX_NOTICE, flush=True)
+    package = _zip(package_files(model, config, version, image, provenance))
+    with io.atomic_path(target) as temporary:
+        temporary.write_bytes(package)
     return target
 
 
