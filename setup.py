@@ -13,6 +13,10 @@ BEAM = [BEAM_SDK, "tensorflow-hub>=0.16"]
 # arguments, which pydantic 2.14 (pydantic-core 2.50) refuses: every package is then
 # reported invalid. bioimageio.spec 0.5.14 has the fix, but no bioimageio.core takes it yet.
 BIOIMAGEIO = ["bioimageio.core>=0.11", "pydantic>=2.10.3,<2.14"]
+# ONNX weights in the zoo package (`--stage export`). tf2onnx 1.17 takes protobuf >= 3.20
+# and numpy >= 1.23.5, so it installs beside TensorFlow 2.21 without downgrading either;
+# onnxruntime runs them (the package's test, bench/bench_onnx.py).
+ONNX = ["tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
 
 setup(
     name="unet-pipeline",
@@ -48,7 +52,8 @@ setup(
         "tfds-cli": TFDS_CLI,
         # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
         "beam": BEAM,
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
+        "onnx": ONNX,
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO, *ONNX],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"]},
 )

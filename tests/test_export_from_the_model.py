@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.cli import main
 from pipeline.config import resolve as configuration
-from pipeline.files.bioimageio import example_tile
+from pipeline.files.bioimageio import example_input
 from pipeline.files.rundir import RunDir
 from pipeline.stages.export import PACKAGE_FILE, PROVENANCE_FILE
 
@@ -34,7 +34,7 @@ def test_an_export_needs_nothing_but_the_model_file(smoke_run, tmp_path):
     assert provenance["evaluation"] is None and provenance["evaluation_note"] == f"{run.report} does not exist"
     config = run.model_settings(configuration.preset("smoke"))
     assert provenance["configuration"]["model"] == config.to_dict()["model"]  # the settings inside the model file
-    np.testing.assert_array_equal(package_tile(version), example_tile(None, config))  # the synthetic image's
+    np.testing.assert_array_equal(package_tile(version), example_input(None, config))  # the synthetic image's
     assert sorted(path.name for path in run.root.iterdir()) == [".lock", "config.yaml", "train"]
 
 
@@ -45,5 +45,5 @@ def test_without_prepared_data_or_evaluation_the_export_takes_the_example_that_t
     shutil.rmtree(run.evaluation)
     version = export(run.root, tmp_path / "saved")
     config = run.model_settings(configuration.load(run.config))
-    np.testing.assert_array_equal(package_tile(version), example_tile(run.example(), config))
+    np.testing.assert_array_equal(package_tile(version), example_input(run.example(), config))
     assert json.loads((version / PROVENANCE_FILE).read_text())["evaluation"] is None

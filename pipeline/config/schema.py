@@ -165,11 +165,16 @@ class PredictConfig:
 
 @dataclasses.dataclass
 class ExportConfig:
-    """Where the SavedModel for TF Serving goes."""
+    """Where the SavedModel for TF Serving goes, and who the zoo package names."""
 
     name: str = "unet"
     root: str = "saved_models"
     version: int = 0  # 0 = the next free version
+    # The zoo package's description (rdf.yaml): names separated by ";", GitHub user names of
+    # who maintains the model there, the repository it came from ("" = none).
+    authors: str = "unet-pipeline contributors"
+    maintainers: str = ""
+    git_repo: str = ""
 
 
 @dataclasses.dataclass
