@@ -13,6 +13,9 @@ BEAM = [BEAM_SDK, "tensorflow-hub>=0.16"]
 # arguments, which pydantic 2.14 (pydantic-core 2.50) refuses: every package is then
 # reported invalid. bioimageio.spec 0.5.14 has the fix, but no bioimageio.core takes it yet.
 BIOIMAGEIO = ["bioimageio.core>=0.11", "pydantic>=2.10.3,<2.14"]
+# The napari plugin (pipeline/napari_plugin, docs/napari.md): napari 0.5 is the first with npe2
+# sample data and thread workers as used there; PyQt5 its Qt; pytest-qt drives a real viewer in the tests.
+NAPARI = ["napari>=0.5", "pyqt5>=5.15"]
 
 setup(
     name="unet-pipeline",
@@ -25,7 +28,7 @@ setup(
     # popular `datasets` package of the same name.
     packages=find_packages(include=["pipeline", "pipeline.*"]),
     # The warp kernel's source: compiled on first use against the installed TensorFlow.
-    package_data={"pipeline.training": ["warp_kernel.cc"]},
+    package_data={"pipeline.training": ["warp_kernel.cc"], "pipeline.napari_plugin": ["napari.yaml"]},
     install_requires=[
         "tensorflow>=2.21",
         "keras>=3.10",
@@ -48,7 +51,11 @@ setup(
         "tfds-cli": TFDS_CLI,
         # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
         "beam": BEAM,
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
+        # The napari plugin's dock widget and sample data (docs/napari.md).
+        "napari": NAPARI,
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO, *NAPARI,
+                 "pytest-qt>=4.4"],
     },
-    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"]},
+    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"],
+                  "napari.manifest": ["unet-pipeline = pipeline.napari_plugin:napari.yaml"]},
 )
