@@ -14,8 +14,9 @@ BEAM = [BEAM_SDK, "tensorflow-hub>=0.16"]
 # reported invalid. bioimageio.spec 0.5.14 has the fix, but no bioimageio.core takes it yet.
 BIOIMAGEIO = ["bioimageio.core>=0.11", "pydantic>=2.10.3,<2.14"]
 # The napari plugin (pipeline/napari_plugin, docs/napari.md): napari 0.5 is the first with npe2
-# sample data and thread workers as used there; PyQt5 its Qt; pytest-qt drives a real viewer in the tests.
-NAPARI = ["napari>=0.5", "pyqt5>=5.15"]
+# sample data and thread workers as used there; PyQt6 its Qt (napari 0.9 deprecates PyQt5); pytest-qt
+# drives a real viewer in the tests.
+NAPARI = ["napari>=0.5", "pyqt6>=6.5"]
 
 setup(
     name="unet-pipeline",

@@ -5,8 +5,10 @@ napari's canvas needs OpenGL, which Qt's offscreen platform does not give: witho
 the tests start Xvfb (`.ci/run` installs it), and skip only where there is none.
 """
 
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 
 import numpy as np
@@ -28,24 +30,27 @@ PLUGIN = "pipeline/napari_plugin/napari.yaml"
 
 @pytest.fixture(scope="session", autouse=True)
 def display():
-    """An X display for Qt's OpenGL: the session's own, or a private Xvfb started before any QApplication."""
+    """An X display for Qt's OpenGL: the session's own, or a private Xvfb started before any QApplication
+    (local, so without access control: no cookie to hand over). The server lives as long as this
+    process: Qt keeps its connection until the process ends and aborts if the server goes first."""
     if os.environ.get("DISPLAY"):
-        yield
         return
     xvfb = shutil.which("Xvfb")
     if xvfb is None:
         pytest.skip("napari's viewer needs an X display or Xvfb (.ci/run installs xvfb with apt)")
     read, write = os.pipe()
-    server = subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp"],
-                              pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp", "-ac"],
+                     pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     preexec_fn=_end_with_parent)
     os.close(write)
     number = os.read(read, 32).decode().strip()  # written once the server accepts clients
     os.close(read)
     os.environ["DISPLAY"] = f":{number}"
-    yield
-    del os.environ["DISPLAY"]
-    server.terminate()
-    server.wait()
+
+
+def _end_with_parent() -> None:
+    """In the child: Linux sends it SIGTERM when the process that started it ends (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 @pytest.fixture
