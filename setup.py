@@ -17,6 +17,10 @@ BIOIMAGEIO = ["bioimageio.core>=0.11", "pydantic>=2.10.3,<2.14"]
 # and numpy >= 1.23.5, so it installs beside TensorFlow 2.21 without downgrading either;
 # onnxruntime runs them (the package's test, bench/bench_onnx.py).
 ONNX = ["tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
+# The napari plugin (pipeline/napari_plugin, docs/napari.md): napari 0.5 is the first with npe2
+# sample data and thread workers as used there; PyQt6 its Qt (napari 0.9 deprecates PyQt5); pytest-qt
+# drives a real viewer in the tests.
+NAPARI = ["napari>=0.5", "pyqt6>=6.5"]
 
 setup(
     name="unet-pipeline",
@@ -29,7 +33,7 @@ setup(
     # popular `datasets` package of the same name.
     packages=find_packages(include=["pipeline", "pipeline.*"]),
     # The warp kernel's source: compiled on first use against the installed TensorFlow.
-    package_data={"pipeline.training": ["warp_kernel.cc"]},
+    package_data={"pipeline.training": ["warp_kernel.cc"], "pipeline.napari_plugin": ["napari.yaml"]},
     install_requires=[
         "tensorflow>=2.21",
         "keras>=3.10",
@@ -53,7 +57,11 @@ setup(
         # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
         "beam": BEAM,
         "onnx": ONNX,
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO, *ONNX],
+        # The napari plugin's dock widget and sample data (docs/napari.md).
+        "napari": NAPARI,
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", "pytest-qt>=4.4",
+                 *TFDS_CLI, *BEAM, *BIOIMAGEIO, *ONNX, *NAPARI],
     },
-    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"]},
+    entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"],
+                  "napari.manifest": ["unet-pipeline = pipeline.napari_plugin:napari.yaml"]},
 )

@@ -1,0 +1,7 @@
+"""The napari plugin (the `napari` extra): segment, correct and fine-tune in the viewer.
+
+`napari.yaml` is its npe2 manifest (setup.py's `napari.manifest` entry point). `segmentation`
+is what the widget segments with, `corrections` turns corrected layers into a fine-tuning run,
+`samples` are the menu's sample images, `widget` is the dock widget, a thin Qt layer over
+them; only `widget` and `samples` import Qt or napari (docs/napari.md).
+"""

@@ -1,0 +1,191 @@
+"""The napari plugin in a real viewer (napari's `make_napari_viewer`, pytest-qt): its labels are
+predict's, its fine-tuning makes a new run that it switches to, a bad layer is a one-line notification.
+
+napari's canvas needs OpenGL, which Qt's offscreen platform does not give: without a display
+the tests start Xvfb (`.ci/run` installs it), and skip only where there is none.
+"""
+
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+
+import numpy as np
+import pytest
+import tifffile
+
+napari = pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from fakes import write_isbi  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+from pipeline.data.image_folder import read_pairs  # noqa: E402
+from pipeline.data.synthetic import synthetic_em_stack  # noqa: E402
+from pipeline.files.rundir import RunDir  # noqa: E402
+from pipeline.napari_plugin import corrections, samples, segmentation  # noqa: E402
+
+PLUGIN = "pipeline/napari_plugin/napari.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def display():
+    """An X display for Qt's OpenGL: the session's own, or a private Xvfb started before any QApplication
+    (local, so without access control: no cookie to hand over). The server lives as long as this
+    process: Qt keeps its connection until the process ends and aborts if the server goes first."""
+    if os.environ.get("DISPLAY"):
+        return
+    xvfb = shutil.which("Xvfb")
+    if xvfb is None:
+        pytest.skip("napari's viewer needs an X display or Xvfb (.ci/run installs xvfb with apt)")
+    read, write = os.pipe()
+    subprocess.Popen([xvfb, "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-nolisten", "tcp", "-ac"],
+                     pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                     preexec_fn=_end_with_parent)
+    os.close(write)
+    number = os.read(read, 32).decode().strip()  # written once the server accepts clients
+    os.close(read)
+    os.environ["DISPLAY"] = f":{number}"
+
+
+def _end_with_parent() -> None:
+    """In the child: Linux sends it SIGTERM when the process that started it ends (prctl PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@pytest.fixture
+def remembered(tmp_path, qapp):
+    """The plugin's remembered choices in a folder of the test's own, not the user's."""
+    from qtpy.QtCore import QSettings
+
+    QSettings.setPath(QSettings.IniFormat, QSettings.UserScope, str(tmp_path / "settings"))
+    return samples.settings
+
+
+@pytest.fixture
+def widget(make_napari_viewer, remembered):
+    from pipeline.napari_plugin.widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    made = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(made)
+    return viewer, made
+
+
+def em_image(seed: int = 5, size: int = 96) -> np.ndarray:
+    return synthetic_em_stack(1, size, seed)[0][0]
+
+
+def segment(qtbot, made, layer) -> None:
+    made.image.value = layer
+    made.segment()
+    qtbot.waitUntil(lambda: not made.busy, timeout=60_000)
+
+
+def errors() -> list[str]:
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    return [record.message for record in notification_manager.records
+            if record.severity == NotificationSeverity.ERROR]
+
+
+def test_the_manifest_names_importable_commands():
+    from npe2 import PluginManifest
+
+    manifest = PluginManifest.from_file(PLUGIN)
+    assert manifest.name == "unet-pipeline"
+    for command in manifest.contributions.commands:
+        assert callable(_resolve(command.python_name))
+    assert {sample.key for sample in manifest.contributions.sample_data} == {"synthetic-em", "isbi2012"}
+
+
+def _resolve(python_name: str):
+    import importlib
+
+    module, name = python_name.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_the_widget_gives_predicts_labels_with_the_layers_scale(widget, qtbot, smoke_run, tmp_path):
+    viewer, made = widget
+    stack = np.stack([em_image(5), em_image(6)])
+    tifffile.imwrite(tmp_path / "em.tif", stack, photometric="minisblack")
+    assert main(["--stage", "predict", "--model", str(smoke_run["run_dir"]), "--input", str(tmp_path / "em.tif"),
+                 "--output", str(tmp_path / "out")]) == 0
+    expected = tifffile.imread(tmp_path / "out" / "em_labels.tif")
+
+    made.model_path.value = str(smoke_run["run_dir"])
+    assert made.load_model()
+    layer = viewer.add_image(stack, name="em", scale=(3.0, 2.0, 0.5), translate=(0.0, 10.0, -4.0))
+    segment(qtbot, made, layer)
+    labels, probability = viewer.layers["em cells"], viewer.layers["em probability"]
+    np.testing.assert_array_equal(labels.data, expected)
+    assert labels.data.max() > 1  # cells, not an empty image
+    np.testing.assert_array_equal(probability.data, tifffile.imread(tmp_path / "out" / "em_prob.tif"))
+    for placed in (labels, probability):
+        np.testing.assert_array_equal(placed.scale, layer.scale)
+        np.testing.assert_array_equal(placed.translate, layer.translate)
+    assert made.progress.value == made.progress.max == 2
+
+    # The fields re-label from the probability layer: the network does not run again.
+    made.threshold.value = 0.8
+    np.testing.assert_array_equal(labels.data, segmentation.cells(probability.data, 0.8, made.method.value,
+                                                                  made.min_size.value))
+    assert not np.array_equal(labels.data, expected)
+    # The model is remembered for the next session's widget.
+    assert samples.settings().value("model") == str(smoke_run["run_dir"])
+
+
+def test_a_bad_layer_is_a_one_line_notification(widget, qtbot, smoke_run):
+    viewer, made = widget
+    made.model_path.value = str(smoke_run["run_dir"])
+    nan = viewer.add_image(np.where(np.eye(64, dtype=bool), np.nan, 1.0), name="holes")
+    segment(qtbot, made, nan)
+    colour = viewer.add_image(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8), name="rgb", rgb=True)
+    segment(qtbot, made, colour)
+    assert errors()[-2:] == ["layer holes: 64 NaN/infinite pixel values",
+                             "layer rgb: colour image (3 channels) but the model takes 1 channel; "
+                             "convert it to grey or train with model.input_channels=3"]
+    made.model_path.value = str(smoke_run["run_dir"] / "train")
+    assert not made.load_model()
+    assert "neither a run directory" in errors()[-1]
+    assert [layer.name for layer in viewer.layers] == ["holes", "rgb"]  # nothing segmented
+
+
+def test_fine_tuning_makes_a_run_the_widget_switches_to(widget, qtbot, smoke_run, tmp_path):
+    viewer, made = widget
+    made.model_path.value = str(smoke_run["run_dir"])
+    image = viewer.add_image(em_image(7), name="em 7")
+    segment(qtbot, made, image)
+    cells = viewer.layers["em 7 cells"]
+    cells.selected_label = int(cells.data.max()) + 1
+    cells.brush_size = 9
+    cells.paint((40, 40), cells.selected_label)  # a correction, with napari's brush
+    corrected = np.array(cells.data)
+    made.steps.value, made.runs.value = 2, str(tmp_path / "runs")
+
+    made.fine_tune()
+    qtbot.waitUntil(lambda: not made.busy, timeout=120_000)
+    [run_root] = [path for path in (tmp_path / "runs").iterdir() if not path.name.endswith("-corrections")]
+    run = RunDir(run_root)
+    assert run.best_model.is_file()
+    assert made.model.named == run.root and made.model_path.value == run.root
+    assert made.loss.value.startswith("epoch 1: loss ")
+    config = run.saved_config()
+    assert (config.data.dataset, config.train.init_from) == ("image_folder", str(smoke_run["run_dir"]))
+    assert config.train.epochs * config.train.steps_per_epoch == 2
+    # The data set holds the image and its cells as corrected; the one image validates as its copy.
+    [trained, validation] = read_pairs(config.data.data_dir)
+    np.testing.assert_array_equal(trained.image[..., 0], image.data)
+    assert np.array_equal(trained.instances > 0, corrected > 0) and trained.instances.max() == corrected.max()
+    assert validation.id == trained.id + corrections.VALIDATION_COPY
+
+
+def test_samples_are_the_embedded_image_and_the_isbi_test_slices(tmp_path, qapp):
+    [(image, named, kind), (cells, _, cells_kind)] = samples.synthetic_em()
+    assert (image.shape, image.dtype, kind, cells_kind) == ((384, 384), np.uint8, "image", "labels")
+    assert cells.shape == image.shape and named == {"name": "synthetic EM"}
+    arrays = write_isbi(tmp_path, slices=12)
+    [(slices, _, _), (truth, _, _)] = samples.isbi2012_layers(tmp_path)
+    np.testing.assert_array_equal(slices, arrays["train"][:4])  # the held-out test slices
+    assert truth.shape == slices.shape
