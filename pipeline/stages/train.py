@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import io, model_file, rundir
 from pipeline.files.rundir import RunDir
 from pipeline.training import input_pipeline
+from pipeline.training.numpy_tiles import joined
 from pipeline.training.callbacks import keeps_last_epoch, recorded_score, resumed_epoch, run_callbacks
 from pipeline.training.distribution import fit_distributed, strategy, task_id_of
 from pipeline.training.finetune import copy_weights, initial_weights_file, load_initial_model
@@ -64,7 +65,7 @@ def _splits(config: Config, run: RunDir) -> tuple[dict, dict]:
     train_split = rundir.load_split(run, "train", config)
     val_split = rundir.load_split(run, "val", config)
     if config.train.include_validation:
-        train_split = input_pipeline.joined(train_split, val_split)
+        train_split = joined(train_split, val_split)
     return train_split, val_split
 
 
