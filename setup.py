@@ -13,6 +13,9 @@ BEAM = [BEAM_SDK, "tensorflow-hub>=0.16"]
 # arguments, which pydantic 2.14 (pydantic-core 2.50) refuses: every package is then
 # reported invalid. bioimageio.spec 0.5.14 has the fix, but no bioimageio.core takes it yet.
 BIOIMAGEIO = ["bioimageio.core>=0.11", "pydantic>=2.10.3,<2.14"]
+# `KERAS_BACKEND=jax --stage train`: training on Keras' JAX backend, where TensorFlow cannot
+# go (docs/training.md); its CPU build, for CI's test of that path.
+JAX = ["jax[cpu]>=0.6"]
 
 setup(
     name="unet-pipeline",
@@ -48,7 +51,8 @@ setup(
         "tfds-cli": TFDS_CLI,
         # `--stage predict --runner beam`: batch prediction on Apache Beam (docs/user-guide.md).
         "beam": BEAM,
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO],
+        "jax": JAX,
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", *TFDS_CLI, *BEAM, *BIOIMAGEIO, *JAX],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"]},
 )
