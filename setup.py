@@ -21,6 +21,9 @@ ONNX = ["tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
 # sample data and thread workers as used there; PyQt6 its Qt (napari 0.9 deprecates PyQt5); pytest-qt
 # drives a real viewer in the tests.
 NAPARI = ["napari>=0.5", "pyqt6>=6.5"]
+# `KERAS_BACKEND=jax --stage train`: training on Keras' JAX backend, where TensorFlow cannot
+# go (docs/training.md); its CPU build, for CI's test of that path.
+JAX = ["jax[cpu]>=0.6"]
 
 setup(
     name="unet-pipeline",
@@ -59,8 +62,9 @@ setup(
         "onnx": ONNX,
         # The napari plugin's dock widget and sample data (docs/napari.md).
         "napari": NAPARI,
+        "jax": JAX,
         "test": ["pytest>=8.0", "pytest-xdist>=3.5", "py-ctcmetrics>=1.3", "pytest-qt>=4.4",
-                 *TFDS_CLI, *BEAM, *BIOIMAGEIO, *ONNX, *NAPARI],
+                 *TFDS_CLI, *BEAM, *BIOIMAGEIO, *ONNX, *NAPARI, *JAX],
     },
     entry_points={"console_scripts": ["unet-pipeline=pipeline.cli:console"],
                   "napari.manifest": ["unet-pipeline = pipeline.napari_plugin:napari.yaml"]},

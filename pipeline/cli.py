@@ -11,7 +11,7 @@ import time
 import typing
 from pathlib import Path
 
-from pipeline import __version__
+from pipeline import PORTABLE_BACKENDS, __version__
 from pipeline.config import resolve as configuration
 from pipeline.config.presets import PRESETS
 from pipeline.config.schema import STRATEGIES, Config
@@ -26,6 +26,7 @@ RUNNERS = ("local", "beam")
 CONSOLE = "unet-pipeline"  # the command `pip install` adds (setup.py's console_scripts), and the distribution
 DESCRIPTION = "U-Net (Ronneberger et al. 2015): prepare, train, evaluate, export, predict."
 EVERY = STAGES + ("all", CROSSVAL)
+PORTABLE_STAGES = ("prepare", "train")  # the stages that run without TensorFlow, under KERAS_BACKEND=jax or torch
 TRAINING = ("train", "all", CROSSVAL)  # the stages that train, and so take --strategy and --init-from
 # `unet-pipeline STAGE`: what each stage does, in the command's --help.
 SUBCOMMANDS = {
@@ -178,6 +179,9 @@ def _default_run(args: argparse.Namespace) -> RunDir:
 
 
 def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace) -> None:
+    if _portable_backend():
+        _run_portable_stage(stage, config, run, args)
+        return
     # The stages are imported here, not at the top, so that --help and refused commands
     # answer without loading TensorFlow (the one deliberate lazy import of pipeline modules).
     from pipeline.stages import evaluate, export, predict, prepare, train
@@ -201,6 +205,32 @@ def run_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace)
         with _models(args) if args.models else contextlib.nullcontext() as models:
             predict.run(config, run, args.input, args.output, overwrite=args.overwrite, runner=args.runner,
                         beam_options=args.beam_options, models=models)
+
+
+def _portable_backend() -> str | None:
+    """Keras' backend where it is one that trains without TensorFlow (`pipeline.PORTABLE_BACKENDS`), else None."""
+    backend = os.environ.get("KERAS_BACKEND")
+    return backend if backend in PORTABLE_BACKENDS else None
+
+
+def _check_backend(args: argparse.Namespace) -> None:
+    """Refuses, under KERAS_BACKEND=jax or torch, every stage but prepare and train: they need TensorFlow."""
+    backend = _portable_backend()
+    if backend and (args.stage not in PORTABLE_STAGES or args.prediction or args.ground_truth):
+        raise PipelineError(f"KERAS_BACKEND={backend} runs --stage {' and '.join(PORTABLE_STAGES)} only (the others "
+                            f"need TensorFlow): run --stage {args.stage} without KERAS_BACKEND")
+
+
+def _run_portable_stage(stage: str, config: Config, run: RunDir, args: argparse.Namespace) -> None:
+    """prepare, or train on Keras' JAX or PyTorch backend (`training.portable`): no TensorFlow imported."""
+    from pipeline.stages import prepare  # lazily, as in run_stage
+    from pipeline.training import portable
+
+    if stage == "prepare":
+        prepare.run(config, run, overwrite=args.overwrite)
+        rundir.mark_latest(run)
+    else:
+        portable.run(config, run, overwrite=args.overwrite)
 
 
 def _models(args: argparse.Namespace, paths: list[Path] | None = None) -> typing.ContextManager[list]:
@@ -359,6 +389,7 @@ def _main(argv: list[str], command: argparse.ArgumentParser) -> int:
     """Runs the command `argv` asks `command` for; 2 after a one-line `error: ...` on stderr."""
     try:
         args = parse(argv, command)
+        _check_backend(args)
         if args.verbose:
             logging.basicConfig(level=logging.INFO)
         if args.prediction or args.ground_truth:

@@ -14,7 +14,8 @@ This module is the rule's one owner, in three forms:
   (`data.base`), training pads images and labels by the context and joins splits
   (`training.input_pipeline`), the zoo package cuts its test tile (`files.bioimageio`).
 - `mirror_positions`: float positions, which the elastic warp's samplers mirror once per
-  pixel instead of padding.
+  pixel instead of padding; `mirror_positions_array` the same in numpy, for the warp of
+  the training tiles on Keras' JAX and PyTorch backends (`training.numpy_tiles`).
 
 The compiled warp kernel (`warp_kernel.cc`) has its own C++ padding of the same rule.
 TensorFlow is imported inside the functions that use it: the data sets pad with numpy,
@@ -96,3 +97,14 @@ def mirror_positions(position: tf.Tensor, size) -> tf.Tensor:
         position = tf.minimum(position, 2 * last - position)
     # Farther out, the passes leave a negative position: 0. A NaN fails `<=`: the last pixel.
     return tf.where(position <= last, tf.maximum(position, 0.0), last)
+
+
+def mirror_positions_array(position: np.ndarray, size: int) -> np.ndarray:
+    """`mirror_positions` in numpy, step for step (float32 in, float32 out)."""
+    position = np.asarray(position, np.float32)
+    last = np.float32(size - 1)
+    for _ in range(2):
+        position = np.abs(position)
+        position = np.minimum(position, 2 * last - position)
+    with np.errstate(invalid="ignore"):
+        return np.where(position <= last, np.maximum(position, np.float32(0)), last)

@@ -32,9 +32,12 @@ a model trained on them sees the same normalised values as when it predicts the 
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 _IMAGE_AXES = [-3, -2, -1]  # rows, columns and channels of one image
 
@@ -42,6 +45,10 @@ _IMAGE_AXES = [-3, -2, -1]  # rows, columns and channels of one image
 def normalize(images: tf.Tensor) -> tf.Tensor:
     """Zero mean, unit variance per whole image over all its channels ([H, W, C] or [N, H, W, C]),
     any dtype -> float32; a constant image -> zeros (the module's rule)."""
+    # Imported here: training on Keras' JAX and PyTorch backends, where TensorFlow is not
+    # installed, normalises its tiles with `normalize_array`.
+    import tensorflow as tf
+
     values = tf.cast(images, tf.float64)
     low = tf.reduce_min(values, axis=_IMAGE_AXES, keepdims=True)
     high = tf.reduce_max(values, axis=_IMAGE_AXES, keepdims=True)
@@ -55,6 +62,20 @@ def normalize(images: tf.Tensor) -> tf.Tensor:
     deviation = tf.where(~(high <= low), tf.sqrt(tf.reduce_mean(tf.square(centred), axis=_IMAGE_AXES, keepdims=True)),
                          tf.zeros_like(high))
     return tf.cast(tf.math.divide_no_nan(centred, deviation), tf.float32)
+
+
+def normalize_array(images: np.ndarray) -> np.ndarray:
+    """`normalize` in numpy, step for step (the same float64 arithmetic): for the training tiles
+    of Keras' JAX and PyTorch backends (`pipeline.training.numpy_tiles`), which have no TensorFlow."""
+    values = np.asarray(images, np.float64)
+    axes = tuple(_IMAGE_AXES)
+    low, high = values.min(axis=axes, keepdims=True), values.max(axis=axes, keepdims=True)
+    scale = np.maximum(np.abs(low), np.abs(high))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        values = np.where(scale == 0, 0.0, values / scale)  # divide_no_nan
+        centred = values - values.mean(axis=axes, keepdims=True)
+        deviation = np.where(~(high <= low), np.sqrt(np.mean(np.square(centred), axis=axes, keepdims=True)), 0.0)
+        return np.where(deviation == 0, 0.0, centred / deviation).astype(np.float32)
 
 
 def standardize(values: np.ndarray, mean: float, deviation: float) -> np.ndarray:

@@ -25,7 +25,7 @@ from pipeline.config.schema import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.training import callbacks
 from pipeline.training.callbacks import resumed_epoch
-from pipeline.training.input_pipeline import joined
+from pipeline.training.numpy_tiles import joined
 from pipeline.training.model import compiled_model
 from pipeline.training.process import (
     configure_process, cpu_precision_problem, emulated_on_cpu, precision_notice, set_determinism)

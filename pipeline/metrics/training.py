@@ -44,7 +44,9 @@ class PixelError(keras.metrics.Metric):
 
     def reset_state(self) -> None:
         for count in self.counts:
-            count.assign(keras.ops.zeros_like(count))
+            # zeros of the variable's shape and dtype, not zeros_like: JAX's cannot read a float64
+            # variable's dtype where it holds float32 (JAX without x64 keeps the counts in float32).
+            count.assign(keras.ops.zeros(count.shape, count.dtype))
 
 
 def training_metrics(num_classes: int) -> list[keras.metrics.Metric]:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.config.schema import Config, TrainConfig
-from pipeline.errors import PipelineError
-from pipeline.files import io, model_file, rundir
+from pipeline.files import io, model_file
 from pipeline.files.rundir import RunDir
-from pipeline.training import input_pipeline
-from pipeline.training.callbacks import keeps_last_epoch, recorded_score, resumed_epoch, run_callbacks
+from pipeline.training import input_pipeline, run_files
+from pipeline.training.callbacks import run_callbacks
 from pipeline.training.distribution import fit_distributed, strategy, task_id_of
 from pipeline.training.finetune import copy_weights, initial_weights_file, load_initial_model
 from pipeline.training.model import compiled_model
@@ -36,44 +34,26 @@ def run(config: Config, run: RunDir, overwrite: bool = False) -> keras.callbacks
     not replaced unless `overwrite`, which also discards an interrupted run's backup.
     """
     train = config.train
-    train_split, val_split = _splits(config, run)
+    train_split, val_split = run_files.splits(config, run)
     distribution = strategy(train)
     task_id = task_id_of(distribution)
-    initial_epoch = _initial_epoch(run, task_id, overwrite)
+    initial_epoch = run_files.initial_epoch(run, task_id, overwrite)
     source, initial = _initial_model(train, initial_epoch)
     configure_process(train)  # after the initial weights are loaded: see `_initial_model`
     train_data, val_tiles, val_data = _datasets(config, train_split, val_split, initial_epoch)
     model = _model(config, distribution, initial, source)
     del initial  # copied: its memory is the training's now
-    _check_channels(run, train_split, config)
+    run_files.check_channels(run, train_split, config)
     # Every check has passed: from here on the run directory changes.
-    _start(config, run, task_id, initial_epoch, val_split)
+    run_files.start(config, run, task_id, initial_epoch, val_split)
     callback_list = run_callbacks(config, run, task_id, tuple(part[0] for part in val_tiles), val_split)
     _announce(model, config, distribution, source, initial_epoch)
     history = _fit(model, distribution, train_data, val_data, train, callback_list, initial_epoch)
     with io.atomic_path(run.last_model(task_id), overwrite=True) as temporary:
         model_file.save(model, temporary, config)
     if task_id is None:
-        _summary(run, train)
+        run_files.summary(run, train)
     return history
-
-
-def _splits(config: Config, run: RunDir) -> tuple[dict, dict]:
-    """The prepared (training, validation) splits; the training one with the validation
-    images too when `train.include_validation`."""
-    train_split = rundir.load_split(run, "train", config)
-    val_split = rundir.load_split(run, "val", config)
-    if config.train.include_validation:
-        train_split = input_pipeline.joined(train_split, val_split)
-    return train_split, val_split
-
-
-def _initial_epoch(run: RunDir, task_id: int | None, overwrite: bool) -> int:
-    """The epoch a backup resumes after (0: a new training, which refuses a finished model unless `overwrite`)."""
-    initial_epoch = 0 if overwrite else resumed_epoch(run.backup(task_id))
-    if not initial_epoch:
-        io.refuse_existing([run.best_model], overwrite)
-    return initial_epoch
 
 
 def _initial_model(train: TrainConfig, initial_epoch: int) -> tuple[Path | None, keras.Model | None]:
@@ -111,32 +91,6 @@ def _model(config: Config, distribution: tf.distribute.Strategy, initial: keras.
     return model
 
 
-def _check_channels(run: RunDir, train_split: dict, config: Config) -> None:
-    """Refuses data prepared for another number of channels than the model's."""
-    prepared_channels = train_split["images"].shape[-1]  # prepare reads images with the model's channels
-    if prepared_channels != config.model.input_channels:
-        raise PipelineError(f"{run.prepared('train')}: images of {prepared_channels} channel(s) were prepared, but "
-                            f"model.input_channels={config.model.input_channels}; run --stage prepare again")
-
-
-def _start(config: Config, run: RunDir, task_id: int | None, initial_epoch: int, val_split: dict) -> None:
-    """What the run directory gets before the first step: the configuration, a new training's
-    clean slate, this worker's folder, and (by the chief) the model's example input."""
-    run.save_config(config)
-    if not initial_epoch:
-        run.discard_training(task_id)
-    run.worker(task_id).mkdir(parents=True, exist_ok=True)
-    if task_id is None:
-        run.save_example(_example(val_split))
-
-
-def _example(split: dict) -> np.ndarray:
-    """The split's first image [H, W, C], cropped to its own size: the model's example input,
-    which the export's zoo package cuts its test tile from."""
-    height, width = split["sizes"][0]
-    return split["images"][0, :height, :width]
-
-
 def _announce(model: keras.Model, config: Config, distribution: tf.distribute.Strategy, source: Path | None,
               initial_epoch: int) -> None:
     """One line saying what is trained, from what, where and how long."""
@@ -169,12 +123,3 @@ def _fit(model: keras.Model, distribution: tf.distribute.Strategy, train_data: t
         verbose=1 if sys.stdout.isatty() else 2,  # one line per epoch in logs
     )
 
-
-def _summary(run: RunDir, train: TrainConfig) -> None:
-    record, score = json.loads(run.best_record.read_text()), recorded_score(train)
-    # With the last epoch kept, its value chose nothing.
-    kept = "last epoch" if keeps_last_epoch(train) else "best"
-    print(
-        f"{kept} {score} {record[score]:.6g} (epoch {record['epoch']}) -> {run.best_model}; "
-        f"TensorBoard: tensorboard --logdir {run.logs}"
-    )

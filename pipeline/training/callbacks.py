@@ -1,4 +1,9 @@
-"""Keras callbacks of the training stage: what Keras' own ones do not do for us, and the list a run trains with."""
+"""Keras callbacks of the training stage: what Keras' own ones do not do for us, and the list a run trains with.
+
+They run on every Keras backend: what needs TensorFlow (the TensorBoard writers, the
+overlap-tile segmenter of `inference`) is imported where it is used, and on Keras' JAX and
+PyTorch backends, whose training has no TensorFlow (`training.portable`), the challenge
+scores predict with `WholeImage` and the run writes no TensorBoard logs."""
 
 from __future__ import annotations
 
@@ -12,17 +17,17 @@ from pathlib import Path
 import cv2
 import keras
 import numpy as np
-import tensorflow as tf
 
+from pipeline import mirror, sizes
 from pipeline.config.schema import Config, TrainConfig
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
 from pipeline.files import io, model_file
 from pipeline.files.rundir import RunDir
-from pipeline.inference.segmenter import Segmenter
 from pipeline.metrics.common import Sweep
 from pipeline.metrics.isbi import rand_error_sweep
 from pipeline.metrics.warping import warping_error_sweep
+from pipeline.normalization import normalize_array
 
 
 class StopOnDivergence(keras.callbacks.Callback):
@@ -211,12 +216,49 @@ class ChallengeScores(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.segment is None:  # built once: its graph reads the weights as they are at each call
-            plain = dataclasses.replace(self.config.predict, test_time_augmentation=False)
-            self.segment = Segmenter(self.model, dataclasses.replace(self.config, predict=plain))
+            self.segment = _segmenter(self.model, self.config)
         probabilities = [self.segment(image) for image in self.images]
         if logs is not None:
             logs["val_rand_error"] = _best(rand_error_sweep, probabilities, self.cells)
             logs["val_warping_error"] = _best(warping_error_sweep, probabilities, self.cells)
+
+
+def _segmenter(model: keras.Model, config: Config) -> typing.Callable[[np.ndarray], np.ndarray]:
+    """Probability of cell [H, W] of a whole image [H, W, C], as `evaluate` predicts without
+    test-time augmentation: `inference.segmenter` on TensorFlow, `WholeImage` on the other backends."""
+    if keras.backend.backend() != "tensorflow":
+        return WholeImage(model, config)
+    # Imported here: it is TensorFlow, which Keras' JAX and PyTorch backends train without.
+    from pipeline.inference.segmenter import Segmenter
+
+    plain = dataclasses.replace(config.predict, test_time_augmentation=False)
+    return Segmenter(model, dataclasses.replace(config, predict=plain))
+
+
+class WholeImage:
+    """Probability of cell of a whole image in one pass of the network, without TensorFlow (for
+    the challenge scores on Keras' JAX and PyTorch backends).
+
+    The image is normalised (`normalize_array`) and mirror-padded by the context before and up
+    to the next valid input size after: its pooling grid is the overlap-tile grid's, whose
+    tiles start at multiples of the alignment from the same corner, and an output pixel sees
+    only the context around it, so the result is the tiled one (up to float rounding), with
+    one compiled shape per image size. The whole image's activations must fit the device.
+    """
+
+    def __init__(self, model: keras.Model, config: Config):
+        self.model, self.depth, self.padding = model, config.model.depth, config.model.padding
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        margin = sizes.context(self.depth, self.padding)
+        height, width = image.shape[:2]
+        sides = [sizes.valid_input_sizes(self.depth, side + 2 * margin, side + 2 * margin + sizes.alignment(self.depth),
+                                         self.padding)[0] for side in (height, width)]
+        pads = [(margin, side - size - margin) for side, size in zip(sides, (height, width))]
+        padded = mirror.mirror_pad_array(normalize_array(image), pads)
+        # predict_on_batch: the backend's compiled inference step (XLA on JAX), not op by op.
+        probabilities = self.model.predict_on_batch(padded[None])
+        return np.asarray(probabilities[0, :height, :width, 1], np.float32)
 
 
 def _best(sweep: typing.Callable[[np.ndarray, np.ndarray], Sweep], probabilities: list[np.ndarray],
@@ -238,6 +280,9 @@ class ValidationImages(keras.callbacks.Callback):
 
     def __init__(self, log_dir: Path, tile: np.ndarray, label: np.ndarray, weight: np.ndarray):
         super().__init__()
+        import tensorflow as tf  # here: TensorBoard's writer, which the other Keras backends do without
+
+        self.summary = tf.summary
         self.writer = tf.summary.create_file_writer(str(Path(log_dir) / "images"))
         self.tile = tile[None]
         out = label.shape[0]
@@ -256,7 +301,7 @@ class ValidationImages(keras.callbacks.Callback):
         images = dict(self.fixed, probability=probability, mask=(probability > 0.5).astype(np.float32))
         with self.writer.as_default(step=epoch):
             for name, image in images.items():
-                tf.summary.image(f"validation/{name}", image[None])
+                self.summary.image(f"validation/{name}", image[None])
         self.writer.flush()
 
 
@@ -305,9 +350,9 @@ def run_callbacks(
             BestModelCheckpoint(run.best_model, run.best_record, config, recorded_score(config.train),
                                 last=keeps_last_epoch(config.train)),
             HistoryLog(run.history, resumed_epoch(backup)),
-            keras.callbacks.TensorBoard(log_dir=str(run.logs)),
-            ValidationImages(run.logs, *val_tile),
         ]
+        if keras.backend.backend() == "tensorflow":  # TensorBoard's writers are TensorFlow's
+            chosen += [keras.callbacks.TensorBoard(log_dir=str(run.logs)), ValidationImages(run.logs, *val_tile)]
     if config.train.early_stopping_patience:
         chosen.append(keras.callbacks.EarlyStopping(
             config.train.select_by, patience=config.train.early_stopping_patience, restore_best_weights=True))

@@ -20,31 +20,17 @@ import tensorflow as tf
 
 from pipeline import sizes
 from pipeline.config.schema import AugmentConfig, TrainConfig
-from pipeline.errors import PipelineError
-from pipeline.mirror import mirror_pad_array
 from pipeline.normalization import normalize
 from pipeline.training.augmentation import augment
+from pipeline.training.numpy_tiles import cut_validation_tiles, mirror_padded, tile_sizes
 
 
 def _mirror_padded(arrays: np.ndarray, margin: int) -> tf.Tensor:
-    """Pads [N, H, W, ...] on both sides of H and W by `margin` (the context), by reflection,
-    as prediction pads."""
-    return tf.constant(mirror_pad_array(arrays, [(0, 0), (margin, margin), (margin, margin)]))
+    return tf.constant(mirror_padded(arrays, margin))
 
 
 def _padded_images(images: np.ndarray, margin: int) -> tf.Tensor:
     return _mirror_padded(normalize(images).numpy(), margin)
-
-
-def _tile_sizes(images: np.ndarray, tile_size: int, depth: int, padding: str) -> tuple[int, int]:
-    out = sizes.output_size(tile_size, depth, padding)
-    height, width = images.shape[1:3]
-    if min(height, width) < out:
-        raise PipelineError(
-            f"training images of {height}x{width} px are smaller than the output window "
-            f"({out} px) of train.tile_size={tile_size}; choose a smaller tile size"
-        )
-    return tile_size, out
 
 
 def training_dataset(
@@ -62,7 +48,7 @@ def training_dataset(
     `first_batch` skips that many batches without computing them: a resumed run sees the
     tiles that an uninterrupted run would have seen. `padding` is the network's.
     """
-    size, out = _tile_sizes(images, train.tile_size, depth, padding)
+    size, out = tile_sizes(images, train.tile_size, depth, padding)
     count, height, width = labels.shape
     margin = sizes.context(depth, padding)
     padded = _padded_images(images, margin)
@@ -99,40 +85,11 @@ def validation_tiles(
     padding: str = "valid",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fixed tiles spread evenly over each validation image, the same in every epoch."""
-    size, out = _tile_sizes(images, train.tile_size, depth, padding)
+    size, out = tile_sizes(images, train.tile_size, depth, padding)
     padded = _padded_images(images, sizes.context(depth, padding)).numpy()
-    height, width = labels.shape[1:]
-    per_axis = int(np.ceil(np.sqrt(train.val_tiles_per_image)))
-    ys = np.linspace(0, height - out, per_axis).astype(int)
-    xs = np.linspace(0, width - out, per_axis).astype(int)
-    corners = [(y, x) for y in ys for x in xs][: train.val_tiles_per_image]
-    tiles, label_tiles, weight_tiles = [], [], []
-    for n in range(len(images)):
-        for y, x in corners:
-            tiles.append(padded[n, y : y + size, x : x + size])
-            label_tiles.append(labels[n, y : y + out, x : x + out])
-            weight_tiles.append(weights[n, y : y + out, x : x + out])
-    return np.stack(tiles), np.stack(label_tiles).astype(np.int32), np.stack(weight_tiles)
+    return cut_validation_tiles(padded, labels, weights, size, out, train.val_tiles_per_image)
 
 
 def validation_dataset(tiles: tuple[np.ndarray, np.ndarray, np.ndarray], batch_size: int) -> tf.data.Dataset:
     """Batches the fixed validation tiles."""
     return tf.data.Dataset.from_tensor_slices(tiles).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def joined(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The images, instances and weight maps of two prepared splits as one, for training.
-
-    Splits of different image sizes are padded to the larger as `prepare` pads within a
-    split: images by mirroring, instances and weights with 0, so the padding is never learnt.
-    """
-    height = max(first["images"].shape[1], second["images"].shape[1])
-    width = max(first["images"].shape[2], second["images"].shape[2])
-
-    def pads(array: np.ndarray) -> list[tuple[int, int]]:
-        return [(0, 0), (0, height - array.shape[1]), (0, width - array.shape[2])]
-
-    images = [mirror_pad_array(split["images"], pads(split["images"])) for split in (first, second)]
-    labels = {key: [np.pad(split[key], pads(split[key])) for split in (first, second)]  # [N, H, W]
-              for key in ("instances", "weights")}
-    return {"images": np.concatenate(images), **{key: np.concatenate(arrays) for key, arrays in labels.items()}}

@@ -128,13 +128,16 @@ def compiled_model(config: Config) -> keras.Model:
     the loss in float32 (and, for float16, scales the loss against underflow).
     """
     model = unet_in_precision(config.model, config.train.precision)
+    tensorflow = keras.backend.backend() == "tensorflow"
     model.compile(
         optimizer=optimizer(config.train),
         loss=training_loss(config.train.cldice_weight, config.train.cldice_iterations),
         metrics=training_metrics(config.model.num_classes),
-        jit_compile=config.train.jit_compile,
+        # `train.jit_compile` is TensorFlow's XLA switch; the other backends compile as Keras
+        # does by default ("auto": XLA on JAX; eager on PyTorch).
+        jit_compile=config.train.jit_compile if tensorflow else "auto",
     )
-    if config.train.jit_compile and not model.jit_compile:  # Keras falls back without XLA, with a warning
+    if tensorflow and config.train.jit_compile and not model.jit_compile:  # Keras falls back without XLA, warning
         raise PipelineError("train.jit_compile=true: Keras cannot compile this model with XLA here (is TensorFlow's "
                             "op determinism on?)")
     return model

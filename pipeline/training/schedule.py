@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from pipeline.config.schema import TrainConfig
 
@@ -61,10 +60,20 @@ def optimizer(train: TrainConfig) -> keras.optimizers.Optimizer:
     rate = train.learning_rate
     if train.lr_schedule != "constant" or train.warmup_steps:
         rate = LearningRate(rate, train.epochs * train.steps_per_epoch, train.lr_schedule, train.warmup_steps)
-    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    replicas = _replicas()
     options = {"global_clipnorm": train.clipnorm / replicas} if train.clipnorm else {}
     if train.ema_momentum:
         options.update(use_ema=True, ema_momentum=train.ema_momentum)
     if train.optimizer == "sgd":
         return keras.optimizers.SGD(rate, momentum=train.momentum, **options)
     return keras.optimizers.Adam(rate, **options)
+
+
+def _replicas() -> int:
+    """The replicas of the TensorFlow strategy in scope; 1 on the other Keras backends, which
+    train on one device (`training.portable`) and have no TensorFlow to ask."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
