@@ -33,6 +33,10 @@ SEVERITIES = "IWEF"  # absl's INFO, WARNING, ERROR, FATAL, as its lines begin
 CPP_LINE = re.compile(rb"([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ \]]+:\d+\] ")
 # What absl writes before the first line it logs ahead of its initialisation: a warning.
 ABSL_PREAMBLE = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+# What TensorFlow's CUDA build logs as an ERROR when code that lists devices past
+# TF_ENABLED_DEVICE_TYPES (grappler's cluster, which tf2onnx's conversion builds) finds no
+# GPU driver: expected on a CPU machine, and read as a failure.
+CUINIT_FAILURE = re.compile(rb"E\d{4} \d\d:\d\d:\d+\.\d+ +\d+ cuda_platform\.cc:\d+\] failed call to cuInit")
 # Device files of a GPU driver: NVIDIA's (also inside containers given a GPU), AMD ROCm's.
 GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd")
 
@@ -71,9 +75,21 @@ def hidden(line: bytes, level: int) -> bool:
 
 
 @contextlib.contextmanager
-def cpp_lines_hidden(level: int) -> Iterator[None]:
+def device_probe_hidden() -> Iterator[None]:
+    """Runs the block without the cuInit failure line on a machine with no GPU driver (other
+    lines as TF_CPP_MIN_LOG_LEVEL says); with a driver, a failed cuInit is news and shows."""
+    if has_gpu_driver():
+        yield
+        return
+    with cpp_lines_hidden(min_log_level(), also=CUINIT_FAILURE):
+        yield
+
+
+@contextlib.contextmanager
+def cpp_lines_hidden(level: int, also: re.Pattern[bytes] | None = None) -> Iterator[None]:
     """Runs the block with file descriptor 2 captured (C++ writes there, not to
-    sys.stderr), then writes back what it got but the C++ log lines below `level`."""
+    sys.stderr), then writes back what it got but the C++ log lines below `level` (and
+    the lines `also` matches)."""
     sys.stderr.flush()
     try:
         saved = os.dup(2)
@@ -90,7 +106,8 @@ def cpp_lines_hidden(level: int) -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             with open(2, "wb", closefd=False) as stderr:
-                stderr.writelines(line for line in captured if not hidden(line, level))
+                stderr.writelines(line for line in captured
+                                  if not hidden(line, level) and not (also and also.match(line)))
 
 
 class _QuietImport(importlib.abc.MetaPathFinder):

@@ -34,6 +34,19 @@ def test_tensorflow_imported_after_the_package_prints_no_cpp_log_line():
     assert not CPP_LINE.search(done.stderr), done.stderr
 
 
+@pytest.mark.skipif(quiet.has_gpu_driver(), reason="with a GPU driver a failed cuInit is news and shows")
+def test_the_onnx_conversion_prints_no_cuinit_error_without_a_gpu():
+    """tf2onnx's grappler pass lists devices past TF_ENABLED_DEVICE_TYPES: the zoo export
+    wrapped it in quiet.device_probe_hidden."""
+    pytest.importorskip("tf2onnx")
+    convert = ("import pipeline; from pipeline.config.resolve import preset; from pipeline.training.model import unet; "
+               "from pipeline.files.bioimageio import ONNX, weight_files; "
+               "print(ONNX in weight_files(unet(preset('smoke').model)))")
+    done = python(convert)
+    assert done.stdout == "True\n"
+    assert not CPP_LINE.search(done.stderr), done.stderr
+
+
 def test_a_level_the_user_set_is_respected():
     """TF_CPP_MIN_LOG_LEVEL=0 (everything): TensorFlow's INFO lines come through, the one
     that TF_ENABLED_DEVICE_TYPES makes on every machine among them."""

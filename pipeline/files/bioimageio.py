@@ -60,6 +60,7 @@ import tensorflow as tf
 import tifffile
 import yaml
 
+from pipeline import quiet
 from pipeline.config.schema import Config
 from pipeline.data import DATASETS
 from pipeline.data.synthetic import synthetic_em_image
@@ -414,7 +415,8 @@ def _onnx_file(network: keras.Model) -> bytes:
     import tf2onnx  # the `onnx` extra: only where onnx_available()
 
     function, spec = _endpoint(network)
-    proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=ONNX_OPSET)
+    with quiet.device_probe_hidden():
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=[spec], opset=ONNX_OPSET)
     return proto.SerializeToString()
 
 
