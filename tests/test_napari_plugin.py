@@ -232,9 +232,6 @@ def test_cancel_kills_a_fine_tuning_and_leaves_its_run_without_a_model(widget, q
     assert made.model.named == smoke_run["run_dir"] and made.model_path.value == smoke_run["run_dir"]
     assert made.loss.value == f"cancelled: {run} holds no model"
     assert not [message for message in errors() if "model process" in message]
-    # The next request starts a new model process.
-    segment(qtbot, made, image)
-    assert multiprocessing.active_children() != [child] and viewer.layers["em 8 cells"].data.max() > 1
 
 
 def test_a_crashed_model_process_is_a_one_line_notification(widget, qtbot, smoke_run):
@@ -243,7 +240,7 @@ def test_a_crashed_model_process_is_a_one_line_notification(widget, qtbot, smoke
     made.image.value = viewer.add_image(em_image(9), name="em 9")
     made.process.stop()  # a new model process, which is killed while it starts
     made.segment()
-    qtbot.waitUntil(multiprocessing.active_children)
+    qtbot.waitUntil(lambda: bool(multiprocessing.active_children()))
     [child] = multiprocessing.active_children()
     os.kill(child.pid, signal.SIGKILL)
     idle(qtbot, made)

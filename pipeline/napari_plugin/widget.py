@@ -238,7 +238,8 @@ class SegmentWidget(Container):
     def _start(self, call, request: tuple, returned, yielded=None) -> None:
         """Runs `call(*request)` (a generator) in a worker thread: wires its answer, its progress, its
         failure (one line) and its end, then starts it."""
-        self.worker = create_worker(call, *request, _start_thread=False)
+        # Its errors are ours to show (`_notify`), not to raise again in Qt's event loop.
+        self.worker = create_worker(call, *request, _start_thread=False, _ignore_errors=True)
         self.worker.returned.connect(returned)
         if yielded is not None:
             self.worker.yielded.connect(yielded)
