@@ -8,7 +8,6 @@ embedded synthetic EM sample, made in a real viewer under Xvfb.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -52,9 +51,6 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1000, help="width of the saved picture, px")
     args = parser.parse_args()
     screenshot(args.model, args.output, args.width)
-    # TensorFlow's LLVM and Mesa's software OpenGL abort the process in their exit handlers
-    # (docs/napari.md, "Known problems"): the picture is written, so leave without them.
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,20 @@
 """The napari plugin in a real viewer (napari's `make_napari_viewer`, pytest-qt): its labels are
-predict's, its fine-tuning makes a new run that it switches to, a bad layer is a one-line notification.
+predict's, its fine-tuning makes a new run that it switches to, Cancel kills the model process (and
+leaves no model of a cancelled fine-tuning), a bad layer or a crashed model process is a one-line
+notification, and napari's process never imports TensorFlow.
 
 napari's canvas needs OpenGL, which Qt's offscreen platform does not give: without a display
 the tests start Xvfb (`.ci/run` installs it), and skip only where there is none.
 """
 
 import ctypes
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +29,7 @@ from pipeline.data.image_folder import read_pairs  # noqa: E402
 from pipeline.data.synthetic import synthetic_em_stack  # noqa: E402
 from pipeline.files.rundir import RunDir  # noqa: E402
 from pipeline.napari_plugin import corrections, samples, segmentation  # noqa: E402
+from pipeline.napari_plugin.model_process import ModelProcess  # noqa: E402
 
 PLUGIN = "pipeline/napari_plugin/napari.yaml"
 
@@ -43,8 +49,16 @@ def display():
                      pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      preexec_fn=_end_with_parent)
     os.close(write)
-    number = os.read(read, 32).decode().strip()  # written once the server accepts clients
+    # Written once the server accepts clients, maybe in pieces: read to the line's end, or the
+    # server's next piece finds the pipe closed and it quits.
+    number = b""
+    while not number.endswith(b"\n"):
+        piece = os.read(read, 32)
+        if not piece:
+            break
+        number += piece
     os.close(read)
+    number = number.decode().strip()
     os.environ["DISPLAY"] = f":{number}"
 
 
@@ -62,12 +76,20 @@ def remembered(tmp_path, qapp):
     return samples.settings
 
 
+@pytest.fixture(scope="module")
+def model_process():
+    """One model process for the file's widgets: each new one imports TensorFlow anew (seconds)."""
+    shared = ModelProcess()
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture
-def widget(make_napari_viewer, remembered):
+def widget(make_napari_viewer, remembered, model_process):
     from pipeline.napari_plugin.widget import SegmentWidget
 
     viewer = make_napari_viewer()
-    made = SegmentWidget(viewer)
+    made = SegmentWidget(viewer, model_process)
     viewer.window.add_dock_widget(made)
     return viewer, made
 
@@ -76,10 +98,20 @@ def em_image(seed: int = 5, size: int = 96) -> np.ndarray:
     return synthetic_em_stack(1, size, seed)[0][0]
 
 
+def idle(qtbot, made, timeout: int = 60_000) -> None:
+    qtbot.waitUntil(lambda: not made.busy, timeout=timeout)
+
+
 def segment(qtbot, made, layer) -> None:
     made.image.value = layer
     made.segment()
-    qtbot.waitUntil(lambda: not made.busy, timeout=60_000)
+    idle(qtbot, made)
+
+
+def loaded(qtbot, made, path) -> None:
+    made.model_path.value = str(path)
+    made.load_model()
+    idle(qtbot, made)
 
 
 def errors() -> list[str]:
@@ -114,8 +146,8 @@ def test_the_widget_gives_predicts_labels_with_the_layers_scale(widget, qtbot, s
                  "--output", str(tmp_path / "out")]) == 0
     expected = tifffile.imread(tmp_path / "out" / "em_labels.tif")
 
-    made.model_path.value = str(smoke_run["run_dir"])
-    assert made.load_model()
+    loaded(qtbot, made, smoke_run["run_dir"])
+    assert made.model.named == smoke_run["run_dir"]
     layer = viewer.add_image(stack, name="em", scale=(3.0, 2.0, 0.5), translate=(0.0, 10.0, -4.0))
     segment(qtbot, made, layer)
     labels, probability = viewer.layers["em cells"], viewer.layers["em probability"]
@@ -146,9 +178,9 @@ def test_a_bad_layer_is_a_one_line_notification(widget, qtbot, smoke_run):
     assert errors()[-2:] == ["layer holes: 64 NaN/infinite pixel values",
                              "layer rgb: colour image (3 channels) but the model takes 1 channel; "
                              "convert it to grey or train with model.input_channels=3"]
-    made.model_path.value = str(smoke_run["run_dir"] / "train")
-    assert not made.load_model()
+    loaded(qtbot, made, smoke_run["run_dir"] / "train")
     assert "neither a run directory" in errors()[-1]
+    assert made.model is None and made.model_info.value == "no model loaded"
     assert [layer.name for layer in viewer.layers] == ["holes", "rgb"]  # nothing segmented
 
 
@@ -165,12 +197,12 @@ def test_fine_tuning_makes_a_run_the_widget_switches_to(widget, qtbot, smoke_run
     made.steps.value, made.runs.value = 2, str(tmp_path / "runs")
 
     made.fine_tune()
-    qtbot.waitUntil(lambda: not made.busy, timeout=120_000)
+    idle(qtbot, made, 120_000)
     [run_root] = [path for path in (tmp_path / "runs").iterdir() if not path.name.endswith("-corrections")]
     run = RunDir(run_root)
     assert run.best_model.is_file()
     assert made.model.named == run.root and made.model_path.value == run.root
-    assert made.loss.value.startswith("epoch 1: loss ")
+    assert made.loss.value.startswith("epoch 1: loss ") and made.progress.value == made.progress.max == 1
     config = run.saved_config()
     assert (config.data.dataset, config.train.init_from) == ("image_folder", str(smoke_run["run_dir"]))
     assert config.train.epochs * config.train.steps_per_epoch == 2
@@ -179,6 +211,76 @@ def test_fine_tuning_makes_a_run_the_widget_switches_to(widget, qtbot, smoke_run
     np.testing.assert_array_equal(trained.image[..., 0], image.data)
     assert np.array_equal(trained.instances > 0, corrected > 0) and trained.instances.max() == corrected.max()
     assert validation.id == trained.id + corrections.VALIDATION_COPY
+
+
+def test_cancel_kills_a_fine_tuning_and_leaves_its_run_without_a_model(widget, qtbot, smoke_run, tmp_path):
+    viewer, made = widget
+    loaded(qtbot, made, smoke_run["run_dir"])
+    image = viewer.add_image(em_image(8), name="em 8")
+    segment(qtbot, made, image)
+    made.steps.value, made.runs.value = 100_000, str(tmp_path / "runs")
+    made.fine_tune()
+    [child] = multiprocessing.active_children()
+    # An epoch ends: the run holds a model half trained.
+    qtbot.waitUntil(lambda: any((tmp_path / "runs").glob("*-napari/train/best.keras")), timeout=120_000)
+    [run] = [RunDir(path) for path in (tmp_path / "runs").glob("*-napari")]
+    made.cancel()
+    idle(qtbot, made)
+    assert child.exitcode == -signal.SIGKILL
+    assert not run.has_trained_model() and not run.history.exists()  # nothing to take for a fine-tuned model
+    assert run.saved_config().train.init_from == str(smoke_run["run_dir"])  # `--stage train` makes it
+    assert made.model.named == smoke_run["run_dir"] and made.model_path.value == smoke_run["run_dir"]
+    assert made.loss.value == f"cancelled: {run} holds no model"
+    assert not [message for message in errors() if "model process" in message]
+
+
+def test_a_crashed_model_process_is_a_one_line_notification(widget, qtbot, smoke_run):
+    viewer, made = widget
+    made.model_path.value = str(smoke_run["run_dir"])
+    made.image.value = viewer.add_image(em_image(9), name="em 9")
+    made.process.stop()  # a new model process, which is killed while it starts
+    made.segment()
+    qtbot.waitUntil(lambda: bool(multiprocessing.active_children()))
+    [child] = multiprocessing.active_children()
+    os.kill(child.pid, signal.SIGKILL)
+    idle(qtbot, made)
+    assert errors()[-1] == "the model process ended without an answer (killed by SIGKILL: out of memory?)"
+    assert [layer.name for layer in viewer.layers] == ["em 9"]
+
+
+# Run in a process of its own: the tests' process imports TensorFlow (conftest's smoke run).
+WITHOUT_TENSORFLOW = """
+import sys, time
+import napari, numpy as np
+from qtpy.QtWidgets import QApplication
+from pipeline.napari_plugin.widget import SegmentWidget
+
+if __name__ == "__main__":  # the model process (spawn) imports this file without running it
+    viewer = napari.Viewer(show=False)
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model_path.value = sys.argv[1]
+    widget.image.value = viewer.add_image(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8), name="em")
+    widget.segment()
+    while widget.busy:
+        QApplication.processEvents()
+        time.sleep(0.01)
+    assert viewer.layers["em cells"].data.shape == (64, 64), [layer.name for layer in viewer.layers]
+    assert "tensorflow" not in sys.modules and "keras" not in sys.modules, "napari's process imported TensorFlow"
+    viewer.close()
+"""
+
+
+def test_napari_segments_without_importing_tensorflow_and_exits_cleanly(smoke_run, tmp_path):
+    """A napari process that segments with the widget never imports TensorFlow, and exits with 0
+    (TensorFlow's LLVM beside Mesa's llvmpipe aborted it at exit: docs/napari.md)."""
+    script = tmp_path / "segment.py"
+    script.write_text(WITHOUT_TENSORFLOW)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(script), str(smoke_run["run_dir"])], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_samples_are_the_embedded_image_and_the_isbi_test_slices(tmp_path, qapp):

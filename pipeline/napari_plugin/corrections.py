@@ -28,9 +28,8 @@ from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config
 from pipeline.data.image_files import to_uint8
 from pipeline.errors import PipelineError
-from pipeline.files import io, model_source
+from pipeline.files import io
 from pipeline.files.rundir import RunDir
-from pipeline.stages import prepare, train
 
 # The copy a single corrected image validates as (`data.val_images` needs a training image besides).
 VALIDATION_COPY = "~validation"
@@ -47,18 +46,17 @@ class Correction:
     labels: np.ndarray
 
 
-def weights_of(named: Path) -> Path:
-    """What `train.init_from` takes for a model `--model` names: an export version by its zoo package
-    (`model_source.EXPORT_PACKAGE`), a run directory, a .keras file or a package as named."""
-    package = Path(named) / model_source.EXPORT_PACKAGE
-    return package if package.is_file() else Path(named)
+def length(source: Config, steps: int) -> tuple[int, int]:
+    """(epochs, steps per epoch) of a fine-tuning of at least `steps` steps: whole epochs of the model's
+    own length (`source.train.steps_per_epoch`), shorter if fewer steps are asked for."""
+    per_epoch = min(steps, source.train.steps_per_epoch)
+    return math.ceil(steps / per_epoch), per_epoch
 
 
 def settings(source: Config, init_from: Path, data_dir: Path, steps: int) -> Config:
     """The fine-tuning run's configuration: `source`'s, on the corrections in `data_dir`, from the
     weights `init_from`, for at least `steps` steps (whole epochs of the model's own length)."""
-    per_epoch = min(steps, source.train.steps_per_epoch)
-    epochs = math.ceil(steps / per_epoch)
+    epochs, per_epoch = length(source, steps)
     overrides = {
         "data": {"dataset": "image_folder", "data_dir": str(data_dir), "val_images": 1},
         "train": {"init_from": str(init_from), "epochs": epochs, "steps_per_epoch": per_epoch,
@@ -114,19 +112,10 @@ def new_run(root: Path) -> tuple[RunDir, Path]:
     return run, data
 
 
-def fine_tune(source: Config, named: Path, corrections: list[Correction], run: RunDir, data: Path,
-              steps: int) -> RunDir:
-    """Writes the corrections as a data set into `data`, then prepares and trains the new `run`
-    (`new_run`) on it from the model `named` (whose settings are `source`) for at least `steps`
-    steps; returns the run.
-
-    Everything is checked before anything is written. The run's `train/history.csv` grows a
-    row per epoch while it trains.
-    """
-    config = settings(source, weights_of(named), data, steps)
-    io.refuse_existing([run.root, data])
-    write_dataset(data, corrections)
-    with run.lock(exclusive=True):
-        prepare.run(config, run)
-        train.run(config, run)
-    return run
+def abandon(run: RunDir) -> None:
+    """What a cancelled fine-tuning leaves of `run`: its configuration, prepared data and corrections,
+    without a model (`RunDir.discard_training`, under the run lock), so that no model half trained
+    is taken for it; `--stage train --run-dir` trains it anew. Called once the model process is dead."""
+    if run.root.is_dir():
+        with run.lock(exclusive=True):
+            run.discard_training()

@@ -1,44 +1,21 @@
-"""What the napari widget segments with, without Qt: the model `predict --model` reads, a layer's
-pixels as that model reads them, and the cells of a probability map as `predict` labels them.
+"""A layer's pixels as a model reads them, and the cells of a probability map as `predict` labels
+them: the parts of segmenting that need no network, so napari's process does them without TensorFlow.
 
-Every rule is the library's: which model a path names (`files.model_source`), the channels
-of an image and a model (`io.as_model_channels`, `io.COLOUR_AS_GREY`), segmenting
-(`inference.segmenter.Segmenter`, as predict's one-model `Ensemble`) and labelling
-(`inference.labelling.instances`); so a layer's labels equal predict's for its pixels.
+Every rule is the library's: the channels of an image and a model (`io.as_model_channels`,
+`io.COLOUR_AS_GREY`) and labelling (`inference.labelling.instances`); the network runs in
+the model process (`child`, with `inference.segmenter.Segmenter`, as predict's one-model
+`Ensemble`), so a layer's labels equal predict's for its pixels.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Generator
 from pathlib import Path
 
-import keras
 import numpy as np
 
-from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.files import io, model_source
+from pipeline.files import io
 from pipeline.inference.labelling import instances
-from pipeline.inference.segmenter import Segmenter, load_model
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A model ready to segment: what the user named, the network, its settings, its segmenter."""
-
-    named: Path
-    model: keras.Model
-    config: Config
-    segmenter: Segmenter
-
-
-def load(path: Path) -> LoadedModel:
-    """The model `path` names, in any form `predict --model` takes (`model_source.KINDS`); one
-    line for a path that names none. Loaded inside `opened`: a package's weights exist only there."""
-    with model_source.opened([Path(path)]) as [source]:
-        model = load_model(source.file)
-    return LoadedModel(source.named, model, source.config, Segmenter(model, source.config))
 
 
 def model_stack(data: np.ndarray, rgb: bool, name: str, channels: int) -> np.ndarray:
@@ -58,16 +35,6 @@ def model_stack(data: np.ndarray, rgb: bool, name: str, channels: int) -> np.nda
     height, width = array.shape[spatial - 2:spatial]
     stack = array.reshape(-1, height, width, array.shape[-1] if rgb else 1)
     return io.as_model_channels(stack, channels, named)
-
-
-def segment(segmenter: Segmenter, stack: np.ndarray) -> Generator[int, None, np.ndarray]:
-    """Segments the images of `stack` [N, H, W, C] one by one, yielding how many are done (where a
-    worker reports progress and may be stopped); returns their probability of cell [N, H, W]."""
-    probability = np.empty(stack.shape[:3], np.float32)
-    for index, image in enumerate(stack):
-        probability[index] = segmenter(image)
-        yield index + 1
-    return probability
 
 
 def cells(probability: np.ndarray, threshold: float, method: str, min_size: int) -> np.ndarray:

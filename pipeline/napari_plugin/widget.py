@@ -1,10 +1,11 @@
 """The dock widget: pick a model, segment an image layer, correct the cells, fine-tune on them.
 
 A thin Qt layer (magicgui) over `segmentation` and `corrections`: the network and the training
-run in napari's worker threads, so the viewer stays responsive; a refused input is one line
-in a notification (`PipelineError`), never a traceback. The threshold, minimum size and
-instance method re-label the last segmentation from its probability layer without running
-the network again.
+run in the model process (`model_process`: napari's process never imports TensorFlow), driven
+from napari's worker threads, so the viewer stays responsive; Cancel kills that process. A
+refused input is one line in a notification (`PipelineError`), never a traceback. The
+threshold, minimum size and instance method re-label the last segmentation from its
+probability layer in napari's process, without running the network again.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pipeline.config.schema import INSTANCE_METHODS
 from pipeline.errors import PipelineError
 from pipeline.files.rundir import RUNS, RunDir
 from pipeline.napari_plugin import corrections, samples, segmentation
-from pipeline.napari_plugin.segmentation import LoadedModel
+from pipeline.napari_plugin.model_process import ModelInfo, ModelProcess
 
 LAST_MODEL, RUNS_FOLDER = "model", "runs_folder"  # the settings keys of the remembered choices
 LOSS_POLL_MS = 1000  # how often the training history is read while fine-tuning
@@ -46,13 +47,16 @@ class Segmentation:
 class SegmentWidget(Container):
     """Segment and fine-tune with a U-Net of this pipeline (docs/napari.md)."""
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer):
+    def __init__(self, napari_viewer: napari.viewer.Viewer, model_process: ModelProcess | None = None):
+        """`model_process`: where the network runs (a new one by default; the tests share one)."""
         super().__init__()
         self._viewer = napari_viewer
         self._settings = samples.settings()
-        self.model: LoadedModel | None = None
+        self.process = model_process or ModelProcess()
+        self.model: ModelInfo | None = None  # the model loaded, as the model process describes it
         self.worker = None  # the running (or last) worker
         self.busy = False  # from a worker's start until its end (a queued worker is not running yet)
+        self._tuning: RunDir | None = None  # the run a fine-tuning in progress makes
         self._made: list[Segmentation] = []  # what fine-tuning learns from: the widget's labels layers
         self._history: Path | None = None  # the training history the loss is read from while fine-tuning
         self._timer = QTimer()
@@ -93,49 +97,65 @@ class SegmentWidget(Container):
             self.model_path.value = folder
             self.load_model()
 
-    def load_model(self) -> bool:
-        """Loads the model the model field names, takes its threshold, minimum size and instance method,
-        and remembers it; a path that names no model is a notification. Whether it loaded."""
-        path = Path(self.model_path.value)
-        try:
-            self.model = segmentation.load(path)
-        except PipelineError as error:
-            show_error(str(error))
-            return False
-        predict, shape = self.model.config.predict, self.model.config.model
+    def load_model(self) -> None:
+        """Loads, in the model process, the model the model field names (`_loaded` then takes its
+        settings); a path that names no model is a notification."""
+        if self.busy:
+            return
+        self.model_info.value = f"loading {Path(self.model_path.value).name} ..."
+        self._start(self.process.call, ("load", Path(self.model_path.value)), self._loaded)
+
+    def _loaded(self, model: ModelInfo) -> None:
+        """Takes a loaded model's threshold, minimum size and instance method, and remembers it."""
+        self.model = model
+        predict, shape = model.config.predict, model.config.model
         with self._fields_quiet():
             self.threshold.value, self.min_size.value, self.method.value = (
                 predict.threshold, predict.min_size, predict.instances)
-        self._settings.setValue(LAST_MODEL, str(path))
+        self._settings.setValue(LAST_MODEL, str(model.named))
+        self._describe_model()
+
+    def _describe_model(self) -> None:
+        shape = self.model.config.model if self.model else None
         self.model_info.value = (f"depth-{shape.depth} U-Net, {shape.input_channels} channel(s): "
-                                 f"{self.model.named.name}")
-        return True
+                                 f"{self.model.named.name}" if shape else "no model loaded")
 
     def segment(self) -> None:
-        """Segments the chosen image layer in a worker thread into a probability and a labels layer."""
+        """Segments the chosen image layer in the model process (loading the model field's model if
+        none is loaded) into a probability and a labels layer, with the images done as progress."""
         layer = self.image.value
         if layer is None:
             show_error("no image layer to segment: open or add an image")
             return
-        if self.busy or (self.model is None and not self.load_model()):
+        if self.busy:
             return
-        model = self.model
-        try:
-            stack = segmentation.model_stack(layer.data, layer.rgb, layer.name, model.config.model.input_channels)
-        except PipelineError as error:
-            show_error(str(error))
-            return
-        self.progress.max, self.progress.value = len(stack), 0
-        self._start(create_worker(segmentation.segment, model.segmenter, stack, _start_thread=False),
-                    lambda probability: self._show(layer, probability))
-        self.worker.yielded.connect(lambda done: setattr(self.progress, "value", done))
-        self.cancel_button.enabled = True
-        self.worker.start()
+        named = self.model.named if self.model else Path(self.model_path.value)
+        self.progress.value = 0
+        self._start(self.process.call, ("segment", named, np.asarray(layer.data), layer.rgb, layer.name),
+                    lambda answer: self._segmented(layer, *answer), self._progressed)
+
+    def _progressed(self, done_of: tuple[int, int]) -> None:
+        self.progress.max, self.progress.value = done_of[1], done_of[0]
+
+    def _segmented(self, layer: napari.layers.Image, model: ModelInfo, probability: np.ndarray) -> None:
+        """Takes the model's settings if it was loaded for this segmentation, then shows its layers."""
+        if self.model != model:
+            self._loaded(model)
+        self._show(layer, probability)
 
     def cancel(self) -> None:
-        """Stops a segmentation after the image it is on; its layers are left as they were."""
-        if self.busy:
-            self.worker.quit()
+        """Kills the model process of a segmentation (its layers are left as they were) or a
+        fine-tuning (whose run is left without a model: `corrections.abandon`)."""
+        if not self.busy:
+            return
+        self.worker.quit()
+        self.process.stop()
+        if self._tuning is not None:
+            try:
+                corrections.abandon(self._tuning)
+            except PipelineError as error:
+                show_error(str(error))
+            self.loss.value = f"cancelled: {self._tuning} holds no model"
 
     def _show(self, image: napari.layers.Image, probability: np.ndarray) -> None:
         """The probability and cells layers of `image`, with its scale and translation (replacing
@@ -181,54 +201,61 @@ class SegmentWidget(Container):
         return found
 
     def fine_tune(self) -> None:
-        """Trains a new run on the corrected cells from the loaded model, in a worker thread, with the
-        loss shown per epoch; then segments with the new run's model."""
+        """Trains a new run on the corrected cells from the loaded model, in the model process, with
+        the epochs done and the loss shown; then segments with the new run's model. Refused
+        settings are checked there before anything is written, and are a notification."""
         if self.busy or self.model is None:
             show_error("load a model and segment an image first" if not self.busy else "busy: wait for the run")
             return
         try:
             run, data = corrections.new_run(Path(self.runs.value))
             found = self.corrected()
-            # Checked here, before the worker: a refused fine-tuning is a notification and writes nothing.
-            corrections.settings(self.model.config, corrections.weights_of(self.model.named), data, self.steps.value)
         except PipelineError as error:
             show_error(str(error))
             return
         self._settings.setValue(RUNS_FOLDER, str(self.runs.value))
-        self._history, self.loss.value = run.history, f"fine-tuning {run} ..."
-        self._start(create_worker(corrections.fine_tune, self.model.config, self.model.named, found, run, data,
-                                  self.steps.value, _start_thread=False), self._tuned)
+        self._tuning, self._history, self.loss.value = run, run.history, f"fine-tuning {run} ..."
+        self.progress.max, self.progress.value = corrections.length(self.model.config, self.steps.value)[0], 0
+        self._start(self.process.call, ("fine_tune", self.model.named, found, run.root, data, self.steps.value),
+                    self._tuned)
         self._timer.start()
-        self.worker.start()
 
-    def _tuned(self, run: RunDir) -> None:
-        """Switches to the fine-tuned run's model."""
+    def _tuned(self, model: ModelInfo) -> None:
+        """Switches to the fine-tuned run's model (loaded by the model process)."""
         self._show_loss()
-        self.model_path.value = str(run.root)
-        if self.load_model():
-            show_info(f"fine-tuned: {run.best_model}")
+        self.model_path.value = str(model.named)
+        self._loaded(model)
+        show_info(f"fine-tuned: {RunDir(model.named).best_model}")
 
     def _show_loss(self) -> None:
-        """The last finished epoch's loss from the run's training history (a row per epoch)."""
+        """The epochs done and the last one's loss, from the run's training history (a row per epoch)."""
         rows = _history_rows(self._history) if self._history else []
         if rows:
             last = rows[-1]
+            self.progress.value = min(len(rows), self.progress.max)
             self.loss.value = f"epoch {int(last['epoch']) + 1}: loss {float(last['loss']):.4f}"
 
-    def _start(self, worker, returned) -> None:
-        """Wires a worker's results, its failure (one line) and its end; does not start it."""
-        self.worker = worker
-        worker.returned.connect(returned)
-        worker.errored.connect(_notify)
-        worker.finished.connect(self._idle)
-        self.segment_button.enabled = self.finetune_button.enabled = False
-        self.busy = True
+    def _start(self, call, request: tuple, returned, yielded=None) -> None:
+        """Runs `call(*request)` (a generator) in a worker thread: wires its answer, its progress, its
+        failure (one line) and its end, then starts it."""
+        # Its errors are ours to show (`_notify`), not to raise again in Qt's event loop.
+        self.worker = create_worker(call, *request, _start_thread=False, _ignore_errors=True)
+        self.worker.returned.connect(returned)
+        if yielded is not None:
+            self.worker.yielded.connect(yielded)
+        self.worker.errored.connect(_notify)
+        self.worker.finished.connect(self._idle)
+        self.segment_button.enabled = self.finetune_button.enabled = self.load_button.enabled = False
+        self.cancel_button.enabled = self.busy = True
+        self.worker.start()
 
     def _idle(self) -> None:
         self.busy = False
+        self._tuning = None
         self._timer.stop()
-        self.segment_button.enabled = self.finetune_button.enabled = True
+        self.segment_button.enabled = self.finetune_button.enabled = self.load_button.enabled = True
         self.cancel_button.enabled = False
+        self._describe_model()  # after a failed or cancelled load too
 
     def _fields_quiet(self):
         """The labelling fields set together, without re-labelling on each."""
