@@ -5,14 +5,17 @@ Images are extended past their borders by reflection without repeating the edge 
 'REFLECT' and OpenCV's BORDER_REFLECT_101. Pads larger than the image reflect repeatedly,
 as numpy does, and an axis of one pixel repeats that pixel.
 
-This module is the rule's one owner, in three forms:
+This module is the rule's one owner, in these forms:
 
 - `mirror_pad`: tensors. Overlap-tile prediction (`tiling`, `large_image`) pads whole
   images by the network's context, the bicubic warp (`elastic_warp`) a batch by the 2 px
   its taps reach.
 - `mirror_pad_array`: numpy arrays. The data sets pad smaller images to a split's size
   (`data.base`), training pads images and labels by the context and joins splits
-  (`training.input_pipeline`), the zoo package cuts its test tile (`files.bioimageio`).
+  (`training.input_pipeline`).
+- `mirror_indices`: integer positions in Keras operations, on any backend, which the zoo
+  package's network gathers to pad inside a model file that loads without this project
+  (`files.bioimageio`).
 - `mirror_positions`: float positions, which the elastic warp's samplers mirror once per
   pixel instead of padding; `mirror_positions_array` the same in numpy, for the warp of
   the training tiles on Keras' JAX and PyTorch backends (`training.numpy_tiles`).
@@ -48,6 +51,20 @@ def _reflect_indices(size: tf.Tensor, before: tf.Tensor, after: tf.Tensor) -> tf
     period = tf.maximum(2 * (size - 1), 1)
     folded = tf.math.floormod(tf.range(-before, size + after), period)
     return tf.minimum(folded, period - folded)
+
+
+def mirror_indices(positions, size, lowest: int):
+    """Source index of integer `positions` (Keras tensors, none below `lowest` <= 0) on an
+    axis of `size` pixels (a scalar int32 tensor), in Keras operations: `_reflect_indices`'
+    fold for models that must not hold TensorFlow code.
+    """
+    import keras
+
+    period = keras.ops.maximum(2 * (size - 1), 1)
+    # Shifted by whole periods to stay positive: tf2onnx's integer Mod takes the dividend's
+    # sign, TensorFlow's floormod the divisor's; they agree on positive numbers.
+    folded = keras.ops.mod(positions - lowest * period, period)
+    return keras.ops.minimum(folded, period - folded)
 
 
 def _within(size: int | None, before, after) -> bool:

@@ -66,6 +66,7 @@ from pipeline.data import DATASETS
 from pipeline.data.synthetic import synthetic_em_image
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
+from pipeline.mirror import mirror_indices
 from pipeline.files import io
 from pipeline.normalization import normalize
 from pipeline.sizes import alignment, context, smallest_input_size
@@ -160,21 +161,15 @@ def _padded_positions(image: keras.KerasTensor, axis: int, config: Config) -> ke
 
     The padded side is smallest + n * alignment with n = ceil((size - minimum) / alignment),
     and n is the length of every alignment-th pixel from `minimum` on; the context comes
-    first. Pixels outside the image are reflected without repeating the edge, repeatedly
-    (folding one period of 2 * (size - 1)): `pipeline.mirror`'s rule, in Keras operations
-    (`tests/test_bioimageio.py` holds the two to the same pixels).
+    first. Pixels outside the image are reflected as `pipeline.mirror` says.
     """
     depth, padding = config.model.depth, config.model.padding
     smallest, step = smallest_input_size(depth, padding), alignment(depth)
     steps = keras.ops.repeat(_ones(image, axis, slice(minimum_size(config), None, step)), step)
     padded = keras.ops.concatenate([steps, keras.ops.repeat(_ones(image, axis, slice(0, 1)), smallest)])
     size = keras.ops.cast(keras.ops.sum(_ones(image, axis, slice(None))), "int32")
-    period = keras.ops.maximum(2 * (size - 1), 1)
     border = context(depth, padding)
-    # Shifted by whole periods to stay positive: tf2onnx's integer Mod takes the dividend's
-    # sign, TensorFlow's floormod the divisor's; they agree on positive numbers.
-    folded = keras.ops.mod(_positions(padded) - border + border * period, period)
-    return keras.ops.minimum(folded, period - folded)
+    return mirror_indices(_positions(padded) - border, size, lowest=-border)
 
 
 def example_input(image: np.ndarray | None, config: Config) -> np.ndarray:

@@ -25,7 +25,7 @@ from pipeline.files import io, model_source
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import Segmenter, load_model
 from pipeline.napari_plugin import corrections, segmentation
-from pipeline.napari_plugin.model_process import DONE, ERROR, PROGRESS, ModelInfo
+from pipeline.napari_plugin.protocol import DONE, ERROR, PROGRESS, ModelInfo
 from pipeline.stages import prepare, train
 
 Report = Callable[[Any], None]  # sends a progress report to the widget

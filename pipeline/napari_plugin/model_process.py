@@ -5,7 +5,7 @@ OpenGL (llvmpipe: Xvfb, virtual machines, remote desktops) links LLVM too; in on
 they crash napari's canvas and abort the process at exit (docs/napari.md). So the widget
 hands every use of a network (loading, segmenting, fine-tuning) to `ModelProcess`, a
 `spawn`ed child (`child.serve`) that holds the loaded model between requests, and gets
-numpy arrays and `ModelInfo` back through a pipe, pickled.
+numpy arrays and `protocol.ModelInfo` back through a pipe, pickled.
 
 A request is a generator (`ModelProcess.call`), run in napari's worker thread: it yields
 the child's progress reports and returns its answer. The child's refusals come back as
@@ -16,27 +16,14 @@ new child. This module imports no TensorFlow; only the child imports `child`.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import signal
 from collections.abc import Generator
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
-from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-
-# What the child sends: (PROGRESS, value) any number of times, then (DONE, answer) or (ERROR, line).
-PROGRESS, DONE, ERROR = "progress", "done", "error"
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """A model the child loaded: what the user named, and its settings."""
-
-    named: Path
-    config: Config
+from pipeline.napari_plugin.protocol import DONE, ERROR, PROGRESS
 
 
 class ModelProcess:

@@ -28,7 +28,8 @@ from pipeline.config.schema import INSTANCE_METHODS
 from pipeline.errors import PipelineError
 from pipeline.files.rundir import RUNS, RunDir
 from pipeline.napari_plugin import corrections, samples, segmentation
-from pipeline.napari_plugin.model_process import ModelInfo, ModelProcess
+from pipeline.napari_plugin.model_process import ModelProcess
+from pipeline.napari_plugin.protocol import ModelInfo
 
 LAST_MODEL, RUNS_FOLDER = "model", "runs_folder"  # the settings keys of the remembered choices
 LOSS_POLL_MS = 1000  # how often the training history is read while fine-tuning
