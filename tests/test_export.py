@@ -176,7 +176,8 @@ def test_the_zoo_package_comes_with_the_version_where_the_server_does_not_look(e
 def test_a_package_that_cannot_be_built_leaves_no_version_and_no_scratch(tmp_path):
     config = configuration.apply_overrides(configuration.preset("smoke"), {"export": {"root": str(tmp_path)}}, "test")
     broken = np.full((100, 100, 1), np.nan, np.float32)  # the model's output for it is not finite
-    with pytest.raises(PipelineError, match="BioImage Model Zoo package: the model's output for the test tile"):
+    with pytest.raises(PipelineError,
+                       match="BioImage Model Zoo package: the model's output for the test input is not finite"):
         export_model(unet(config.model), config, example=broken)
     assert list((tmp_path / config.export.name).iterdir()) == []
     assert not (tmp_path / "models.config").exists()
