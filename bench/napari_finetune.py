@@ -110,7 +110,8 @@ def measure(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
           f"{reference_minutes:.2f} min): test cell IoU {target:.4f}", flush=True)
     weak, weak_minutes = trained(weak_config, folder / "weak")
     weak_iou = cell_iou(reference, weak.root, folder / "scores" / "weak.json")
-    print(f"weak ({args.weak_epochs} x {args.weak_steps} steps): test cell IoU {weak_iou:.4f}", flush=True)
+    print(f"weak ({args.weak_epochs} x {args.weak_steps} steps, {weak_minutes:.2f} min): test cell IoU {weak_iou:.4f}",
+          flush=True)
     rows = []
     for steps in args.steps:
         for count in args.images:
@@ -145,12 +146,14 @@ def _scores(model: dict[str, Any], target: float) -> list[str]:
 def render(results: dict[str, Any]) -> str:
     """The table and the sentences of docs/napari.md's measurement."""
     target = results["reference"]["iou"]
-    rows = [[f"reference: `{results['preset']}` preset, its {results['train_images']} training images", "-",
+    rows = [[f"reference: `{results['preset']}` preset, its {results['train_images']} training images, "
+             f"{results['reference']['epochs']} epochs", "-",
              _length(results["reference"]), f"{results['reference']['minutes']:.2f}",
              *_scores(results["reference"], target)],
-            ["weak: the same recipe stopped early", "-", _length(results["weak"]),
+            [f"weak: the same recipe stopped after {results['weak']['epochs'] * results['weak']['steps_per_epoch']} "
+             "steps", "-", _length(results["weak"]),
              f"{results['weak']['minutes']:.2f}", *_scores(results["weak"], target)]]
-    rows += [[f"weak, fine-tuned for {row['steps']} steps", str(row["images"]), _length(row),
+    rows += [["weak, fine-tuned", str(row["images"]), _length(row),
               f"{row['minutes']:.2f}", *_scores(row, target)] for row in results["fine_tuned"]]
     machine = results["machine"]
     return "\n\n".join([
