@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -190,11 +189,7 @@ def cli() -> None:
     common.add_json_argument(parser)
     args = parser.parse_args()
     json_path = args.json.resolve() if args.json else None
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = args.keep.resolve() if args.keep else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
-        # `prepare` records its run in ./runs/.latest: there, not in the checkout.
-        os.chdir(folder)
+    with common.run_folder(args.keep) as folder:
         common.finish(json_path, measure(folder, args.epochs, args.source_epochs or args.epochs, args.every, args.budget), render)
 
 

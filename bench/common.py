@@ -8,6 +8,7 @@ before `use_one_core` has pinned the process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ import tempfile
 import textwrap
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,6 +48,22 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
     """Adds `--json PATH`: write the results there instead of printing markdown."""
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="write the results as JSON to PATH instead of printing the markdown section")
+
+
+@contextlib.contextmanager
+def run_folder(keep: Path | None) -> Iterator[Path]:
+    """The folder a benchmark's run directories go in: `keep` (created) or a temporary one,
+    and the working directory meanwhile: `prepare` records its run in ./runs/.latest, which
+    belongs there, not in the checkout. Resolve relative paths before entering."""
+    previous = Path.cwd()
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = keep.resolve() if keep else Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        os.chdir(folder)
+        try:
+            yield folder
+        finally:
+            os.chdir(previous)
 
 
 def finish(json_path: Path | None, results: Any, render: Callable[[Any], str]) -> None:

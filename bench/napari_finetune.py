@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -183,9 +182,7 @@ def cli() -> None:
     common.add_json_argument(parser)
     args = parser.parse_args()
     json_path = args.json.resolve() if args.json else None
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = args.keep.resolve() if args.keep else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
+    with common.run_folder(args.keep) as folder:
         common.finish(json_path, measure(folder, args), render)
 
 
