@@ -21,7 +21,7 @@ from pipeline.data.synthetic import synthetic_em_image
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
 from pipeline.files.bioimageio import (
-    ONNX_NOTICE, input_axes, keras_weights, minimum_size, output_axes, package_files, write_package, zoo_network,
+    ONNX_NOTICE, input_axes, keras_weights, minimum_size, output_axes, package_contents, write_package, zoo_network,
 )
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, segmentation_function
@@ -69,7 +69,7 @@ def test_without_tf2onnx_the_package_has_the_other_two_formats_and_the_export_sa
     """The `onnx` extra not installed: None in sys.modules is Python's own 'cannot be imported'."""
     monkeypatch.setitem(sys.modules, "tf2onnx", None)
     config = configuration.preset("smoke")
-    path = write_package(tmp_path / "bioimageio.zip", unet(config.model), config, 1)
+    path = write_package(tmp_path / "bioimageio.zip", package_contents(unet(config.model), config), config, 1)
     assert capsys.readouterr().out.splitlines() == [ONNX_NOTICE]
     rdf = yaml.safe_load(zipfile.ZipFile(path).read("rdf.yaml"))
     assert set(rdf["weights"]) == {"keras_v3", "tensorflow_saved_model_bundle"}
@@ -156,7 +156,7 @@ def test_a_colour_models_sample_tiffs_are_written_without_a_warning_and_read_bac
     config = configuration.apply_overrides(configuration.preset("smoke"), {"model": {"input_channels": 3}}, "test")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", module="tifffile")
-        files = package_files(unet(config.model), config, 1, None, None)
+        files = package_contents(unet(config.model), config)
     tile = np.load(io.BytesIO(files["test_input.npy"]))[0]
     np.testing.assert_array_equal(tifffile.imread(io.BytesIO(files["sample_input.tif"])), tile)
 
@@ -199,8 +199,9 @@ def test_the_description_names_the_export_settings_people_data_and_threshold(tmp
         "export": {"authors": "Ada Lovelace; Alan Turing", "maintainers": "ada", "git_repo": "https://github.com/o/r"},
         "predict": {"threshold": 0.7},
     }, "test")
-    path = write_package(tmp_path / "bioimageio.zip", unet(config.model), config, 3, provenance={
-        "run_dir": "/runs/x", "model_sha256": "ab" * 32})
+    contents = package_contents(unet(config.model), config)
+    path = write_package(tmp_path / "bioimageio.zip", contents, config, 3,
+                         provenance={"run_dir": "/runs/x", "model_sha256": "ab" * 32})
     with zipfile.ZipFile(path) as archive:
         assert {member.external_attr >> 16 for member in archive.infolist()} == {0o100644}
         rdf = yaml.safe_load(archive.read("rdf.yaml"))
@@ -215,5 +216,5 @@ def test_the_description_names_the_export_settings_people_data_and_threshold(tmp
 def test_an_invalid_description_is_refused_in_one_line_and_writes_nothing(tmp_path):
     config = configuration.apply_overrides(configuration.preset("smoke"), {"export": {"git_repo": "not a url"}}, "test")
     with pytest.raises(PipelineError, match=r"^BioImage Model Zoo package: rdf.yaml is invalid at git_repo: [^\n]*$"):
-        write_package(tmp_path / "bioimageio.zip", unet(config.model), config, 1)
+        write_package(tmp_path / "bioimageio.zip", package_contents(unet(config.model), config), config, 1)
     assert list(tmp_path.iterdir()) == []

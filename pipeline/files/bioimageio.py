@@ -345,11 +345,16 @@ batches of 1 and 2; unet-pipeline's tests run it on a trained model, and compare
 """
 
 
-def package_files(
-    model: keras.Model, config: Config, version: int, image: np.ndarray | None, provenance: dict | None,
-) -> dict[str, bytes]:
-    """Every file of the package by name, rdf.yaml first; `model` is the U-Net, which the
-    package holds as its `zoo_network`."""
+def package_contents(model: keras.Model, config: Config, image: np.ndarray | None = None) -> dict[str, bytes]:
+    """The package's files that do not depend on its version, by name: the test and sample
+    tensors, the weights and the cover. The long part (the weight formats), so that an export
+    makes it before it takes the export root's lock. `model` is the U-Net, which the package
+    holds as its `zoo_network`; `image` [H, W, C] gives the test tile (default: synthetic).
+
+    Without tf2onnx (the `onnx` extra) there are no ONNX weights, and a notice says so.
+    """
+    if not onnx_available():  # never silently a package with fewer weights
+        print(ONNX_NOTICE, flush=True)
     network = zoo_network(model, config)
     tile = example_input(image, config)
     probabilities = predict_mask(network, tile, config)
@@ -366,7 +371,15 @@ def package_files(
         files[name] = buffer.getvalue()
     files |= weight_files(network)
     files["cover.png"] = _png(cover(tile, probabilities))
-    files["README.md"] = readme(config, version, provenance).encode()
+    return files
+
+
+def package_files(
+    contents: dict[str, bytes], config: Config, version: int, provenance: dict | None,
+) -> dict[str, bytes]:
+    """Every file of the package by name, rdf.yaml first: `contents` (`package_contents`) with
+    the README and the description of this version."""
+    files = contents | {"README.md": readme(config, version, provenance).encode()}
     rdf = yaml.safe_dump(description(config, version, files, provenance), sort_keys=False)
     return {RDF: rdf.encode()} | files
 
@@ -443,19 +456,11 @@ def _png(picture: np.ndarray) -> bytes:
 
 
 def write_package(
-    target: Path, model: keras.Model, config: Config, version: int,
-    image: np.ndarray | None = None, provenance: dict | None = None,
+    target: Path, contents: dict[str, bytes], config: Config, version: int, provenance: dict | None = None,
 ) -> Path:
-    """Writes the package zip to `target`, atomically; `image` [H, W, C] gives the test tile.
-
-    Without tf2onnx (the `onnx` extra) the package has no ONNX weights, and a notice says so.
-
-    `model` is the network for inference (as `inference.segmenter.load_model` gives it), so the
-    weights hold no training state.
-    """
-    if not onnx_available():  # never silently a package with fewer weights
-        print(ONNX_NOTICE, flush=True)
-    package = _zip(package_files(model, config, version, image, provenance))
+    """Writes the package zip of `contents` (`package_contents`) as `version` to `target`,
+    atomically, once bioimageio.spec (where installed) finds its description valid."""
+    package = _zip(package_files(contents, config, version, provenance))
     with io.atomic_path(target) as temporary:
         temporary.write_bytes(package)
         validate(temporary)

@@ -143,8 +143,9 @@ def export_model(
     `root` (default `export.root`) and returns its version folder.
 
     `example` [H, W, C] is the image the zoo package's test tile is cut from (default: a
-    synthetic EM image). The SavedModel, which does not depend on the version, is written
-    first; the version is then chosen, its own files written, the folder renamed into
+    synthetic EM image). What does not depend on the version, the SavedModel and the zoo
+    package's weights, is made first; the version is then chosen, its own files written
+    (provenance, the package's description), the folder renamed into
     place and `models.config` rewritten under the root's lock (`publication_lock`), so
     that exports running at once get versions of their own and none is lost.
     """
@@ -157,11 +158,12 @@ def export_model(
     temporary = model_root / io.scratch_name("new")
     try:
         _write_saved_model(temporary, model, config)
+        contents = bioimageio.package_contents(model, config, example)
         with publication_lock(root):
             version = config.export.version or next_version(model_root)
             target = model_root / str(version)
             _refuse_existing(target, overwrite)
-            _write_version_files(temporary, model, config, version, provenance, example)
+            _write_version_files(temporary, contents, config, version, provenance)
             _publish(temporary, target)
             write_models_config(root)
     except BaseException:
@@ -224,13 +226,13 @@ def _write_saved_model(folder: Path, model: keras.Model, config: Config) -> None
 
 
 def _write_version_files(
-    folder: Path, model: keras.Model, config: Config, version: int, provenance: dict | None, example: np.ndarray | None,
+    folder: Path, contents: dict[str, bytes], config: Config, version: int, provenance: dict | None,
 ) -> None:
     """What records the version (provenance, zoo package) into `folder`; then every folder gets the umask's mode."""
     if provenance is not None:
         provenance = provenance | {"version": version}
         io.atomic_write_text(folder / PROVENANCE_FILE, json.dumps(provenance, indent=2))
-    bioimageio.write_package(folder / PACKAGE_FILE, model, config, version, example, provenance)
+    bioimageio.write_package(folder / PACKAGE_FILE, contents, config, version, provenance)
     _give_folders_the_mode_of(folder)
 
 
