@@ -8,6 +8,7 @@ the tests start Xvfb (`.ci/run` installs it), and skip only where there is none.
 """
 
 import ctypes
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -25,6 +26,7 @@ pytest.importorskip("pytestqt")
 
 from fakes import write_isbi  # noqa: E402
 from pipeline.cli import main  # noqa: E402
+from pipeline.config import resolve as configuration  # noqa: E402
 from pipeline.data.image_folder import read_pairs  # noqa: E402
 from pipeline.data.synthetic import synthetic_em_stack  # noqa: E402
 from pipeline.files.rundir import RunDir  # noqa: E402
@@ -182,6 +184,18 @@ def test_a_bad_layer_is_a_one_line_notification(widget, qtbot, smoke_run):
     assert "neither a run directory" in errors()[-1]
     assert made.model is None and made.model_info.value == "no model loaded"
     assert [layer.name for layer in viewer.layers] == ["holes", "rgb"]  # nothing segmented
+
+
+def test_a_fine_tuning_takes_whole_epochs_of_the_models_length_but_never_a_few_steps():
+    """(epochs, steps per epoch): every epoch ends in a validation, which a 2-step epoch makes the most of the time."""
+    def trained(steps_per_epoch: int):
+        config = configuration.preset("smoke")
+        return dataclasses.replace(config, train=dataclasses.replace(config.train, steps_per_epoch=steps_per_epoch))
+
+    assert corrections.length(trained(25), 200) == (8, 25)
+    assert corrections.length(trained(25), 210) == (9, 25)  # rounded up to whole epochs
+    assert corrections.length(trained(2), 200) == (10, corrections.MIN_EPOCH_STEPS)
+    assert corrections.length(trained(2), 5) == (1, 5)  # fewer steps asked than an epoch
 
 
 def test_fine_tuning_makes_a_run_the_widget_switches_to(widget, qtbot, smoke_run, tmp_path):
