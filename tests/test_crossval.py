@@ -6,6 +6,8 @@ import dataclasses
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +243,31 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
         assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv), "--overwrite"]) == 2
         assert capsys.readouterr().err == f"error: {error}\n"
     assert json.loads(cv0.crossval_ensemble_report.read_text()) == report
+
+
+def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fold(two_crossvals):
+    """scripts/compare_crossvals.py on the two seeds' reports (and the ensemble's, where written)."""
+    reports = [json.loads(RunDir(two_crossvals[seed]).crossval_report.read_text()) for seed in (0, 1)]
+    first, second = crossval.compare(reports)
+    assert first["changes"] == [] and second["changes"] == ["train.seed=1"]
+    assert first["rand_error_difference"]["mean"] == 0 and first["rand_error_difference"]["lower_in"] == 0
+    differences = [ours["rand_error"] - theirs["rand_error"] for ours, theirs in zip(*(r["folds"] for r in reports))]
+    assert second["rand_error_difference"]["mean"] == pytest.approx(np.mean(differences))
+    assert second["rand_error_difference"]["std"] == pytest.approx(np.std(differences, ddof=1))
+    assert second["rand_error_difference"]["lower_in"] == sum(d < 0 for d in differences)
+    assert second["steps"] == 1 * reports[1]["configuration"]["train"]["steps_per_epoch"]
+    assert set(second["training_minutes"]) == {f"fold-{i}" for i in range(FOLDS)}
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare_crossvals.py"
+    printed = subprocess.run([sys.executable, str(script), str(two_crossvals[0]), str(two_crossvals[1])],
+                             capture_output=True, text=True, check=True).stdout.splitlines()
+    assert printed[0].startswith("| recipe | run | steps |") and len(printed) == 4
+    assert printed[3].startswith(f"| `train.seed=1` | {two_crossvals[1]} |")
+    # Cross-validations of other folds do not compare; a folder without a report is one line.
+    shifted = json.loads(json.dumps(reports[1]))
+    shifted["folds"][0]["slices"] = shifted["folds"][0]["slices"][::-1]
+    with pytest.raises(PipelineError, match="^the cross-validations test other slices in their folds"):
+        crossval.compare([reports[0], shifted])
+    refused = subprocess.run([sys.executable, str(script), str(two_crossvals["root"])], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert refused.stderr.startswith(f"error: {two_crossvals['root']}: no cross-validation report")

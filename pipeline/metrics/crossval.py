@@ -3,8 +3,9 @@
 Each fold's model is scored on its own test slices by `stages.evaluate`
 (`metrics.report.report_for`); `aggregate` puts those reports together: per fold its
 slices and values, every slice's values, the mean, standard deviation and range over the
-folds, and what can be pooled over all held-out slices. `markdown` shows it as tables.
-No model and no TensorFlow.
+folds, and what can be pooled over all held-out slices. `markdown` shows it as tables;
+`compare` and `comparison_markdown` set several cross-validations of the same folds against
+the first (the levers table of docs/results.md). No model and no TensorFlow.
 """
 
 from __future__ import annotations
@@ -143,6 +144,76 @@ def _cost_lines(cost: dict) -> list[str]:
             "| | ensemble | one model |", "| --- | --- | --- |", *rows,
             f"| all folds | {cost['ensemble_seconds']:.2f} | {cost['one_model_seconds']:.2f} |", "",
             f"The ensemble takes {cost['ratio']:.1f} times one model's prediction time.", ""]
+
+
+# The values a comparison of recipes pairs fold by fold: the challenge's two rankings' errors.
+COMPARED = ("rand_error", "warping_error")
+# Settings that differ between cross-validations of one protocol without making another recipe.
+NOT_RECIPE = ("data.data_dir", "data.fold")
+
+
+def compare(reports: list[dict]) -> list[dict]:
+    """Each cross-validation report (`aggregate`'s, with its "configuration") against the first.
+
+    Per report: the settings in which it differs from the first ("changes", "dotted.key=value"),
+    its steps, its training minutes per fold where recorded, its mean and spread over the folds,
+    the pooled warping error, and per COMPARED value the paired difference to the first, fold by
+    fold (mean and sample standard deviation of the differences, and in how many folds it is
+    lower): the folds differ far more from each other than recipes do, so only pairs of the
+    same fold compare. Refuses reports whose folds test other slices.
+    """
+    first = reports[0]
+    slices = [row["slices"] for row in first["folds"]]
+    rows = []
+    for report in reports:
+        if [row["slices"] for row in report["folds"]] != slices:
+            raise PipelineError("the cross-validations test other slices in their folds; compare only "
+                                "cross-validations of the same data.folds on the same data")
+        train = report["configuration"]["train"]
+        row = {"changes": settings_changes(first["configuration"], report["configuration"]),
+               "steps": train["epochs"] * train["steps_per_epoch"], "members": len(report.get("members", [])) or 1,
+               "training_minutes": report.get("training_minutes"),
+               "across_folds": report["across_folds"], "pooled_warping_error": report["pooled"]["warping_error"]}
+        for key in COMPARED:
+            differences = [ours[key] - theirs[key] for ours, theirs in zip(report["folds"], first["folds"])]
+            row[f"{key}_difference"] = _spread(differences) | {
+                "lower_in": sum(difference < 0 for difference in differences), "folds": len(differences)}
+        rows.append(row)
+    return rows
+
+
+def settings_changes(first: dict, other: dict) -> list[str]:
+    """The settings of configuration `other` (`Config.to_dict`) that differ from `first`'s, as key=value."""
+    changes = []
+    for section, fields in other.items():
+        if not isinstance(fields, dict):
+            continue
+        for field, value in fields.items():
+            key = f"{section}.{field}"
+            if key not in NOT_RECIPE and first.get(section, {}).get(field) != value:
+                changes.append(f"{key}={value}")
+    return changes
+
+
+def comparison_markdown(rows: list[dict], labels: list[str]) -> str:
+    """`compare`'s rows as a table, each labelled (by its run, say) and named by its changes."""
+    header = ("| recipe | run | steps | Rand, mean (sd) over folds | Rand against the first, mean (sd) of the "
+              "folds' differences | lower in | warping pooled | warping against the first | pixel | cell IoU | "
+              "minutes per fold |")
+    lines = [header, "| --- " * header.count(" | ") + "| --- |"]
+    for row, label in zip(rows, labels, strict=True):
+        spread, rand, warping = row["across_folds"], row["rand_error_difference"], row["warping_error_difference"]
+        minutes = row["training_minutes"]
+        recipe = ", ".join(f"`{change}`" for change in row["changes"]) or "the first"
+        if row["members"] > 1:
+            recipe += f" (ensemble of {row['members']})"
+        lines.append(
+            f"| {recipe} | {label} | {row['steps']:,} | {spread['rand_error']['mean']:.4f} "
+            f"({spread['rand_error']['std']:.4f}) | {rand['mean']:+.4f} ({rand['std']:.4f}) | "
+            f"{rand['lower_in']}/{rand['folds']} | {row['pooled_warping_error']:.6f} | {warping['mean']:+.6f} | "
+            f"{spread['pixel_error']['mean']:.4f} | {_number(spread.get('foreground_iou', {}).get('mean'))} | "
+            f"{'-' if not minutes else f'{sum(minutes.values()) / len(minutes):.1f}'} |")
+    return "\n".join(lines)
 
 
 def _number(value: float | None) -> str:

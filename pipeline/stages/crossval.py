@@ -85,7 +85,8 @@ def record_training(run: RunDir, index: int, seconds: float, resumed: bool) -> N
 def run(config: Config, run: RunDir) -> dict:
     """Writes `<run>/crossval/report.json` and `report.md` from the folds' evaluation reports."""
     results = [_fold_result(index, fold) for index, (_, fold) in enumerate(folds(config, run))]
-    report = {"protocol": protocol(config, run)} | crossval.aggregate(results) | {"configuration": config.to_dict()}
+    report = ({"protocol": protocol(config, run)} | crossval.aggregate(results)
+              | {"training_minutes": training_minutes(run), "configuration": config.to_dict()})
     spread = _write(report, run.crossval_report, run.crossval_summary)
     print(f"cross-validation over {config.data.folds} folds: Rand error {spread['mean']:.4f} "
           f"(sd {spread['std']:.4f}, {spread['min']:.4f}-{spread['max']:.4f}), pooled warping error "
@@ -174,6 +175,12 @@ def _fold_result(index: int, fold: RunDir, path: Path | None = None) -> crossval
     return crossval.Fold(index, names, [int(height) * int(width) for height, width in sizes], report)
 
 
+def training_minutes(run: RunDir) -> dict[str, float]:
+    """Minutes each fold trained (`record_training`), by fold name; empty where none were recorded."""
+    timing = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
+    return {fold: seconds / 60 for fold, seconds in sorted(timing.items())}
+
+
 def protocol(config: Config, run: RunDir) -> list[str]:
     """The protocol in words: folds, training, budget against the recipe's, time per fold, the final model."""
     train = config.train
@@ -183,8 +190,7 @@ def protocol(config: Config, run: RunDir) -> list[str]:
     budget = ("the recipe's own budget" if steps == recipe_steps else
               f"a {'shorter' if steps < recipe_steps else 'longer'} budget than the recipe's {recipe_steps:,} "
               f"steps{' (screening)' if steps < recipe_steps else ''}")
-    timing = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
-    minutes = ", ".join(f"{key} {seconds / 60:.1f}" for key, seconds in sorted(timing.items()))
+    minutes = ", ".join(f"{fold} {minutes:.1f}" for fold, minutes in training_minutes(run).items())
     return [
         f"{config.data.folds} folds of consecutive labelled slices of the {config.data.dataset} data set "
         f"(data.folds={config.data.folds}); fold i's model is scored on fold i's slices once, and trained on all "
