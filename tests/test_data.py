@@ -1,5 +1,7 @@
 """Data set loading and its one-line errors for bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tifffile
@@ -31,6 +33,21 @@ def test_isbi2012_holds_out_the_last_slices(tmp_path):
     np.testing.assert_array_equal(splits["val"].images[..., 0], volume[3:])
     labels = tifffile.imread(tmp_path / "train-labels.tif")
     np.testing.assert_array_equal(splits["train"].labels, labels[:3] == 255)
+
+
+def test_isbi2012_stacks_saved_by_fiji_read_as_the_same_slices(tmp_path):
+    """ImageJ's hyperstack declares a stack's sections as channels (CYX): they are slices all the same."""
+    config = isbi_folder(tmp_path / "plain")
+    (tmp_path / "imagej").mkdir()
+    for name in ("train-volume.tif", "train-labels.tif", "test-volume.tif"):
+        tifffile.imwrite(tmp_path / "imagej" / name, tifffile.imread(tmp_path / "plain" / name), imagej=True)
+    with tifffile.TiffFile(tmp_path / "imagej" / "train-volume.tif") as saved:
+        assert saved.series[0].axes == "CYX"
+    plain, imagej = data.load(config), data.load(dataclasses.replace(config, data_dir=str(tmp_path / "imagej")))
+    for split in data.SPLITS:
+        np.testing.assert_array_equal(imagej[split].images, plain[split].images)
+        if plain[split].instances is not None:
+            np.testing.assert_array_equal(imagej[split].instances, plain[split].instances)
 
 
 def test_isbi2012_test_slices_are_the_first_ones_apart_from_validation(tmp_path):

@@ -97,7 +97,9 @@ def _labelled(volume: np.ndarray, instances: np.ndarray, indices: np.ndarray) ->
 
 
 def _read_stack(path: Path) -> np.ndarray:
-    stack = io.read_stack(path)[..., 0]
+    # Slices, whatever axis the file calls them: Fiji and `tifffile.imwrite(imagej=True)` save a
+    # stack's sections as ImageJ channels (CYX), which `io.read_stack` would take for colour.
+    stack = io.read_slices(path, "ISBI 2012 stack")
     if stack.dtype != np.uint8:
         raise PipelineError(f"{path}: expected 8-bit grey images, got {stack.dtype}")
     return stack
