@@ -19,15 +19,18 @@ Rows, per image:
 - TensorFlow bfloat16, overlap-tile: the same weights in a `mixed_bfloat16` copy of the
   network, only where the CPU has avx512_bf16 or AMX (/proc/cpuinfo);
 - TensorFlow, overlap-tile at each of `--tile-sizes`: larger tiles, fewer borders recomputed;
+- TensorFlow, overlap-tile fitted: per image the valid tile up to `predict.tile_size` (no
+  more memory than `predict`) whose tiles cover it with the fewest network pixels;
 - TensorFlow and ONNX Runtime, whole image: the zoo package's network (`zoo_network`), one
   pass over the image mirror-padded to the next valid size.
-"network Mpx" is what the network computes on per image (tiles x tile side², or the padded
-image): the work the tiling adds, apart from the engine's speed.
+"tile" and "network Mpx": the tile side (or the padded image's) and what the network computes
+on per image (tiles x tile side², or the padded image): the work the tiling adds, apart from
+the engine's speed.
 
 Interleaved: every repeat times each row once, and the best of the repeats counts, so that
 a background load changing over the run weighs on every row alike. Also printed: the
 seconds ONNX Runtime needs before its first tile (tf2onnx conversion and session), and
-how many images of the first side repay them.
+how many images of each side repay them.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, segmentation_function
 from pipeline.inference.tiling import Network, tile_geometry
 from pipeline.normalization import normalize
-from pipeline.sizes import alignment, context, valid_input_sizes
+from pipeline.sizes import alignment, context, prediction_tile_problem, valid_input_sizes
 from pipeline.training.model import unet, unet_in_precision
 
 Segment = Callable[[np.ndarray], np.ndarray]  # [H, W, 1] float32 image -> [H, W] uint8 mask
@@ -109,41 +112,77 @@ def with_tile_size(config: Config, tile_size: int) -> Config:
     return dataclasses.replace(config, predict=dataclasses.replace(config.predict, tile_size=tile_size))
 
 
-def tiled_megapixels(side: int, config: Config) -> float:
-    """Mpx the network computes on for a side x side image by overlap-tile."""
-    _, _, step = tile_geometry(config.predict.tile_size, config.model.depth, config.model.padding)
-    return math.ceil(side / step) ** 2 * config.predict.tile_size ** 2 / 1e6
+def tiled_megapixels(height: int, width: int, tile: int, config: Config) -> float:
+    """Mpx the network computes on for an image by overlap-tile with `tile`: tiles x tile²."""
+    _, _, step = tile_geometry(tile, config.model.depth, config.model.padding)
+    return math.ceil(height / step) * math.ceil(width / step) * tile ** 2 / 1e6
 
 
-def whole_megapixels(side: int, config: Config) -> float:
-    """Mpx the zoo network computes on: the image padded by the context to the next valid size."""
+def fitted_tile(height: int, width: int, config: Config) -> int:
+    """The valid tile up to `predict.tile_size` (so no more memory) that computes the fewest
+    network pixels for the image; the larger on ties (fewer tiles)."""
+    depth, padding, largest = config.model.depth, config.model.padding, config.predict.tile_size
+    usable = [tile for tile in valid_input_sizes(depth, 1, largest, padding)
+              if not prediction_tile_problem(tile, depth, padding)]
+    return min(usable, key=lambda tile: (tiled_megapixels(height, width, tile, config), -tile))
+
+
+def fitted_overlap_tile(model: keras.Model, config: Config) -> Segment:
+    """`predict`'s overlap-tile with the image's `fitted_tile`: a traced function per tile size."""
+    segments: dict[int, Segment] = {}
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        tile = fitted_tile(*image.shape[:2], config)
+        if tile not in segments:
+            segments[tile] = overlap_tile(model, with_tile_size(config, tile))
+        return segments[tile](image)
+
+    return segment
+
+
+def whole_megapixels(side: int, config: Config) -> tuple[int, float]:
+    """The side and Mpx the zoo network computes on: the image padded by the context to the next valid size."""
     depth, padding = config.model.depth, config.model.padding
     low = side + 2 * context(depth, padding)
-    return valid_input_sizes(depth, low, low + alignment(depth), padding)[0] ** 2 / 1e6
+    padded = valid_input_sizes(depth, low, low + alignment(depth), padding)[0]
+    return padded, padded ** 2 / 1e6
 
 
-def rows(model: keras.Model, config: Config, tile_sizes: list[int]) -> tuple[dict[str, tuple[Segment, Callable]], float]:
-    """The measured computations by label, each with its network Mpx per side; and the seconds
+# A row's network input per image side: (its tile, or the padded image, in words; Mpx computed).
+Geometry = Callable[[int], tuple[str, float]]
+
+
+def rows(model: keras.Model, config: Config, tile_sizes: list[int]) -> tuple[dict[str, tuple[Segment, Geometry]], float]:
+    """The measured computations by label, each with its network input per side; and the seconds
     ONNX Runtime took to convert the model and open its session."""
     start = time.perf_counter()
     tile_session = onnx_session(model)
     convert_seconds = time.perf_counter() - start
     classes, threshold, tile = model.output_shape[-1], config.predict.threshold, config.predict.tile_size
-    tiled = lambda settings: (lambda side: tiled_megapixels(side, settings))  # noqa: E731
+
+    def tiled(size: int) -> Geometry:
+        return lambda side: (f"{size}", tiled_megapixels(side, side, size, config))
+
+    def fitted(side: int) -> tuple[str, float]:
+        size = fitted_tile(side, side, config)
+        return f"{size}", tiled_megapixels(side, side, size, config)
+
+    def whole(side: int) -> tuple[str, float]:
+        padded, megapixels = whole_megapixels(side, config)
+        return f"whole ({padded})", megapixels
+
     measured = {
-        f"TensorFlow, overlap-tile {tile} (`predict`)": (overlap_tile(model, config), tiled(config)),
-        f"ONNX Runtime, overlap-tile {tile}": (overlap_tile(model, config, onnx_network(tile_session, classes)),
-                                              tiled(config)),
+        "TensorFlow, overlap-tile (`predict`)": (overlap_tile(model, config), tiled(tile)),
+        "ONNX Runtime, overlap-tile": (overlap_tile(model, config, onnx_network(tile_session, classes)), tiled(tile)),
     }
     if bf16_cpu():
         low = unet_in_precision(config.model, "mixed_bfloat16")
         low.set_weights(model.get_weights())
-        measured[f"TensorFlow bfloat16, overlap-tile {tile}"] = (overlap_tile(low, config), tiled(config))
+        measured["TensorFlow bfloat16, overlap-tile"] = (overlap_tile(low, config), tiled(tile))
     for size in tile_sizes:
-        settings = with_tile_size(config, size)
-        measured[f"TensorFlow, overlap-tile {size}"] = (overlap_tile(model, settings), tiled(settings))
+        measured[f"TensorFlow, overlap-tile {size}"] = (overlap_tile(model, with_tile_size(config, size)), tiled(size))
+    measured[f"TensorFlow, overlap-tile fitted (<= {tile})"] = (fitted_overlap_tile(model, config), fitted)
     zoo = zoo_network(model, config)
-    whole = lambda side: whole_megapixels(side, config)  # noqa: E731
     measured["TensorFlow, whole image"] = (whole_image_tensorflow(zoo, threshold), whole)
     measured["ONNX Runtime, whole image"] = (whole_image_onnx(onnx_session(zoo), threshold), whole)
     return measured, convert_seconds
@@ -184,23 +223,22 @@ def main() -> None:
           f"{config.model.depth}, {config.model.base_filters} filters), predict.tile_size {config.predict.tile_size}, "
           f"tiles_per_batch {config.predict.tiles_per_batch}; ONNX Runtime {onnxruntime.__version__}, "
           f"TensorFlow {tf.__version__}; best of {args.repeats}, interleaved")
-    print("| image | engine, tiling | network Mpx | Mpx/s | vs `predict` | mask px differing from `predict`'s |\n"
-          "| --- | --- | ---: | ---: | ---: | ---: |")
-    saved = None
+    print("| image | engine, tiling | tile | network Mpx | Mpx/s | vs `predict` | mask px differing from `predict`'s |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    repaid = []
     for side in args.sides:
         image = synthetic_em_image(side, seed=side)[0][..., None].astype(np.float32)
         best, masks = best_seconds({label: segment for label, (segment, _) in measured.items()}, image, args.repeats)
-        for label, (_, megapixels) in measured.items():
+        for label, (_, geometry) in measured.items():
             different = int(np.count_nonzero(masks[label] != masks[reference]))
-            print(f"| {side} x {side} | {label} | {megapixels(side):.2f} | {side * side / 1e6 / best[label]:.3f} | "
+            tile, megapixels = geometry(side)
+            print(f"| {side} x {side} | {label} | {tile} | {megapixels:.2f} | {side * side / 1e6 / best[label]:.3f} | "
                   f"{best[reference] / best[label]:.2f}x | {different} of {side * side} |")
-        if saved is None:
-            saved = (side, best[reference] - best[list(measured)[1]])
-    side, gain = saved
-    repaid = f"repaid after {math.ceil(convert_seconds / gain)} image(s) of {side} px" if gain > 0 else \
-        f"never repaid: ONNX Runtime's overlap-tile is not faster at {side} px"
+        gain = best[reference] - best[list(measured)[1]]  # seconds ONNX Runtime's overlap-tile saves an image
+        repaid.append(f"after {math.ceil(convert_seconds / gain)} image(s) of {side} px" if gain > 0 else
+                      f"never at {side} px (not faster)")
     print(f"ONNX Runtime before its first tile (tf2onnx conversion of the model and session): "
-          f"{convert_seconds:.1f} s; {repaid}")
+          f"{convert_seconds:.1f} s; repaid {', '.join(repaid)}")
     print("bfloat16: " + ("TensorFlow's mixed_bfloat16 measured above (avx512_bf16/AMX); ONNX Runtime's CPU provider "
                           "is given the float32 model only" if bf16_cpu() else
                           "not measured: the CPU has neither avx512_bf16 nor AMX"))
