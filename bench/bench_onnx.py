@@ -88,7 +88,8 @@ def onnx_network(session: onnxruntime.InferenceSession, classes: int) -> Network
 def overlap_tile(model: keras.Model, config: Config, network: Network | None = None) -> Segment:
     """`predict`'s computation (`segmentation_function`), with `network` running the tiles if given."""
     # Traced for any shape, as `Segmenter` traces it for `predict`.
-    segment = tf.function(segmentation_function(model, config, network), input_signature=[tf.TensorSpec(None, tf.float32)])
+    segment = tf.function(segmentation_function(model, config, network),
+                          input_signature=[tf.TensorSpec(None, tf.float32)])
     return lambda image: segment(tf.constant(image))["mask"].numpy()
 
 
@@ -152,7 +153,9 @@ def whole_megapixels(side: int, config: Config) -> tuple[int, float]:
 Geometry = Callable[[int], tuple[str, float]]
 
 
-def rows(model: keras.Model, config: Config, tile_sizes: list[int]) -> tuple[dict[str, tuple[Segment, Geometry]], float]:
+def rows(
+    model: keras.Model, config: Config, tile_sizes: list[int]
+) -> tuple[dict[str, tuple[Segment, Geometry]], float]:
     """The measured computations by label, each with its network input per side; and the seconds
     ONNX Runtime took to convert the model and open its session."""
     start = time.perf_counter()
@@ -223,7 +226,8 @@ def main() -> None:
           f"{config.model.depth}, {config.model.base_filters} filters), predict.tile_size {config.predict.tile_size}, "
           f"tiles_per_batch {config.predict.tiles_per_batch}; ONNX Runtime {onnxruntime.__version__}, "
           f"TensorFlow {tf.__version__}; best of {args.repeats}, interleaved")
-    print("| image | engine, tiling | tile | network Mpx | Mpx/s | vs `predict` | mask px differing from `predict`'s |\n"
+    print("| image | engine, tiling | tile | network Mpx | Mpx/s | vs `predict` "
+          "| mask px differing from `predict`'s |\n"
           "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     repaid = []
     for side in args.sides:
