@@ -1,18 +1,45 @@
-"""CPU inference of `predict`: TensorFlow (overlap-tile, as `predict` runs) against ONNX Runtime
-(the zoo package's ONNX weights: the zoo network, one pass over the mirror-padded image), on
-the same images, side by side in one run; Mpx/s, their ratio, and whether the masks are equal.
+"""CPU inference of `predict`: the engine (TensorFlow, ONNX Runtime, TensorFlow in bfloat16) apart
+from the tiling (overlap-tile as `predict` runs it, or one pass over the whole mirror-padded
+image), on the same images, side by side in one run; Mpx/s, the ratio to `predict`, and how
+many mask pixels differ from `predict`'s.
 
     PYTHONPATH=. python bench/bench_onnx.py [--run-dir runs/X] [--sides 512 1024] [--repeats 3]
+                                            [--tile-sizes 604 1116]
 
-Needs the `onnx` extra. With a run directory, its trained model; without one, an untrained
-`cpu`-preset network. The images are the embedded synthetic EM data. bfloat16 is measured
-only where the CPU has avx512_bf16 or AMX (/proc/cpuinfo); elsewhere the table says so.
+Needs the `onnx` extra. With a run directory, its trained model and settings; without one,
+an untrained `cpu`-preset network. The images are the embedded synthetic EM data.
+
+Rows, per image:
+- `predict`: TensorFlow, overlap-tile (`segmentation_function`, `predict.tile_size`,
+  `predict.tiles_per_batch`), the reference of every ratio and mask;
+- ONNX Runtime, overlap-tile: the same tiling code (`tiling.overlap_tile_predict`, same
+  tiles, same batch), only the network's call on each batch of tiles run by an ONNX
+  Runtime session of the same model (tf2onnx, `bioimageio.onnx_file`), through
+  `tf.numpy_function`;
+- TensorFlow bfloat16, overlap-tile: the same weights in a `mixed_bfloat16` copy of the
+  network, only where the CPU has avx512_bf16 or AMX (/proc/cpuinfo);
+- TensorFlow, overlap-tile at each of `--tile-sizes`: larger tiles, fewer borders recomputed;
+- TensorFlow, overlap-tile fitted: per image the valid tile up to `predict.tile_size` (no
+  more memory than `predict`) whose tiles cover it with the fewest network pixels;
+- TensorFlow and ONNX Runtime, whole image: the zoo package's network (`zoo_network`), one
+  pass over the image mirror-padded to the next valid size.
+"tile" and "network Mpx": the tile side (or the padded image's) and what the network computes
+on per image (tiles x tile side², or the padded image): the work the tiling adds, apart from
+the engine's speed.
+
+Interleaved: every repeat times each row once, and the best of the repeats counts, so that
+a background load changing over the run weighs on every row alike. Also printed: the
+seconds ONNX Runtime needs before its first tile (tf2onnx conversion and session), and
+how many images of each side repay them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import keras
@@ -22,12 +49,17 @@ import tensorflow as tf
 
 from bench.common import cpu_model
 from pipeline.config import resolve as configuration
+from pipeline.config.schema import Config
 from pipeline.data.synthetic import synthetic_em_image
-from pipeline.files.bioimageio import ONNX, weight_files, zoo_network
+from pipeline.files.bioimageio import onnx_file, zoo_network
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, segmentation_function
+from pipeline.inference.tiling import Network, tile_geometry
 from pipeline.normalization import normalize
-from pipeline.training.model import unet
+from pipeline.sizes import alignment, context, prediction_tile_problem, valid_input_sizes
+from pipeline.training.model import unet, unet_in_precision
+
+Segment = Callable[[np.ndarray], np.ndarray]  # [H, W, 1] float32 image -> [H, W] uint8 mask
 
 
 def bf16_cpu() -> bool:
@@ -36,15 +68,139 @@ def bf16_cpu() -> bool:
     return "avx512_bf16" in flags or any(flag.startswith("amx") for flag in flags)
 
 
-def seconds(function, repeats: int) -> tuple[float, np.ndarray]:
-    """The best time of `repeats` calls after one warm-up call, and the last result."""
-    result = function()
-    best = float("inf")
+def onnx_session(model: keras.Model) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime session of `model`, converted in memory as the zoo package converts it."""
+    return onnxruntime.InferenceSession(onnx_file(model), providers=["CPUExecutionProvider"])
+
+
+def onnx_network(session: onnxruntime.InferenceSession, classes: int) -> Network:
+    """The session as the tiling's `Network`: each batch of tiles handed to it by tf.numpy_function."""
+    name = session.get_inputs()[0].name
+
+    def network(tiles: tf.Tensor) -> tf.Tensor:
+        probabilities = tf.numpy_function(lambda batch: session.run(None, {name: batch})[0], [tiles], tf.float32,
+                                          stateful=False)
+        return tf.ensure_shape(probabilities, [None, None, None, classes])
+
+    return network
+
+
+def overlap_tile(model: keras.Model, config: Config, network: Network | None = None) -> Segment:
+    """`predict`'s computation (`segmentation_function`), with `network` running the tiles if given."""
+    # Traced for any shape, as `Segmenter` traces it for `predict`.
+    segment = tf.function(segmentation_function(model, config, network),
+                          input_signature=[tf.TensorSpec(None, tf.float32)])
+    return lambda image: segment(tf.constant(image))["mask"].numpy()
+
+
+def whole_image_tensorflow(zoo: keras.Model, threshold: float) -> Segment:
+    """The zoo network in TensorFlow: one pass over the mirror-padded image."""
+    run = tf.function(lambda batch: zoo(batch, training=False))
+    return lambda image: _mask(run(normalize(tf.constant(image[None]))).numpy(), threshold)
+
+
+def whole_image_onnx(session: onnxruntime.InferenceSession, threshold: float) -> Segment:
+    """The zoo network in ONNX Runtime, as the package's ONNX weights run."""
+    name = session.get_inputs()[0].name
+    return lambda image: _mask(session.run(None, {name: normalize(image[None]).numpy()})[0], threshold)
+
+
+def _mask(probabilities: np.ndarray, threshold: float) -> np.ndarray:
+    return np.where(probabilities[0, ..., 1] > threshold, 255, 0).astype(np.uint8)
+
+
+def with_tile_size(config: Config, tile_size: int) -> Config:
+    return dataclasses.replace(config, predict=dataclasses.replace(config.predict, tile_size=tile_size))
+
+
+def tiled_megapixels(height: int, width: int, tile: int, config: Config) -> float:
+    """Mpx the network computes on for an image by overlap-tile with `tile`: tiles x tile²."""
+    _, _, step = tile_geometry(tile, config.model.depth, config.model.padding)
+    return math.ceil(height / step) * math.ceil(width / step) * tile ** 2 / 1e6
+
+
+def fitted_tile(height: int, width: int, config: Config) -> int:
+    """The valid tile up to `predict.tile_size` (so no more memory) that computes the fewest
+    network pixels for the image; the larger on ties (fewer tiles)."""
+    depth, padding, largest = config.model.depth, config.model.padding, config.predict.tile_size
+    usable = [tile for tile in valid_input_sizes(depth, 1, largest, padding)
+              if not prediction_tile_problem(tile, depth, padding)]
+    return min(usable, key=lambda tile: (tiled_megapixels(height, width, tile, config), -tile))
+
+
+def fitted_overlap_tile(model: keras.Model, config: Config) -> Segment:
+    """`predict`'s overlap-tile with the image's `fitted_tile`: a traced function per tile size."""
+    segments: dict[int, Segment] = {}
+
+    def segment(image: np.ndarray) -> np.ndarray:
+        tile = fitted_tile(*image.shape[:2], config)
+        if tile not in segments:
+            segments[tile] = overlap_tile(model, with_tile_size(config, tile))
+        return segments[tile](image)
+
+    return segment
+
+
+def whole_megapixels(side: int, config: Config) -> tuple[int, float]:
+    """The side and Mpx the zoo network computes on: the image padded by the context to the next valid size."""
+    depth, padding = config.model.depth, config.model.padding
+    low = side + 2 * context(depth, padding)
+    padded = valid_input_sizes(depth, low, low + alignment(depth), padding)[0]
+    return padded, padded ** 2 / 1e6
+
+
+# A row's network input per image side: (its tile, or the padded image, in words; Mpx computed).
+Geometry = Callable[[int], tuple[str, float]]
+
+
+def rows(
+    model: keras.Model, config: Config, tile_sizes: list[int]
+) -> tuple[dict[str, tuple[Segment, Geometry]], float]:
+    """The measured computations by label, each with its network input per side; and the seconds
+    ONNX Runtime took to convert the model and open its session."""
+    start = time.perf_counter()
+    tile_session = onnx_session(model)
+    convert_seconds = time.perf_counter() - start
+    classes, threshold, tile = model.output_shape[-1], config.predict.threshold, config.predict.tile_size
+
+    def tiled(size: int) -> Geometry:
+        return lambda side: (f"{size}", tiled_megapixels(side, side, size, config))
+
+    def fitted(side: int) -> tuple[str, float]:
+        size = fitted_tile(side, side, config)
+        return f"{size}", tiled_megapixels(side, side, size, config)
+
+    def whole(side: int) -> tuple[str, float]:
+        padded, megapixels = whole_megapixels(side, config)
+        return f"whole ({padded})", megapixels
+
+    measured = {
+        "TensorFlow, overlap-tile (`predict`)": (overlap_tile(model, config), tiled(tile)),
+        "ONNX Runtime, overlap-tile": (overlap_tile(model, config, onnx_network(tile_session, classes)), tiled(tile)),
+    }
+    if bf16_cpu():
+        low = unet_in_precision(config.model, "mixed_bfloat16")
+        low.set_weights(model.get_weights())
+        measured["TensorFlow bfloat16, overlap-tile"] = (overlap_tile(low, config), tiled(tile))
+    for size in tile_sizes:
+        measured[f"TensorFlow, overlap-tile {size}"] = (overlap_tile(model, with_tile_size(config, size)), tiled(size))
+    measured[f"TensorFlow, overlap-tile fitted (<= {tile})"] = (fitted_overlap_tile(model, config), fitted)
+    zoo = zoo_network(model, config)
+    measured["TensorFlow, whole image"] = (whole_image_tensorflow(zoo, threshold), whole)
+    measured["ONNX Runtime, whole image"] = (whole_image_onnx(onnx_session(zoo), threshold), whole)
+    return measured, convert_seconds
+
+
+def best_seconds(segments: dict[str, Segment], image: np.ndarray, repeats: int) -> tuple[dict[str, float], dict]:
+    """Each computation's best time of `repeats`, interleaved, after a warm-up call each; and its mask."""
+    masks = {label: segment(image) for label, segment in segments.items()}
+    best = dict.fromkeys(segments, math.inf)
     for _ in range(repeats):
-        start = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - start)
-    return best, result
+        for label, segment in segments.items():
+            start = time.perf_counter()
+            segment(image)
+            best[label] = min(best[label], time.perf_counter() - start)
+    return best, masks
 
 
 def main() -> None:
@@ -52,34 +208,43 @@ def main() -> None:
     parser.add_argument("--run-dir", help="a trained run (default: an untrained cpu-preset network)")
     parser.add_argument("--sides", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tile-sizes", type=int, nargs="*", default=[604, 1116],
+                        help="more TensorFlow overlap-tile sizes (default: the cpu preset's tiles covering a 512 "
+                             "and a 1024 px image in one)")
     args = parser.parse_args()
     if args.run_dir:
         run = RunDir(args.run_dir)
-        config, model = run.saved_config(), load_model(run.best_model)
+        model = load_model(run.trained_model())
+        config = run.model_settings(run.saved_config())
     else:
         config = configuration.preset("cpu")
         keras.utils.set_random_seed(0)
         model = unet(config.model)
-    tensorflow_predict = tf.function(segmentation_function(model, config))
-    threshold = config.predict.threshold
-    session = onnxruntime.InferenceSession(weight_files(zoo_network(model, config))[ONNX])
-
-    def onnx_predict(image: np.ndarray) -> np.ndarray:
-        probabilities = session.run(None, {session.get_inputs()[0].name: normalize(image[None]).numpy()})[0]
-        return np.where(probabilities[0, ..., 1] > threshold, 255, 0).astype(np.uint8)
-
-    print(f"{cpu_model()}; {'trained' if args.run_dir else 'untrained cpu-preset'} network, "
-          f"tile {config.predict.tile_size}, ONNX Runtime {onnxruntime.__version__}, TensorFlow {tf.__version__}")
-    print("| image | TensorFlow Mpx/s | ONNX Runtime Mpx/s | ONNX / TF | masks equal |\n| --- | ---: | ---: | ---: | --- |")
+    measured, convert_seconds = rows(model, config, args.tile_sizes)
+    reference = next(iter(measured))
+    print(f"{cpu_model()}; {'trained' if args.run_dir else 'untrained cpu-preset'} network (depth "
+          f"{config.model.depth}, {config.model.base_filters} filters), predict.tile_size {config.predict.tile_size}, "
+          f"tiles_per_batch {config.predict.tiles_per_batch}; ONNX Runtime {onnxruntime.__version__}, "
+          f"TensorFlow {tf.__version__}; best of {args.repeats}, interleaved")
+    print("| image | engine, tiling | tile | network Mpx | Mpx/s | vs `predict` "
+          "| mask px differing from `predict`'s |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    repaid = []
     for side in args.sides:
         image = synthetic_em_image(side, seed=side)[0][..., None].astype(np.float32)
-        ours_s, ours = seconds(lambda: tensorflow_predict(tf.constant(image))["mask"].numpy(), args.repeats)
-        onnx_s, theirs = seconds(lambda: onnx_predict(image), args.repeats)
-        megapixels = side * side / 1e6
-        different = int(np.count_nonzero(ours != theirs))
-        print(f"| {side} x {side} | {megapixels / ours_s:.3f} | {megapixels / onnx_s:.3f} | "
-              f"{ours_s / onnx_s:.2f}x | {'yes' if different == 0 else f'no ({different} px differ)'} |")
-    print("bfloat16: " + ("the CPU has it, but ONNX Runtime runs this float32 model in float32 (not measured)" if bf16_cpu() else
+        best, masks = best_seconds({label: segment for label, (segment, _) in measured.items()}, image, args.repeats)
+        for label, (_, geometry) in measured.items():
+            different = int(np.count_nonzero(masks[label] != masks[reference]))
+            tile, megapixels = geometry(side)
+            print(f"| {side} x {side} | {label} | {tile} | {megapixels:.2f} | {side * side / 1e6 / best[label]:.3f} | "
+                  f"{best[reference] / best[label]:.2f}x | {different} of {side * side} |")
+        gain = best[reference] - best[list(measured)[1]]  # seconds ONNX Runtime's overlap-tile saves an image
+        repaid.append(f"after {math.ceil(convert_seconds / gain)} image(s) of {side} px" if gain > 0 else
+                      f"never at {side} px (not faster)")
+    print(f"ONNX Runtime before its first tile (tf2onnx conversion of the model and session): "
+          f"{convert_seconds:.1f} s; repaid {', '.join(repaid)}")
+    print("bfloat16: " + ("TensorFlow's mixed_bfloat16 measured above (avx512_bf16/AMX); ONNX Runtime's CPU provider "
+                          "is given the float32 model only" if bf16_cpu() else
                           "not measured: the CPU has neither avx512_bf16 nor AMX"))
 
 

@@ -114,6 +114,29 @@ def test_inside_tf_function_with_dynamic_size():
     assert predict.experimental_get_tracing_count() == 1
 
 
+def test_a_network_outside_tensorflow_runs_the_same_tiles():
+    # As bench/bench_onnx.py runs ONNX Runtime: numpy batches through tf.numpy_function, in a
+    # traced graph of any image size. Here the engine is the model itself, called from numpy.
+    model = tiny_unet(3)
+    batches = []
+
+    def engine(tiles: np.ndarray) -> np.ndarray:
+        batches.append(tiles.shape)
+        return model(tiles, training=False).numpy()
+
+    def network(tiles: tf.Tensor) -> tf.Tensor:
+        return tf.numpy_function(engine, [tiles], tf.float32, stateful=False)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 1], tf.float32)])
+    def predict(image):
+        return overlap_tile_predict(model, image, 3, 60, tiles_per_batch=3, network=network)
+
+    image = random_image(50, 61, seed=4)  # 3 x 4 tiles of 60 px, stepping 20
+    result = predict(tf.constant(image)).numpy()
+    np.testing.assert_allclose(result, overlap_tile_predict(model, image, 3, 60, tiles_per_batch=3).numpy(), atol=1e-6)
+    assert batches == [(3, 60, 60, 1)] * 4
+
+
 @pytest.mark.parametrize("tile", [61, 62, 10])
 def test_invalid_tile_size_raises(tile):
     with pytest.raises(PipelineError, match=f"tile size {tile}: not a valid tile size for a U-Net of depth 3"):

@@ -393,7 +393,7 @@ def weight_files(network: keras.Model) -> dict[str, bytes]:
     """The network in each weight format, by file name: keras_v3, SavedModel and, with tf2onnx, ONNX."""
     files = {WEIGHTS: _keras_file(network), SAVED_MODEL: _saved_model_zip(network)}
     if onnx_available():
-        files[ONNX] = _onnx_file(network)
+        files[ONNX] = onnx_file(network)
     return files
 
 
@@ -418,8 +418,9 @@ def _saved_model_zip(network: keras.Model) -> bytes:
                      for path in sorted(Path(folder).rglob("*")) if path.is_file()})
 
 
-def _onnx_file(network: keras.Model) -> bytes:
-    """The network as ONNX (opset ONNX_OPSET), converted by tf2onnx from the same function."""
+def onnx_file(network: keras.Model) -> bytes:
+    """The network as ONNX (opset ONNX_OPSET), converted by tf2onnx from the same function: any
+    Keras model of [B, y, x, C] float32 images (the zoo network, or the bare U-Net on tiles)."""
     import tf2onnx  # the `onnx` extra: only where onnx_available()
 
     function, spec = _endpoint(network)

@@ -53,7 +53,7 @@ from pipeline.files.lazy_image import TIFF_SUFFIXES, LazyImage, open_lazy, pixel
 from pipeline.inference import outputs as output_files
 from pipeline.inference.chunk_grid import Chunk, chunk_side, chunks, geometry, grid
 from pipeline.inference.labelling import chunked as chunked_labels, instances
-from pipeline.inference.tiling import padding, predict_padded
+from pipeline.inference.tiling import keras_network, padding, predict_padded
 from pipeline.mirror import mirror_pad
 from pipeline.normalization import constant_notice, standardize
 
@@ -247,7 +247,7 @@ def _gather(image: LazyImage, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
 def _predict(model: keras.Model, padded: tf.Tensor, tile_size: int, step: int, tiles_per_batch: int) -> tf.Tensor:
     """`tiling.predict_padded` as one graph: a graph's while loop beats eager tile batches, and
     generalised shapes keep the chunks of other sizes at the borders from tracing it again."""
-    return predict_padded(model, padded, tile_size, step, tiles_per_batch)
+    return predict_padded(keras_network(model), padded, tile_size, step, tiles_per_batch)
 
 
 # --- outputs: check, plan, write, finish ---------------------------------------------------

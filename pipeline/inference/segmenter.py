@@ -22,7 +22,7 @@ import tensorflow as tf
 from pipeline.config.schema import Config
 from pipeline.files import io
 from pipeline.inference.labelling.graph import connected_components, without_small
-from pipeline.inference.tiling import overlap_tile_predict
+from pipeline.inference.tiling import Network, overlap_tile_predict
 from pipeline.normalization import normalize
 
 
@@ -66,7 +66,9 @@ def _as_batch(image: tf.Tensor, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
         return batch[..., 0, tf.newaxis], shape[:leading]
 
 
-def segmentation_function(model: keras.Model, config: Config) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+def segmentation_function(
+    model: keras.Model, config: Config, network: Network | None = None
+) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
     """Whole images -> {"mask", "probabilities"}: what `predict`, `evaluate` and the export run.
 
     Takes [H, W], [H, W, C], [B, H, W] (1-channel models) or [B, H, W, C] of any numeric
@@ -74,7 +76,9 @@ def segmentation_function(model: keras.Model, config: Config) -> Callable[[tf.Te
     [B, H, W, 3|4], by `io.COLOUR_AS_GREY`); normalises each image, predicts it tile by
     tile (with test-time augmentation if configured) and returns the mask (uint8, 255 =
     cell) and class probabilities in the input's layout. Written with TensorFlow ops
-    only, so it traces into a SavedModel.
+    only, so it traces into a SavedModel. `network`, if given, runs the tiles instead of
+    the Keras model (`tiling.overlap_tile_predict`); one that is not TensorFlow ops (a
+    `tf.numpy_function`) keeps the function out of a SavedModel.
     """
     channels, depth, tiles = config.model.input_channels, config.model.depth, config.predict
     classes = config.model.num_classes
@@ -86,7 +90,7 @@ def segmentation_function(model: keras.Model, config: Config) -> Callable[[tf.Te
         probabilities = tf.map_fn(
             lambda one: overlap_tile_predict(
                 model, normalize(one), depth, tiles.tile_size, tiles.tiles_per_batch, tiles.test_time_augmentation,
-                config.model.padding,
+                config.model.padding, network,
             ),
             batch,
             fn_output_signature=tf.TensorSpec([None, None, classes], tf.float32),

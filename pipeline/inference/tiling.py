@@ -18,12 +18,17 @@ how far the whole image is padded) and so gets the same output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import tensorflow as tf
 
 from pipeline.errors import PipelineError
 from pipeline.mirror import mirror_pad
 from pipeline.sizes import alignment, context, output_size, prediction_tile_problem
+
+# A network's forward pass for inference: [N, T, T, C] float32 tiles -> [N, t, t, K] float32.
+Network = Callable[[tf.Tensor], tf.Tensor]
 
 
 def tile_geometry(tile_size: int, depth: int, padding: str = "valid") -> tuple[int, int, int]:
@@ -43,6 +48,7 @@ def overlap_tile_predict(
     tiles_per_batch: int = 4,
     test_time_augmentation: bool = False,
     padding: str = "valid",
+    network: Network | None = None,
 ) -> tf.Tensor:
     """Runs `model` over an image of any size by overlapping, aligned tiles.
 
@@ -56,20 +62,25 @@ def overlap_tile_predict(
             image (the paper averaged rotated versions for ISBI 2012); 8 times the work.
         padding: the network's convolutions; "same" nets get no context, so their
             tiles abut and the result is not exact at tile borders.
+        network: what computes `model`'s output for a batch of tiles, if not the Keras
+            model itself: another engine running the same network, on the same tiles
+            (bench/bench_onnx.py measures ONNX Runtime so).
 
     Returns:
         [H, W, K] network output (class probabilities), exactly the input's size.
     """
     out, margin, step = tile_geometry(tile_size, depth, padding)
     image = tf.convert_to_tensor(image, tf.float32)
+    run = network or keras_network(model)
+    classes = model.output_shape[-1]
     if not test_time_augmentation:
-        return _stitched_tiles(model, image, tile_size, out, margin, step, tiles_per_batch)
+        return _stitched_tiles(run, classes, image, tile_size, out, margin, step, tiles_per_batch)
     outputs = []
     for quarter_turns in range(4):
         for flip in (False, True):
             view = tf.image.rot90(image, quarter_turns)
             view = tf.reverse(view, [1]) if flip else view
-            output = _stitched_tiles(model, view, tile_size, out, margin, step, tiles_per_batch)
+            output = _stitched_tiles(run, classes, view, tile_size, out, margin, step, tiles_per_batch)
             output = tf.reverse(output, [1]) if flip else output
             outputs.append(tf.image.rot90(output, (4 - quarter_turns) % 4))
     return tf.add_n(outputs) / len(outputs)
@@ -87,17 +98,23 @@ def padding(size: int | tf.Tensor, out: int, margin: int, step: int) -> tuple[in
 
 
 def _stitched_tiles(
-    model: keras.Model, image: tf.Tensor, tile_size: int, out: int, margin: int, step: int, tiles_per_batch: int
+    network: Network, classes: int, image: tf.Tensor, tile_size: int, out: int, margin: int, step: int,
+    tiles_per_batch: int,
 ) -> tf.Tensor:
     """The overlap-tile pass proper, for one orientation of the image."""
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     padded = mirror_pad(image, *padding(height, out, margin, step), *padding(width, out, margin, step))
-    mosaic = predict_padded(model, padded, tile_size, step, tiles_per_batch)
+    mosaic = predict_padded(network, padded, tile_size, step, tiles_per_batch)
     # The reshapes lose the static class count, which serving signatures should advertise.
-    return tf.ensure_shape(mosaic[:height, :width], [None, None, model.output_shape[-1]])
+    return tf.ensure_shape(mosaic[:height, :width], [None, None, classes])
 
 
-def predict_padded(model: keras.Model, padded: tf.Tensor, tile_size: int, step: int, tiles_per_batch: int) -> tf.Tensor:
+def keras_network(model: keras.Model) -> Network:
+    """The Keras model as a `Network`: its inference call on a batch of tiles."""
+    return lambda tiles: model(tiles, training=False)
+
+
+def predict_padded(network: Network, padded: tf.Tensor, tile_size: int, step: int, tiles_per_batch: int) -> tf.Tensor:
     """The tile loop: the network's output for a mirror-padded region, [rows * step, cols * step, K].
 
     `padded` is [tile_size + (rows - 1) * step, tile_size + (cols - 1) * step, C] of
@@ -117,7 +134,7 @@ def predict_padded(model: keras.Model, padded: tf.Tensor, tile_size: int, step: 
         origins = tf.stack([ids // cols * step, ids % cols * step], axis=1)
         # Slicing tile by tile keeps the inputs to one batch too, however wide the image.
         tiles = tf.map_fn(cut, origins, fn_output_signature=tf.float32)
-        probabilities = model(tiles, training=False)[:, :step, :step, :]
+        probabilities = network(tiles)[:, :step, :step, :]
         return first + tiles_per_batch, outputs.scatter(ids, tf.cast(probabilities, tf.float32))
 
     outputs = tf.TensorArray(tf.float32, size=count, element_shape=[step, step, None])
