@@ -31,7 +31,10 @@ on per image (tiles x tile side², or the padded image): the work the tiling add
 the engine's speed.
 
 Interleaved: every repeat times each row once, and the best of the repeats counts, so that
-a background load changing over the run weighs on every row alike. Also printed: the
+a background load changing over the run weighs on every row alike; each timed call starts
+after a pause (`SETTLE_SECONDS`), as ONNX Runtime's threads spin on after a run and took
+the cores from the row timed next (a TensorFlow call right after an ONNX Runtime one was
+15% slower, after a 0.5 s pause not). Also printed: the
 seconds ONNX Runtime needs before its first tile (tf2onnx conversion and session), and
 how many images of each side repay them.
 """
@@ -142,6 +145,8 @@ def whole_megapixels(side: int, config: Config) -> tuple[int, float]:
     return padded, padded ** 2 / 1e6
 
 
+# Pause before each timed call: ONNX Runtime's worker threads spin on after a run.
+SETTLE_SECONDS = 0.5
 # The rows the ratios and the ONNX Runtime summary refer to.
 PREDICT, FIXED, ONNX = ("TensorFlow, overlap-tile (`predict`)", "TensorFlow, overlap-tile fixed (`predict` before)",
                         "ONNX Runtime, overlap-tile")
@@ -190,16 +195,17 @@ def rows(
     return measured, convert_seconds
 
 
-def best_seconds(segments: dict[str, Segment], image: np.ndarray, repeats: int) -> tuple[dict[str, float], dict]:
-    """Each computation's best time of `repeats`, interleaved, after a warm-up call each; and its mask."""
+def timed_seconds(segments: dict[str, Segment], image: np.ndarray, repeats: int) -> tuple[dict[str, list], dict]:
+    """Each computation's seconds in each of `repeats`, interleaved, after a warm-up call each; and its mask."""
     masks = {label: segment(image) for label, segment in segments.items()}
-    best = dict.fromkeys(segments, math.inf)
+    seconds = {label: [] for label in segments}
     for _ in range(repeats):
         for label, segment in segments.items():
+            time.sleep(SETTLE_SECONDS)  # the previous row's threads (ONNX Runtime's spin) quiet
             start = time.perf_counter()
             segment(image)
-            best[label] = min(best[label], time.perf_counter() - start)
-    return best, masks
+            seconds[label].append(time.perf_counter() - start)
+    return seconds, masks
 
 
 def main() -> None:
@@ -227,10 +233,14 @@ def main() -> None:
     print("| image | engine, tiling | tile | network Mpx | Mpx/s | vs `predict` | vs fixed tile "
           "| mask px differing from `predict`'s |\n"
           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    repaid = []
+    repaid, paired = [], []
     for side in args.sides:
         image = synthetic_em_image(side, seed=side)[0][..., None].astype(np.float32)
-        best, masks = best_seconds({label: segment for label, (segment, _) in measured.items()}, image, args.repeats)
+        seconds, masks = timed_seconds({label: segment for label, (segment, _) in measured.items()}, image,
+                                       args.repeats)
+        best = {label: min(times) for label, times in seconds.items()}
+        # The two rows are timed back to back in every repeat: their ratio per repeat shares its load.
+        paired.append(f"{side} px {np.median(np.divide(seconds[FIXED], seconds[PREDICT])):.2f}x")
         for label, (_, geometry) in measured.items():
             different = int(np.count_nonzero(masks[label] != masks[PREDICT]))
             tile, megapixels = geometry(side)
@@ -240,6 +250,8 @@ def main() -> None:
         gain = best[PREDICT] - best[ONNX]  # seconds ONNX Runtime's overlap-tile saves an image
         repaid.append(f"after {math.ceil(convert_seconds / gain)} image(s) of {side} px" if gain > 0 else
                       f"never at {side} px (not faster)")
+    print(f"`predict` against the fixed tile, the median of the repeats' ratios (timed back to back, so less "
+          f"exposed to a changing load than the best times): {', '.join(paired)}")
     print(f"ONNX Runtime before its first tile (tf2onnx conversion of the model and session): "
           f"{convert_seconds:.1f} s; repaid {', '.join(repaid)}")
     print("bfloat16: " + ("TensorFlow's mixed_bfloat16 measured above (avx512_bf16/AMX); ONNX Runtime's CPU provider "
