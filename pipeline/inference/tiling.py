@@ -17,9 +17,9 @@ side up to `predict.tile_size` whose tiles cost the network the fewest input pix
 The tile loop itself, `predict_padded`, runs over any region of the padded image whose
 origin is a multiple of the step: the whole padded image here, one chunk of an image
 larger than memory in `large_image`, which reads the same padded pixels (`padding` says
-how far the whole image is padded) and so gets the same output. Chunks keep the fixed
-tile `predict.tile_size`: they are large, where the fitted tile is that one anyway or
-gains little.
+how far the whole image is padded) and so gets the same output. Chunks keep the tile
+`predict.tile_size`, to whose steps `chunk_grid` aligns them: they are large, where a
+fitted tile would gain little.
 """
 
 from __future__ import annotations
@@ -67,15 +67,16 @@ def fitted_tile(height: int | tf.Tensor, width: int | tf.Tensor, largest: int, d
 
     Why choose per image: tiles cover the image in whole steps, so one fixed side can cost
     far more than the image. The `cpu` preset's 508 px tiles step 416 px, so a 512 px
-    image takes four of them, 1.03 Mpx of network input for 0.26 Mpx of image, where
-    four 348 px tiles (256 px steps) take 0.48 Mpx. Every usable side gives the
-    same output (one pass of the network over the mirror-padded image), so the side only
-    changes the work, which the convolutions make proportional to the input pixels:
-    tiles down x tiles across x side². `largest` (`predict.tile_size`) bounds the memory of
-    a batch of tiles, so no side above it is taken. Of equal costs the larger side wins:
-    fewer network calls. In TensorFlow ops on a height and width that may be dynamic, so
-    that a traced graph (the SavedModel's signatures) chooses per image; the sides and
-    their geometry are a static table from `tile_geometry`, their one owner.
+    image takes four of them, 1.03 Mpx of network input for 0.26 Mpx of image, where four
+    348 px tiles (256 px steps) take 0.48 Mpx. Every usable side gives the same output
+    (one pass of the network over the mirror-padded image), so the side only changes the
+    work, which the convolutions make proportional to the input pixels: tiles down x
+    tiles across x side² (measured: 2.6x faster at 512 px, BENCHMARKS.md). `largest`
+    (`predict.tile_size`) bounds the memory of a batch of tiles, so no side above it is
+    taken. Of equal costs the larger side wins: fewer network calls. In TensorFlow ops on
+    a height and width that may be dynamic, so that a traced graph (the SavedModel's
+    signatures) chooses per image; the sides and their geometry are a static table from
+    `tile_geometry`, their one owner.
     """
     sides = usable_tile_sides(largest, depth, padding)
     table = tf.constant([(side, *tile_geometry(side, depth, padding)) for side in sides], tf.int32)
