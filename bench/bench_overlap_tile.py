@@ -5,7 +5,8 @@ of output:
 - `savedmodel`: our `serving_default` signature, loaded with `tf.saved_model.load` as TF
   Serving would load it (in-graph mirror padding, tiling and stitching);
 - `naive loop`: what most U-Net code does: mirror-pad with NumPy, call the Keras model once
-  per tile from Python, stitch with NumPy (same tiles, same aligned steps);
+  per tile from Python, stitch with NumPy (same tiles, same aligned steps: the image's
+  fitted tile, `tiling.fitted_tile`, as the signature chooses it);
 - `whole image`: one forward pass over the whole mirror-padded image, the lower bound
   (skipped where its activations would not fit in memory).
 
@@ -29,7 +30,7 @@ import tensorflow as tf
 from bench import common
 from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config
-from pipeline.inference.tiling import tile_geometry
+from pipeline.inference.tiling import fitted_tile, tile_geometry
 from pipeline.normalization import normalize
 from pipeline.stages.export import export_model
 from pipeline.training import model as unet_model
@@ -56,9 +57,9 @@ def best_time(function: Callable[[], Any], repeats: int) -> float:
 
 
 def geometry(config: Config, height: int, width: int) -> tuple[int, int, int, int, int, int]:
-    """(tile, output, step, margin, rows, cols): the tiles pipeline.inference.tiling cuts."""
-    tile = config.predict.tile_size
-    out, margin, step = tile_geometry(tile, config.model.depth)
+    """(tile, output, step, margin, rows, cols): the tiles pipeline.inference.tiling cuts for the image."""
+    fitted = fitted_tile(height, width, config.predict.tile_size, config.model.depth, config.model.padding)
+    tile, out, margin, step = (int(value) for value in fitted)
     return tile, out, step, margin, -(-height // step), -(-width // step)
 
 
@@ -97,7 +98,8 @@ def measure(presets: list[str], sizes: list[int] | None = None, repeats: int = 2
     rows, tiles = [], {}
     for preset in presets:
         config = configuration.preset(preset)
-        tile, out, step, _, _, _ = geometry(config, 1, 1)
+        tile = config.predict.tile_size
+        out, _, step = tile_geometry(tile, config.model.depth, config.model.padding)
         tiles[preset] = {"tile": tile, "batch": config.predict.tiles_per_batch, "output": out, "step": step,
                          "whole_limit": WHOLE_IMAGE_LIMIT[preset]}
         rows += _measure_preset(config, sizes or SIZES[preset], repeats)
@@ -120,7 +122,7 @@ def _measure_preset(config: Config, sizes: list[int], repeats: int) -> list[dict
             }
             if size <= WHOLE_IMAGE_LIMIT[config.preset]:
                 methods["whole"] = lambda: whole_image(model, image, config)
-            row = {"preset": config.preset, "size": size, "whole": None}
+            row = {"preset": config.preset, "size": size, "whole": None, "tile": geometry(config, size, size)[0]}
             for name, function in methods.items():
                 row[name] = 1000 * best_time(function, repeats) / megapixels
                 print(f"  {config.preset:6s} {size:5d}px {name:10s} {row[name]:10.0f} ms/Mpx", flush=True)
@@ -134,7 +136,7 @@ def render(results: dict[str, Any]) -> str:
     table = []
     for row in rows:
         whole = row["whole"]
-        table.append([row["preset"], f"{row['size']}x{row['size']}", f"{row['savedmodel']:.0f}",
+        table.append([row["preset"], f"{row['size']}x{row['size']}", f"{row['tile']}", f"{row['savedmodel']:.0f}",
                       f"{row['naive']:.0f}", "-" if whole is None else f"{whole:.0f}",
                       "-" if whole is None else f"{row['savedmodel'] / whole:.2f}",
                       f"{row['naive'] / row['savedmodel']:.2f}"])
@@ -160,9 +162,12 @@ def render(results: dict[str, Any]) -> str:
             f"  (skipped for {limits}: its activations are not tiled, and 4096 px of the `cpu` net",
             "  need more memory than a 24 GiB machine has).",
         ]),
-        f"Presets' prediction tiles: {geometry_text}.",
-        common.markdown_table(["preset", "image", "savedmodel ms/Mpx", "naive loop ms/Mpx", "whole image ms/Mpx",
-                               "savedmodel / whole image", "naive loop / savedmodel"], table, "llrrrrr"),
+        f"Presets' largest prediction tiles (`predict.tile_size`): {geometry_text}; each image is cut into "
+        "the tiles of the side up to it with the fewest network pixels (`tiling.fitted_tile`), the table's "
+        "\"tile\".",
+        common.markdown_table(["preset", "image", "tile", "savedmodel ms/Mpx", "naive loop ms/Mpx",
+                               "whole image ms/Mpx", "savedmodel / whole image", "naive loop / savedmodel"], table,
+                              "llrrrrrr"),
         _goals(results),
     ])
 

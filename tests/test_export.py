@@ -28,6 +28,7 @@ from pipeline.config import resolve as configuration
 from pipeline.errors import PipelineError
 from pipeline.inference.labelling.instances import cell_instances
 from pipeline.inference.segmenter import Segmenter
+from pipeline.inference.tiling import fitted_tile
 from pipeline.sizes import valid_input_sizes
 from pipeline.stages.export import (
     LOCK_FILE, PACKAGE_FILE, PROVENANCE_FILE, WARMUP_FILE, export_model, publication_lock, versions, warmup_requests,
@@ -50,25 +51,32 @@ def image_of(shape, seed=0):
 
 
 def test_a_fresh_process_serves_what_the_pipeline_predicts(exported, tmp_path):
+    # Two sizes whose tiles differ (92 and 88 px of the smoke preset's predict.tile_size=92):
+    # the signature chooses each image's tile in its graph, as `predict` does.
     model, config, version = exported
-    image = image_of((70, 101))
-    np.save(tmp_path / "image.npy", image)
+    images = [image_of((70, 101)), image_of((30, 45), seed=1)]
+    tiles = {int(fitted_tile(*image.shape, config.predict.tile_size, config.model.depth)[0]) for image in images}
+    assert len(tiles) == 2
+    for index, image in enumerate(images):
+        np.save(tmp_path / f"image{index}.npy", image)
     script = textwrap.dedent(f"""
         import numpy as np, tensorflow as tf
         served = tf.saved_model.load({str(version)!r}).signatures["serving_default"]
-        outputs = served(image=tf.constant(np.load({str(tmp_path / 'image.npy')!r})))
-        np.save({str(tmp_path / 'probabilities.npy')!r}, outputs["probabilities"].numpy())
-        np.save({str(tmp_path / 'mask.npy')!r}, outputs["mask"].numpy())
+        for index in range({len(images)}):
+            outputs = served(image=tf.constant(np.load({str(tmp_path)!r} + f"/image{{index}}.npy")))
+            np.save({str(tmp_path)!r} + f"/probabilities{{index}}.npy", outputs["probabilities"].numpy())
+            np.save({str(tmp_path)!r} + f"/mask{{index}}.npy", outputs["mask"].numpy())
         import sys; assert not any(m == "pipeline" or m.startswith("pipeline.") for m in sys.modules)
     """)
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
-    probabilities = np.load(tmp_path / "probabilities.npy")
-    assert probabilities.shape == (70, 101, 2)
-    expected = Segmenter(model, config)(image[..., None])
-    np.testing.assert_allclose(probabilities[..., 1], expected, atol=1e-5)
-    mask = np.load(tmp_path / "mask.npy")
-    clear = np.abs(expected - config.predict.threshold) > 1e-4
-    np.testing.assert_array_equal(mask[clear], np.where(expected[clear] > config.predict.threshold, 255, 0))
+    for index, image in enumerate(images):
+        probabilities = np.load(tmp_path / f"probabilities{index}.npy")
+        assert probabilities.shape == (*image.shape, 2)
+        expected = Segmenter(model, config)(image[..., None])
+        np.testing.assert_allclose(probabilities[..., 1], expected, atol=1e-5)
+        mask = np.load(tmp_path / f"mask{index}.npy")
+        clear = np.abs(expected - config.predict.threshold) > 1e-4
+        np.testing.assert_array_equal(mask[clear], np.where(expected[clear] > config.predict.threshold, 255, 0))
 
 
 def test_every_input_layout_and_dtype_gives_the_same_segmentation(exported):

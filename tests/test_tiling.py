@@ -1,8 +1,10 @@
-"""Overlap-tile prediction: exactness against one whole-image pass, batching, tracing, tile checks, TTA."""
+"""Overlap-tile prediction: exactness against one whole-image pass, batching, tracing, tile checks, TTA,
+the tile fitted to each image."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import keras
 import numpy as np
@@ -11,9 +13,9 @@ import tensorflow as tf
 
 from pipeline.config.schema import ModelConfig
 from pipeline.errors import PipelineError
-from pipeline.inference.tiling import overlap_tile_predict
+from pipeline.inference.tiling import fitted_tile, overlap_tile_predict, tile_geometry
 from pipeline.mirror import mirror_pad
-from pipeline.sizes import alignment, context, output_size
+from pipeline.sizes import alignment, context, is_valid_input_size, output_size
 from pipeline.training.model import unet
 
 
@@ -164,3 +166,63 @@ def test_test_time_augmentation_is_equivariant_and_averages_the_eight_views():
     ] + [np.rot90(overlap_tile_predict(model, tf.image.rot90(image, k), 3, 60), -k) for k in range(4)]
     np.testing.assert_allclose(averaged.numpy(), np.mean(views, axis=0), atol=1e-5)
     assert not np.allclose(averaged.numpy(), overlap_tile_predict(model, image, 3, 60).numpy(), atol=1e-3)
+
+
+def cheapest_side_by_enumeration(height: int, width: int, largest: int, depth: int, padding: str) -> int:
+    """Every side from 1 to `largest` tried: those the network takes and whose output covers a tile
+    step, costed as tiles x side² network pixels; the fewest, then the largest side."""
+    costs = {}
+    for side in range(1, largest + 1):
+        if not is_valid_input_size(side, depth, padding) or output_size(side, depth, padding) < alignment(depth):
+            continue
+        step = output_size(side, depth, padding) // alignment(depth) * alignment(depth)
+        costs[side] = math.ceil(height / step) * math.ceil(width / step) * side * side
+    return min(costs, key=lambda side: (costs[side], -side))
+
+
+@pytest.mark.parametrize("depth, largest, padding, sizes", [
+    (4, 508, "valid", [(384, 384), (512, 512), (1024, 1024), (2048, 2048), (37, 1000), (1, 1), (600, 90)]),
+    (5, 572, "valid", [(512, 512), (100, 700), (3, 3)]),
+    (3, 92, "valid", [(7, 9), (30, 45), (130, 61), (70, 101)]),
+    (2, 8, "same", [(4, 4), (5, 9), (12, 3)]),  # 4 x 4: one tile of 4 ties four of 2, the larger wins
+])
+def test_the_fitted_tile_is_the_cheapest_side_up_to_the_largest(depth, largest, padding, sizes):
+    chosen = []
+    for height, width in sizes:
+        tile, out, margin, step = (int(value) for value in fitted_tile(height, width, largest, depth, padding))
+        assert tile == cheapest_side_by_enumeration(height, width, largest, depth, padding), (height, width)
+        assert (out, margin, step) == tile_geometry(tile, depth, padding)
+        chosen.append(tile)
+    assert len(set(chosen)) > 1  # the sizes do choose different tiles
+
+
+def test_the_fitted_tile_is_chosen_in_a_traced_graph_per_image():
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32)])
+    def choose(height, width):
+        return fitted_tile(height, width, 508, 4)[0]
+
+    for size in (384, 512, 1024, 2048):
+        assert int(choose(size, size)) == cheapest_side_by_enumeration(size, size, 508, 4, "valid")
+    assert choose.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("depth, largest, size, augment", [
+    (3, 92, (7, 9), False),  # smaller than the context (20)
+    (3, 92, (1, 1), False),
+    (3, 92, (30, 45), False),  # non-square
+    (3, 92, (130, 61), False),
+    (3, 92, (130, 61), True),  # test-time augmentation turns it to 61 x 130
+    (3, 92, (7, 30), True),
+    (4, 204, (67, 5), False),
+    (4, 204, (150, 90), True),
+])
+def test_fitted_tiles_give_the_fixed_tiles_output_and_the_whole_padded_image_pass(depth, largest, size, augment):
+    model = tiny_unet(depth)
+    image = random_image(*size, seed=7)
+    assert int(fitted_tile(*size, largest, depth)[0]) < largest  # else both would cut the same tiles
+    fitted = overlap_tile_predict(model, image, depth, largest, 3, test_time_augmentation=augment).numpy()
+    fixed = overlap_tile_predict(model, image, depth, largest, 3, test_time_augmentation=augment, fitted=False)
+    assert fitted.shape == (*size, 2)
+    np.testing.assert_allclose(fitted, fixed.numpy(), atol=1e-5)
+    if not augment:
+        np.testing.assert_allclose(fitted, whole_image_reference(model, image, depth, largest), atol=1e-5)

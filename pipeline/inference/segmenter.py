@@ -74,11 +74,12 @@ def segmentation_function(
     Takes [H, W], [H, W, C], [B, H, W] (1-channel models) or [B, H, W, C] of any numeric
     dtype, and for a 1-channel model a grey image stored as colour ([H, W, 3|4] or
     [B, H, W, 3|4], by `io.COLOUR_AS_GREY`); normalises each image, predicts it tile by
-    tile (with test-time augmentation if configured) and returns the mask (uint8, 255 =
-    cell) and class probabilities in the input's layout. Written with TensorFlow ops
-    only, so it traces into a SavedModel. `network`, if given, runs the tiles instead of
-    the Keras model (`tiling.overlap_tile_predict`); one that is not TensorFlow ops (a
-    `tf.numpy_function`) keeps the function out of a SavedModel.
+    tile (the side up to `predict.tile_size` that costs the network least for its size,
+    `tiling.fitted_tile`; with test-time augmentation if configured) and returns the mask
+    (uint8, 255 = cell) and class probabilities in the input's layout. Written with
+    TensorFlow ops only, so it traces into a SavedModel. `network`, if given, runs the
+    tiles instead of the Keras model (`tiling.overlap_tile_predict`); one that is not
+    TensorFlow ops (a `tf.numpy_function`) keeps the function out of a SavedModel.
     """
     channels, depth, tiles = config.model.input_channels, config.model.depth, config.predict
     classes = config.model.num_classes
