@@ -257,6 +257,10 @@ def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fol
     assert second["rand_error_difference"]["lower_in"] == sum(d < 0 for d in differences)
     assert second["steps"] == 1 * reports[1]["configuration"]["train"]["steps_per_epoch"]
     assert set(second["training_minutes"]) == {f"fold-{i}" for i in range(FOLDS)}
+    other_preset = json.loads(json.dumps(reports[1]))
+    other_preset["configuration"]["preset"] = "cpu"
+    assert crossval.settings_changes(reports[0]["configuration"], other_preset["configuration"]) == [
+        "preset=cpu", "train.seed=1"]
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "compare_crossvals.py"
     printed = subprocess.run([sys.executable, str(script), str(two_crossvals[0]), str(two_crossvals[1])],

@@ -186,7 +186,8 @@ def settings_changes(first: dict, other: dict) -> list[str]:
     """The settings of configuration `other` (`Config.to_dict`) that differ from `first`'s, as key=value."""
     changes = []
     for section, fields in other.items():
-        if not isinstance(fields, dict):
+        if not isinstance(fields, dict):  # a top-level setting, the preset's name
+            changes += [f"{section}={fields}"] if first.get(section) != fields else []
             continue
         for field, value in fields.items():
             key = f"{section}.{field}"
