@@ -275,7 +275,7 @@ def crossval_ensemble(args: argparse.Namespace, run: RunDir) -> None:
             print(f"== crossval fold {index}: evaluate the ensemble of {len(paths)} models", flush=True)
             with fold.lock(exclusive=False), _models(args, paths) as models:
                 evaluate.run(fold_config, fold, models=models, output=run.crossval_ensemble_fold(index),
-                             overwrite=args.overwrite)
+                             overwrite=args.overwrite, selection=crossval.ENSEMBLE_SELECTION)
         print(f"== crossval ensemble report ({run})", flush=True)
         crossval.ensemble_run(config, run, members)
 

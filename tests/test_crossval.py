@@ -23,6 +23,7 @@ from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import Ensemble
 from pipeline.metrics import crossval
 from pipeline.metrics.report import report_for, summary
+from pipeline.stages import crossval as crossval_stage
 from fakes import imwrite
 from test_data import isbi_folder
 from test_ensemble import member
@@ -196,6 +197,14 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
     report = json.loads(cv0.crossval_ensemble_report.read_text())
     assert report["members"] == [str(cv0), str(cv1)]
     assert cv0.crossval_report.read_text() == own
+    # Its training cost is both members'; each fold's models held out its slices, and it says so.
+    own_minutes, their_minutes = (json.loads(cv.crossval_report.read_text())["training_minutes"] for cv in (cv0, cv1))
+    assert report["training_minutes"] == {fold: pytest.approx(own_minutes[fold] + their_minutes[fold])
+                                          for fold in own_minutes}
+    assert "train.seed 0, 1" in report["protocol"][0]
+    for index in range(FOLDS):
+        fold_report = json.loads(cv0.crossval_ensemble_fold(index).read_text())
+        assert fold_report["model_selection"].startswith("held out")
     assert "## Cost" in cv0.crossval_ensemble_summary.read_text()
     for index, row in enumerate(report["folds"]):
         fold = cv0.fold(index)
@@ -257,6 +266,7 @@ def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fol
     assert second["rand_error_difference"]["lower_in"] == sum(d < 0 for d in differences)
     assert second["steps"] == 1 * reports[1]["configuration"]["train"]["steps_per_epoch"]
     assert set(second["training_minutes"]) == {f"fold-{i}" for i in range(FOLDS)}
+    assert crossval_stage.ensemble_minutes([{"fold-0": 2.0, "fold-1": 3.0}, {"fold-0": 5.0}]) == {"fold-0": 7.0}
     other_preset = json.loads(json.dumps(reports[1]))
     other_preset["configuration"]["preset"] = "cpu"
     assert crossval.settings_changes(reports[0]["configuration"], other_preset["configuration"]) == [

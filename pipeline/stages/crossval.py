@@ -30,6 +30,9 @@ from pipeline.metrics import crossval
 
 DEFAULT_FOLDS = 5  # ISBI 2012's 20 labelled slices: folds of 4, as many as the test split without folds
 FOLD_STAGES = ("prepare", "train", "evaluate")
+# An ensemble's members hold the same folds (`check_ensemble`), so each fold's models never saw its slices.
+ENSEMBLE_SELECTION = ("held out: each member is this fold's model of a cross-validation of the same folds, trained "
+                      "on the other folds' slices, the last epoch kept; the slices scored here chose nothing")
 
 
 def settings(config: Config) -> Config:
@@ -85,8 +88,9 @@ def record_training(run: RunDir, index: int, seconds: float, resumed: bool) -> N
 def run(config: Config, run: RunDir) -> dict:
     """Writes `<run>/crossval/report.json` and `report.md` from the folds' evaluation reports."""
     results = [_fold_result(index, fold) for index, (_, fold) in enumerate(folds(config, run))]
-    report = ({"protocol": protocol(config, run)} | crossval.aggregate(results)
-              | {"training_minutes": training_minutes(run), "configuration": config.to_dict()})
+    minutes = training_minutes(run)
+    report = ({"protocol": protocol(config, minutes)} | crossval.aggregate(results)
+              | {"training_minutes": minutes, "configuration": config.to_dict()})
     spread = _write(report, run.crossval_report, run.crossval_summary)
     print(f"cross-validation over {config.data.folds} folds: Rand error {spread['mean']:.4f} "
           f"(sd {spread['std']:.4f}, {spread['min']:.4f}-{spread['max']:.4f}), pooled warping error "
@@ -155,10 +159,13 @@ def ensemble_run(config: Config, run: RunDir, members: list[RunDir]) -> dict:
                for index, (_, fold) in enumerate(folds(config, run))]
     cost = crossval.cost([result.report["prediction_seconds"] for result in results])
     runs = [str(cv) for cv in (run, *members)]
+    seeds = ", ".join(str(settings(cv.saved_config()).train.seed) for cv in (run, *members))
+    minutes = ensemble_minutes([training_minutes(cv) for cv in (run, *members)])
     lines = [f"Ensemble: each fold's slices are scored by the mean probability of cell of the fold's models of "
-             f"{len(runs)} cross-validations ({', '.join(runs)}), each model tiling with its own settings."]
-    report = ({"protocol": lines + protocol(config, run), "members": runs} | crossval.aggregate(results)
-              | {"cost": cost, "configuration": config.to_dict()})
+             f"{len(runs)} cross-validations ({', '.join(runs)}; train.seed {seeds}), each model tiling with its "
+             "own settings. The minutes of training below are the members' added: what the ensemble costs."]
+    report = ({"protocol": lines + protocol(config, minutes), "members": runs} | crossval.aggregate(results)
+              | {"cost": cost, "training_minutes": minutes, "configuration": config.to_dict()})
     spread = _write(report, run.crossval_ensemble_report, run.crossval_ensemble_summary)
     print(f"ensemble of {len(runs)} cross-validations over {config.data.folds} folds: Rand error "
           f"{spread['mean']:.4f} (sd {spread['std']:.4f}), {cost['ratio']:.1f}x one model's prediction time "
@@ -181,8 +188,16 @@ def training_minutes(run: RunDir) -> dict[str, float]:
     return {fold: seconds / 60 for fold, seconds in sorted(timing.items())}
 
 
-def protocol(config: Config, run: RunDir) -> list[str]:
-    """The protocol in words: folds, training, budget against the recipe's, time per fold, the final model."""
+def ensemble_minutes(members: list[dict[str, float]]) -> dict[str, float]:
+    """The minutes of training per fold of an ensemble: its members' (`training_minutes`) added,
+    for the folds that every member recorded."""
+    folds = set.intersection(*(set(minutes) for minutes in members))
+    return {fold: sum(minutes[fold] for minutes in members) for fold in sorted(folds)}
+
+
+def protocol(config: Config, training: dict[str, float]) -> list[str]:
+    """The protocol in words: folds, training, budget against the recipe's, the minutes of
+    training per fold (`training`), the final model."""
     train = config.train
     steps = train.epochs * train.steps_per_epoch
     recipe = configuration.preset(config.preset, config.data.dataset).train
@@ -190,7 +205,7 @@ def protocol(config: Config, run: RunDir) -> list[str]:
     budget = ("the recipe's own budget" if steps == recipe_steps else
               f"a {'shorter' if steps < recipe_steps else 'longer'} budget than the recipe's {recipe_steps:,} "
               f"steps{' (screening)' if steps < recipe_steps else ''}")
-    minutes = ", ".join(f"{fold} {minutes:.1f}" for fold, minutes in training_minutes(run).items())
+    minutes = ", ".join(f"{fold} {minutes:.1f}" for fold, minutes in training.items())
     return [
         f"{config.data.folds} folds of consecutive labelled slices of the {config.data.dataset} data set "
         f"(data.folds={config.data.folds}); fold i's model is scored on fold i's slices once, and trained on all "

@@ -62,7 +62,7 @@ def evaluate_segmenter(segment: Callable[[np.ndarray], np.ndarray], images: np.n
 
 
 def run(config: Config, run: RunDir, requested: str | None = None, models: list[ModelSource] | None = None,
-        output: Path | None = None, overwrite: bool = False) -> dict:
+        output: Path | None = None, overwrite: bool = False, selection: str | None = None) -> dict:
     """Scores the best model on the `requested` split: by default test, or val where test has no labels.
 
     `models` (`files.model_source.opened`) are scored instead of the run's model, as their
@@ -70,7 +70,9 @@ def run(config: Config, run: RunDir, requested: str | None = None, models: list[
     for the report (threshold, labelling): the report names them and goes to `output`, or
     by default to <run>/evaluation[/<split>]/models/report.json, never over the run's own
     report; an existing one is refused unless `overwrite`. Its panels go to the folder
-    beside it named after it (`report_panels/`).
+    beside it named after it (`report_panels/`). What chose such models is not known here,
+    and the report says so, unless the caller knows and says it in `selection` (a
+    cross-validation's ensemble, whose members it checked).
 
     The default split's report and panels go to <run>/evaluation/, where export looks for
     them; another split's to <run>/evaluation/<split>/. With
@@ -111,8 +113,10 @@ def run(config: Config, run: RunDir, requested: str | None = None, models: list[
     ensemble = Ensemble(members)
     report = evaluate(ensemble)
     probabilities = report.pop("probabilities")
-    selection = (_selection(split_name, dataset.held_out_test(config.data), config.train) if models is None else
-                 "not known: models from outside this run's training, which may have trained on these images")
+    if models is None:
+        selection = _selection(split_name, dataset.held_out_test(config.data), config.train)
+    elif selection is None:
+        selection = "not known: models from outside this run's training, which may have trained on these images"
     # Each model's seconds of prediction in this pass, tracing its graph included, in the order of "models".
     named = {} if models is None else {"models": [str(source.named) for source in models],
                                        "prediction_seconds": ensemble.seconds}
