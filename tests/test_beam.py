@@ -170,7 +170,21 @@ def test_two_worker_processes_write_what_the_local_runner_writes_large_images_in
                 beam_options=["--direct_num_workers=2", "--direct_running_mode=multi_processing"])
     local, beam = files_of(tmp_path / "local"), files_of(tmp_path / "beam")
     assert beam.pop("failures.csv") == b"file,reason\r\n"
-    assert beam == local and {"big_prob.tif", "big_labels.tif", "big_instances.csv"} <= set(local)
+    assert set(beam) == set(local) and {"big_prob.tif", "big_labels.tif", "big_instances.csv"} <= set(local)
+    # Another process may add a kernel's partial sums in another order (a CI run under load
+    # differed in the last bit of some probabilities), so the probabilities, and the mean
+    # probability each object's measurements give, agree to float rounding; the masks, labels
+    # and overlays made from them byte for byte.
+    for name in local:
+        if name.endswith("_prob.tif"):
+            np.testing.assert_allclose(tifffile.imread(tmp_path / "beam" / name),
+                                       tifffile.imread(tmp_path / "local" / name), rtol=0, atol=1e-6)
+        elif name.endswith(".csv"):
+            ours, theirs = (list(csv.reader(text.decode().splitlines())) for text in (beam[name], local[name]))
+            assert ours[0] == theirs[0] and len(ours) == len(theirs), name
+            np.testing.assert_allclose(np.array(ours[1:], float), np.array(theirs[1:], float), rtol=0, atol=2e-6)
+        else:
+            assert beam[name] == local[name], name
     assert "INFO:apache_beam" not in capfd.readouterr().err
 
 
