@@ -274,7 +274,7 @@ def crossval_ensemble(args: argparse.Namespace, run: RunDir) -> None:
             paths = [fold.root, *(member.fold(index).root for member in members)]
             print(f"== crossval fold {index}: evaluate the ensemble of {len(paths)} models", flush=True)
             with fold.lock(exclusive=False), _models(args, paths) as models:
-                evaluate.run(fold_config, fold, models=models, output=run.crossval_ensemble_fold(index),
+                evaluate.run(fold_config, fold, models=models, output=run.crossval_ensemble_fold(members, index),
                              overwrite=args.overwrite, selection=crossval.ENSEMBLE_SELECTION)
         print(f"== crossval ensemble report ({run})", flush=True)
         crossval.ensemble_run(config, run, members)

@@ -1,6 +1,7 @@
 """The levers table: cross-validations of the same folds set against the first, fold by fold.
 
-    python scripts/compare_crossvals.py runs/cv-cpu-seed0 runs/cv-cpu-ema runs/cv-cpu-seed0/crossval/ensemble/report.json
+    python scripts/compare_crossvals.py runs/cv-cpu-seed0 runs/cv-cpu-ema \
+        runs/cv-cpu-seed0/crossval/ensemble/cv-cpu-seed1/report.json
 
 Each argument is a cross-validation's run directory (its `crossval/report.json`) or a report
 file (an ensemble's). Prints `pipeline.metrics.crossval.comparison_markdown`: per run the

@@ -194,7 +194,7 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
     cv0, cv1 = RunDir(two_crossvals[0]), RunDir(two_crossvals[1])
     own = cv0.crossval_report.read_text()
     assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1)]) == 0
-    report = json.loads(cv0.crossval_ensemble_report.read_text())
+    report = json.loads(cv0.crossval_ensemble_report([cv1]).read_text())
     assert report["members"] == [str(cv0), str(cv1)]
     assert cv0.crossval_report.read_text() == own
     # Its training cost is both members'; each fold's models held out its slices, and it says so.
@@ -203,9 +203,9 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
                                           for fold in own_minutes}
     assert "train.seed 0, 1" in report["protocol"][0]
     for index in range(FOLDS):
-        fold_report = json.loads(cv0.crossval_ensemble_fold(index).read_text())
+        fold_report = json.loads(cv0.crossval_ensemble_fold([cv1], index).read_text())
         assert fold_report["model_selection"].startswith("held out")
-    assert "## Cost" in cv0.crossval_ensemble_summary.read_text()
+    assert "## Cost" in cv0.crossval_ensemble_summary([cv1]).read_text()
     for index, row in enumerate(report["folds"]):
         fold = cv0.fold(index)
         members = [member(cv.fold(index).root) for cv in (cv0, cv1)]
@@ -225,7 +225,7 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
     # Refusals, in one line: the report exists, a fold not trained, other data.
     capsys.readouterr()
     assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1)]) == 2
-    assert capsys.readouterr().err == (f"error: {cv0.crossval_ensemble_report}: already exists "
+    assert capsys.readouterr().err == (f"error: {cv0.crossval_ensemble_report([cv1])}: already exists "
                                        "(pass --overwrite to replace it)\n")
     broken = RunDir(two_crossvals["root"] / "broken")
     shutil.copytree(cv1.root, broken.root)
@@ -251,7 +251,20 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
     ]:
         assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv), "--overwrite"]) == 2
         assert capsys.readouterr().err == f"error: {error}\n"
-    assert json.loads(cv0.crossval_ensemble_report.read_text()) == report
+    namesake = RunDir(two_crossvals["root"] / "elsewhere" / cv1.root.name)
+    shutil.copytree(cv1.root, namesake.root)
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(cv1), "--model", str(namesake)]) == 2
+    assert capsys.readouterr().err == (f"error: {namesake}: another member's folder has the name "
+                                       f"{cv1.root.name!r}, which names the ensemble's report folder; rename one\n")
+    assert not cv0.crossval_ensemble([cv1, namesake]).exists()
+
+    # An ensemble of other members is written beside the first, which stays as it was.
+    copy = RunDir(two_crossvals["root"] / "copy")
+    shutil.copytree(cv1.root, copy.root)
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(copy), "--model", str(cv1)]) == 0
+    assert json.loads(cv0.crossval_ensemble_report([copy, cv1]).read_text())["members"] == [str(cv0), str(copy),
+                                                                                             str(cv1)]
+    assert json.loads(cv0.crossval_ensemble_report([cv1]).read_text()) == report
 
 
 def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fold(two_crossvals):

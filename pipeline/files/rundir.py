@@ -18,8 +18,8 @@ what a command may change in it.
     <run>/export/<name>/<version>/ the SavedModel that `--stage all` writes (never saved_models/)
     <run>/folds/fold-N/            a cross-validation's fold N (`--stage crossval`), a run directory itself
     <run>/crossval/                its report.json and report.md over the folds, timing.json
-    <run>/crossval/ensemble/       report.json and report.md of the folds' ensembles (crossval --model),
-                                   fold-N/report.json: fold N scored by its ensemble
+    <run>/crossval/ensemble/A+B/   report.json and report.md of the folds' ensembles with the cross-
+                                   validations A and B (crossval --model), fold-N/report.json: fold N
 
 Every stage asks a `RunDir` for its paths; no other module joins path names.
 """
@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -206,18 +206,21 @@ class RunDir:
     def crossval_summary(self) -> Path:
         return self.crossval / "report.md"
 
-    @property
-    def crossval_ensemble_report(self) -> Path:
-        """The report of each fold scored by the ensemble of this and other cross-validations' fold models."""
-        return self.crossval / "ensemble" / "report.json"
+    def crossval_ensemble(self, members: Sequence[RunDir]) -> Path:
+        """The folder of the ensemble of this and `members`' fold models, named by the members' folders
+        (`seed1+seed2`), so that ensembles of other members sit beside it."""
+        return self.crossval / "ensemble" / "+".join(member.root.name for member in members)
 
-    @property
-    def crossval_ensemble_summary(self) -> Path:
-        return self.crossval / "ensemble" / "report.md"
+    def crossval_ensemble_report(self, members: Sequence[RunDir]) -> Path:
+        """The report of each fold scored by the ensemble of this and `members`' fold models."""
+        return self.crossval_ensemble(members) / "report.json"
 
-    def crossval_ensemble_fold(self, index: int) -> Path:
+    def crossval_ensemble_summary(self, members: Sequence[RunDir]) -> Path:
+        return self.crossval_ensemble(members) / "report.md"
+
+    def crossval_ensemble_fold(self, members: Sequence[RunDir], index: int) -> Path:
         """Fold `index`'s evaluation report by the ensemble (its panels beside it, `report_panels/`)."""
-        return self.crossval / "ensemble" / f"fold-{index}" / "report.json"
+        return self.crossval_ensemble(members) / f"fold-{index}" / "report.json"
 
     @property
     def crossval_timing(self) -> Path:

@@ -113,6 +113,9 @@ def require_crossvals(runs: list[RunDir]) -> None:
                                 f"run --stage crossval --run-dir {cv} first")
         if any(cv.root.resolve() == other.root.resolve() for other in runs[:index]):
             raise PipelineError(f"{cv}: named twice; an ensemble's members are different cross-validations")
+        if any(cv.root.name == other.root.name for other in runs[1:index]):
+            raise PipelineError(f"{cv}: another member's folder has the name {cv.root.name!r}, which names the "
+                                "ensemble's report folder; rename one")
 
 
 def check_ensemble(config: Config, run: RunDir, members: list[RunDir], overwrite: bool) -> None:
@@ -130,8 +133,8 @@ def check_ensemble(config: Config, run: RunDir, members: list[RunDir], overwrite
         for cv in members:
             if _test_slices(cv.fold(index)) != slices:
                 raise PipelineError(f"{cv.fold(index)}: tests other slices than {run.fold(index)}")
-    reports = [run.crossval_ensemble_report, run.crossval_ensemble_summary,
-               *(run.crossval_ensemble_fold(index) for index in range(config.data.folds))]
+    reports = [run.crossval_ensemble_report(members), run.crossval_ensemble_summary(members),
+               *(run.crossval_ensemble_fold(members, index) for index in range(config.data.folds))]
     io.refuse_existing(reports, overwrite)
 
 
@@ -151,11 +154,11 @@ def _test_slices(fold: RunDir) -> list[str]:
 
 
 def ensemble_run(config: Config, run: RunDir, members: list[RunDir]) -> dict:
-    """Writes `<run>/crossval/ensemble/report.json` and `report.md` from the folds' ensemble reports
+    """Writes `<run>/crossval/ensemble/A+B/report.json` and `report.md` from the folds' ensemble reports
     (`crossval_ensemble_fold`, which evaluate wrote): the aggregate of `run`'s own report, the
     member cross-validations, and the cost: seconds of prediction per fold, the ensemble's
     against one model's (`run`'s fold model), both from the same pass."""
-    results = [_fold_result(index, fold, run.crossval_ensemble_fold(index))
+    results = [_fold_result(index, fold, run.crossval_ensemble_fold(members, index))
                for index, (_, fold) in enumerate(folds(config, run))]
     cost = crossval.cost([result.report["prediction_seconds"] for result in results])
     runs = [str(cv) for cv in (run, *members)]
@@ -166,10 +169,10 @@ def ensemble_run(config: Config, run: RunDir, members: list[RunDir]) -> dict:
              "own settings. The minutes of training below are the members' added: what the ensemble costs."]
     report = ({"protocol": lines + protocol(config, minutes), "members": runs} | crossval.aggregate(results)
               | {"cost": cost, "training_minutes": minutes, "configuration": config.to_dict()})
-    spread = _write(report, run.crossval_ensemble_report, run.crossval_ensemble_summary)
+    spread = _write(report, run.crossval_ensemble_report(members), run.crossval_ensemble_summary(members))
     print(f"ensemble of {len(runs)} cross-validations over {config.data.folds} folds: Rand error "
           f"{spread['mean']:.4f} (sd {spread['std']:.4f}), {cost['ratio']:.1f}x one model's prediction time "
-          f"-> {run.crossval_ensemble_summary}")
+          f"-> {run.crossval_ensemble_summary(members)}")
     return report
 
 
