@@ -7,7 +7,8 @@ Each argument is a cross-validation's run directory (its `crossval/report.json`)
 file (an ensemble's). Prints `pipeline.metrics.crossval.comparison_markdown`: per run the
 settings it changes against the first, its Rand error over the folds, the paired difference
 to the first's, the pooled warping error and the minutes of training (docs/results.md,
-"Levers measured on the cross-validation").
+"Levers measured on the cross-validation"); then, for each recipe run with several seeds, its
+mean over the seeds with their spread (`pipeline.metrics.crossval.seeds_markdown`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def main() -> int:
     args = parser.parse_args()
     try:
         reports = [json.loads(report_file(path).read_text()) for path in args.runs]
-        print(crossval.comparison_markdown(crossval.compare(reports), [str(path) for path in args.runs]))
+        labels = [str(path) for path in args.runs]
+        print(crossval.comparison_markdown(crossval.compare(reports), labels))
+        groups = crossval.seeds(reports)
+        if groups:
+            print("\n" + crossval.seeds_markdown(groups, labels))
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -288,8 +288,18 @@ def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fol
     script = Path(__file__).resolve().parents[1] / "scripts" / "compare_crossvals.py"
     printed = subprocess.run([sys.executable, str(script), str(two_crossvals[0]), str(two_crossvals[1])],
                              capture_output=True, text=True, check=True).stdout.splitlines()
-    assert printed[0].startswith("| recipe | run | steps |") and len(printed) == 4
+    assert printed[0].startswith("| recipe | run | steps |") and len(printed) == 6
     assert printed[3].startswith(f"| `train.seed=1` | {two_crossvals[1]} |")
+    # The two seeds are one recipe: its mean over them, with their spread.
+    (group,) = crossval.seeds(reports)
+    assert (group["changes"], group["runs"], group["seeds"]) == ([], [0, 1], [0, 1])
+    means = [report["across_folds"]["rand_error"]["mean"] for report in reports]
+    assert group["rand_error"]["mean"] == pytest.approx(np.mean(means))
+    assert group["rand_error"]["std"] == pytest.approx(np.std(means, ddof=1))
+    assert group["warping_error"]["mean"] == pytest.approx(np.mean([r["pooled"]["warping_error"] for r in reports]))
+    assert printed[5].startswith(f"- the first over 2 seeds (train.seed 0, 1: {two_crossvals[0]}, {two_crossvals[1]}): "
+                                 f"Rand {np.mean(means):.4f} (sd {np.std(means, ddof=1):.4f} over the seeds)")
+    assert crossval.seeds([reports[0], other_preset]) == []  # another recipe, one seed each
     # Cross-validations of other folds do not compare; a folder without a report is one line.
     shifted = json.loads(json.dumps(reports[1]))
     shifted["folds"][0]["slices"] = shifted["folds"][0]["slices"][::-1]

@@ -5,7 +5,8 @@ Each fold's model is scored on its own test slices by `stages.evaluate`
 slices and values, every slice's values, the mean, standard deviation and range over the
 folds, and what can be pooled over all held-out slices. `markdown` shows it as tables;
 `compare` and `comparison_markdown` set several cross-validations of the same folds against
-the first (the levers table of docs/results.md). No model and no TensorFlow.
+the first (the levers table of docs/results.md); `seeds` gives a recipe's mean over its
+seeds. No model and no TensorFlow.
 """
 
 from __future__ import annotations
@@ -215,6 +216,34 @@ def comparison_markdown(rows: list[dict], labels: list[str]) -> str:
             f"{spread['pixel_error']['mean']:.4f} | {_number(spread.get('foreground_iou', {}).get('mean'))} | "
             f"{'-' if not minutes else f'{sum(minutes.values()) / len(minutes):.1f}'} |")
     return "\n".join(lines)
+
+
+def seeds(reports: list[dict]) -> list[dict]:
+    """The recipes that several of `reports` train with other seeds and no other change (ensembles
+    aside), as the project's goals are stated, the mean of the seeds with their spread: per recipe
+    its changes against the first report, the reports' indices and seeds, and over the seeds the
+    mean and sample standard deviation of the Rand error (each report's mean over the folds) and
+    of the pooled warping error."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for index, report in enumerate(reports):
+        if not report.get("members"):
+            changes = settings_changes(reports[0]["configuration"], report["configuration"])
+            groups.setdefault(tuple(c for c in changes if not c.startswith("train.seed=")), []).append(index)
+    return [{"changes": list(recipe), "runs": indices,
+             "seeds": [reports[index]["configuration"]["train"]["seed"] for index in indices],
+             "rand_error": _spread([reports[index]["across_folds"]["rand_error"]["mean"] for index in indices]),
+             "warping_error": _spread([reports[index]["pooled"]["warping_error"] for index in indices])}
+            for recipe, indices in groups.items() if len(indices) > 1]
+
+
+def seeds_markdown(groups: list[dict], labels: list[str]) -> str:
+    """`seeds`' recipes, a line each, naming their runs by `labels` (one per report)."""
+    return "\n".join(
+        f"- {', '.join(f'`{change}`' for change in group['changes']) or 'the first'} over "
+        f"{len(group['runs'])} seeds (train.seed {', '.join(map(str, group['seeds']))}: "
+        f"{', '.join(labels[index] for index in group['runs'])}): Rand {group['rand_error']['mean']:.4f} "
+        f"(sd {group['rand_error']['std']:.4f} over the seeds), warping pooled "
+        f"{group['warping_error']['mean']:.6f} (sd {group['warping_error']['std']:.6f})" for group in groups)
 
 
 def _number(value: float | None) -> str:
