@@ -21,6 +21,7 @@ from pipeline.inference import beam as beam_pipeline
 from pipeline.inference import chunk_grid, large_image, outputs
 from pipeline.stages import predict
 from pipeline.training import model as unet_model
+
 from same_outputs import assert_same_outputs, files_of
 
 

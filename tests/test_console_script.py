@@ -18,6 +18,7 @@ import tifffile
 from pipeline import __version__, cli
 from pipeline.cli import console, console_parser, main, parse
 from pipeline.data.synthetic import synthetic_em_image
+
 from same_outputs import assert_same_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
