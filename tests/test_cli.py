@@ -229,6 +229,7 @@ def test_stage_all_keeps_its_export_in_the_run_and_records_where_a_version_came_
     assert provenance["configuration"]["preset"] == "smoke"
     assert provenance["evaluation"]["rand_error"] == report["overall"]["rand_error"]
     assert provenance["model_sha256"] == hashlib.sha256((run_dir / "train" / "best.keras").read_bytes()).hexdigest()
+    assert report["model_sha256"] == provenance["model_sha256"]  # the evaluation names the model it scored
     assert provenance["exported_at"].startswith("20")
 
 

@@ -1,5 +1,6 @@
 """The run directory's owner: who writes, which settings a run fixes, how a run is picked."""
 
+import hashlib
 import json
 import os
 
@@ -154,17 +155,20 @@ def test_data_prepared_before_a_data_field_existed_still_loads(tmp_path):
         rundir.load_split(run, "train", configuration.apply_overrides(smoke, {"data": {"folds": 5}}, "test"))
 
 
-def test_the_models_report_is_the_one_written_after_it(tmp_path):
+def test_the_models_report_is_the_one_that_names_its_bytes(tmp_path):
     run = RunDir(tmp_path)
     run.train.mkdir()
     run.best_model.write_bytes(b"a model")
     assert run.model_report() == (None, f"{run.report} does not exist")
     run.evaluation.mkdir()
-    run.report.write_text('{"overall": {"rand_error": 0.1}}')
-    os.utime(run.report, (1, 1))  # written before the model: it scored another one
-    assert run.model_report() == (None, f"{run.report} is older than the model")
-    os.utime(run.best_model, (0, 0))
-    assert run.model_report() == ({"overall": {"rand_error": 0.1}}, None)
+    report = {"overall": {"rand_error": 0.1}, "model_sha256": hashlib.sha256(b"a model").hexdigest()}
+    run.report.write_text(json.dumps(report))
+    os.utime(run.report, (1, 1))  # its time says nothing: a copied or restored run has any order of times
+    assert run.model_report() == (report, None)
+    run.best_model.write_bytes(b"another model")  # trained again since
+    assert run.model_report() == (None, f"{run.report} scored another model than {run.best_model}")
+    run.report.write_text('{"overall": {"rand_error": 0.1}}')  # written before reports named their model
+    assert run.model_report() == (None, f"{run.report} scored another model than {run.best_model}")
 
 
 def test_the_example_input_is_the_images_centre_at_most_512_pixels_square(tmp_path):

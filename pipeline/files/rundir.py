@@ -164,12 +164,14 @@ class RunDir:
 
     def model_report(self) -> tuple[dict | None, str | None]:
         """(the default split's evaluation report of the best model, None), or (None, why there is
-        none): not written yet, or older than the model, so that it scored another one."""
+        none): not written yet, or it scored another model (its "model_sha256" is not the best
+        model's: trained again since, or a report of before 2026-12-07, which named no model)."""
         if not self.report.exists():
             return None, f"{self.report} does not exist"
-        if self.report.stat().st_mtime < self.best_model.stat().st_mtime:
-            return None, f"{self.report} is older than the model"
-        return json.loads(self.report.read_text()), None
+        report = json.loads(self.report.read_text())
+        if report.get("model_sha256") != io.sha256(self.best_model):
+            return None, f"{self.report} scored another model than {self.best_model}"
+        return report, None
 
     def models_report_of(self, split: str | None = None) -> Path:
         """Where evaluate --model writes its report by default: beside, never over, the run's own."""

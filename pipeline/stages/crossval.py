@@ -8,7 +8,7 @@ last epoch kept), so that nothing but the recipe chooses the model, exactly as t
 model trains on all labelled images. `pipeline.cli` runs prepare, train and evaluate in
 each fold, as far as `remaining` says, since no stage calls another; `run` then writes
 the report over the folds (`pipeline.metrics.crossval`). A killed cross-validation resumes:
-a fold whose report is newer than its model is not redone, a fold part-trained resumes
+a fold whose report scored its model is not redone, a fold part-trained resumes
 by the train stage's own resume.
 """
 
@@ -65,15 +65,15 @@ def check(config: Config, run: RunDir, overwrite: bool) -> None:
 
 
 def remaining(config: Config, fold: RunDir, overwrite: bool) -> tuple[str, ...]:
-    """The stages fold `fold` still needs: all with `overwrite`; none once its report is newer than its model."""
+    """The stages fold `fold` still needs: all with `overwrite`; none once its report scored its model."""
     prepared = fold.manifest.exists() and rundir.prepared_with(fold, config)
     if overwrite or not prepared:
         return FOLD_STAGES
     trained = fold.best_model.exists() and not fold.backup().exists()
     if not trained:
         return FOLD_STAGES[1:]
-    evaluated = fold.report.exists() and fold.report.stat().st_mtime >= fold.best_model.stat().st_mtime
-    return () if evaluated else FOLD_STAGES[2:]
+    evaluated, _ = fold.model_report()
+    return () if evaluated is not None else FOLD_STAGES[2:]
 
 
 def record_training(run: RunDir, index: int, seconds: float, resumed: bool) -> None:

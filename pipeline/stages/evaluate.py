@@ -93,7 +93,8 @@ def run(config: Config, run: RunDir, requested: str | None = None, models: list[
     other = None if split_name == default else split_name  # where its report goes
     if models is None:
         config = run.model_settings(config)
-        members = [(load_model(run.trained_model()), config)]
+        named = {"model_sha256": io.sha256(run.trained_model())}  # which model scored: `RunDir.model_report`
+        members = [(load_model(run.best_model), config)]
         path = run.report_of(other)
     else:
         model_source.check_compatible(models, config.model.input_channels)
@@ -101,6 +102,7 @@ def run(config: Config, run: RunDir, requested: str | None = None, models: list[
         io.check_output_file(path)
         io.refuse_existing([path], overwrite)
         members = [(load_model(source.file), source.config) for source in models]
+        named = {"models": [str(source.named) for source in models]}
     dataset = data.DATASETS[config.data.dataset]
     sequences = None
     if dataset.sequence_of is not None and "ids" in split:  # runs prepared before ids were kept have none
@@ -117,9 +119,9 @@ def run(config: Config, run: RunDir, requested: str | None = None, models: list[
         selection = _selection(split_name, dataset.held_out_test(config.data), config.train)
     elif selection is None:
         selection = "not known: models from outside this run's training, which may have trained on these images"
-    # Each model's seconds of prediction in this pass, tracing its graph included, in the order of "models".
-    named = {} if models is None else {"models": [str(source.named) for source in models],
-                                       "prediction_seconds": ensemble.seconds}
+    if models is not None:
+        # Each model's seconds of prediction in this pass, tracing its graph included, in the order of "models".
+        named["prediction_seconds"] = ensemble.seconds
     report = {"split": split_name, "dataset": config.data.dataset, "model_selection": selection} | named | report
     if any(settings.predict.test_time_augmentation for _, settings in members):
         report["without_test_time_augmentation"] = summary(evaluate(Ensemble([(model, _plain(settings))

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -272,7 +271,7 @@ def provenance(config: Config, run: RunDir) -> dict:
         "host": socket.gethostname(),
         "run_dir": str(run.root.resolve()),
         "model": str(model.resolve()),
-        "model_sha256": hashlib.sha256(model.read_bytes()).hexdigest(),
+        "model_sha256": io.sha256(model),
         "configuration": config.to_dict(),
         "software": {"unet-pipeline": _version("unet-pipeline"), "tensorflow": tf.__version__,
                      "keras": keras.__version__},
