@@ -21,16 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `pipeline`, from any working folder
 
 from pipeline.errors import PipelineError  # noqa: E402
-from pipeline.files.rundir import RunDir  # noqa: E402
+from pipeline.files import rundir  # noqa: E402
 from pipeline.metrics import crossval  # noqa: E402
-
-
-def report_file(path: Path) -> Path:
-    """The report a path names: the file itself, or a run directory's cross-validation report."""
-    report = path if path.is_file() else RunDir(path).crossval_report
-    if not report.is_file():
-        raise PipelineError(f"{path}: no cross-validation report ({report}); run --stage crossval first")
-    return report
 
 
 def main() -> int:
@@ -38,7 +30,7 @@ def main() -> int:
     parser.add_argument("runs", nargs="+", type=Path, help="cross-validation run directories or report files")
     args = parser.parse_args()
     try:
-        reports = [json.loads(report_file(path).read_text()) for path in args.runs]
+        reports = [json.loads(rundir.crossval_report_file(path).read_text()) for path in args.runs]
         labels = [str(path) for path in args.runs]
         print(crossval.comparison_markdown(crossval.compare(reports), labels))
         groups = crossval.seeds(reports)

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from pipeline.inference.segmenter import Ensemble
 from pipeline.metrics import crossval
 from pipeline.metrics.report import report_for, summary
 from pipeline.stages import crossval as crossval_stage
+from pipeline.stages.export import PACKAGE_FILE, PROVENANCE_FILE
 from fakes import imwrite
 from test_data import isbi_folder
 from test_ensemble import member
@@ -308,3 +310,45 @@ def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fol
     refused = subprocess.run([sys.executable, str(script), str(two_crossvals["root"])], capture_output=True, text=True)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert refused.stderr.startswith(f"error: {two_crossvals['root']}: no cross-validation report")
+
+
+def test_the_final_model_exports_the_accuracy_its_recipes_cross_validation_estimates(two_crossvals, tmp_path,
+                                                                                      capsys):
+    """The final model on every labelled slice has no held-out score: its export records the
+    cross-validation's figures (`export.crossval`), if the cross-validation is of its recipe."""
+    cv0 = RunDir(two_crossvals[0])
+    final = RunDir(tmp_path / "final")
+    every_slice = [arg.replace(f"data.folds={FOLDS}", "data.test_slices=0") for arg in TINY]
+    assert main(["--stage", "all", "--run-dir", str(final.root), "--data-dir", str(two_crossvals["root"] / "data"),
+                 *every_slice, "--set", "train.include_validation=true", "--set", "train.seed=5",
+                 "--set", f"export.crossval={cv0}"]) == 0
+    provenance = json.loads((final.export_root / "unet" / "1" / PROVENANCE_FILE).read_text())
+    cv_report = json.loads(cv0.crossval_report.read_text())
+    estimate = provenance["crossval_estimate"]
+    assert estimate["crossval"] == str(cv0.crossval_report)
+    assert (estimate["folds"], estimate["slices"], estimate["seed"]) == (FOLDS, SLICES, 0)
+    assert estimate["across_folds"] == cv_report["across_folds"]
+    assert estimate["pooled_warping_error"] == cv_report["pooled"]["warping_error"]
+    assert provenance["evaluation"]["model_selection"].startswith("none")  # what it was scored on, it trained on
+    with zipfile.ZipFile(final.export_root / "unet" / "1" / PACKAGE_FILE) as package:
+        readme = package.read("README.md").decode()
+    rand = cv_report["across_folds"]["rand_error"]
+    assert (f"Estimated by a {FOLDS}-fold cross-validation of the same recipe over {SLICES} labelled images "
+            f"({cv0.crossval_report}; 2 steps, seed 0, test-time averaging off)") in readme
+    assert f"Rand error {rand['mean']:.4g} (sd {rand['std']:.2g})" in readme
+
+    # A cross-validation of another recipe, or an ensemble's, estimates nothing for it: refused, nothing written.
+    for name, change, error in [
+        ("longer", lambda report: report["configuration"]["train"].update(epochs=3),
+         "cross-validates train.epochs=3, the model was trained with 1; it estimates only a model of its recipe"),
+        ("ensemble", lambda report: report.update(members=[str(cv0), "other"]),
+         "an ensemble's cross-validation, which estimates an ensemble, not one model"),
+    ]:
+        report = json.loads(json.dumps(cv_report))
+        change(report)
+        (tmp_path / f"{name}.json").write_text(json.dumps(report))
+        capsys.readouterr()
+        assert main(["--stage", "export", "--run-dir", str(final.root), "--set", f"export.root={tmp_path / 'saved'}",
+                     "--set", f"export.crossval={tmp_path / f'{name}.json'}"]) == 2
+        assert capsys.readouterr().err == f"error: {tmp_path / f'{name}.json'}: {error}\n"
+        assert not (tmp_path / "saved").exists()

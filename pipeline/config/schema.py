@@ -177,6 +177,10 @@ class ExportConfig:
     authors: str = "unet-pipeline contributors"
     maintainers: str = ""
     git_repo: str = ""
+    # A cross-validation of the model's recipe (a `--stage crossval` run directory) whose figures the
+    # export records, and the zoo package states, as the model's estimated accuracy: for the final
+    # model on every labelled slice, which has no held-out score ("" = none).
+    crossval: str = ""
 
 
 @dataclasses.dataclass

@@ -92,6 +92,9 @@ ONNX_NOTICE = ("notice: the BioImage Model Zoo package has keras_v3 and tensorfl
 MEMBER_MODE = 0o644
 # The pipeline's class order (ModelConfig.num_classes): 0 = membrane/background, 1 = cell.
 CLASS_NAMES = ("background", "cell")
+# The values the README's accuracy section states, with their names (export.HEADLINE's, in words).
+ACCURACY_NAMES = {"rand_error": "Rand error", "warping_error": "warping error", "pixel_error": "pixel error",
+                  "foreground_iou": "cell IoU", "seg": "SEG"}
 
 
 def minimum_size(config: Config) -> int:
@@ -290,6 +293,33 @@ def weights(files: dict[str, bytes]) -> dict:
     return entries
 
 
+def accuracy(provenance: dict | None) -> str:
+    """What is known of the model's accuracy, in words: its evaluation on images that were or were not
+    held out (as the report says), and the accuracy a cross-validation of its recipe estimates."""
+    provenance = provenance or {}
+    lines = []
+    evaluation = provenance.get("evaluation")
+    if evaluation:
+        values = ", ".join(f"{name} {evaluation[key]:.4g}" for key, name in ACCURACY_NAMES.items() if key in evaluation)
+        lines.append(f"Scored by unet-pipeline's `evaluate` on the {evaluation['split']} split of "
+                     f"`{evaluation['dataset']}`: {values}. Model selection: "
+                     f"{evaluation.get('model_selection') or 'not recorded'}.")
+    else:
+        lines.append(f"No evaluation of this model was recorded ({provenance.get('evaluation_note', 'none given')}).")
+    estimate = provenance.get("crossval_estimate")
+    if estimate:
+        spread = estimate["across_folds"]
+        values = ", ".join(f"{name} {spread[key]['mean']:.4g} (sd {spread[key]['std']:.2g})"
+                           for key, name in ACCURACY_NAMES.items() if key in spread)
+        lines.append(f"Estimated by a {estimate['folds']}-fold cross-validation of the same recipe over "
+                     f"{estimate['slices']} labelled images ({estimate['crossval']}; {estimate['steps']:,} steps, "
+                     f"seed {estimate['seed']}, test-time averaging "
+                     f"{'on' if estimate['test_time_augmentation'] else 'off'}): each fold's model scored on the "
+                     f"images it never saw, the mean (and standard deviation) over the folds: {values}; "
+                     f"warping error pooled over all images {estimate['pooled_warping_error']:.4g}.")
+    return "\n\n".join(lines)
+
+
 def readme(config: Config, version: int, provenance: dict | None) -> str:
     """The package's documentation: what goes in, what comes out, where it came from."""
     model = config.model
@@ -324,6 +354,10 @@ another result near the blocks' borders; give it the whole image.
 
 {training_data(config, provenance)}. `rdf.yaml`'s `config.unet_pipeline` holds the whole
 training configuration and the run's provenance (its evaluation, when it had one).
+
+## Accuracy
+
+{accuracy(provenance)} The metrics: unet-pipeline's docs/evaluation.md (errors: lower is better).
 
 ## Files
 

@@ -425,6 +425,15 @@ def mark_latest(run: RunDir) -> None:
         io.atomic_write_text(LATEST, f"{run.root}\n")
 
 
+def crossval_report_file(path: Path) -> Path:
+    """The cross-validation report a path names: the file itself (an ensemble's, say), or a
+    cross-validation run directory's `crossval/report.json`; a one-line error where there is none."""
+    report = path if path.is_file() else RunDir(path).crossval_report
+    if not report.is_file():
+        raise PipelineError(f"{path}: no cross-validation report ({report}); run --stage crossval first")
+    return report
+
+
 def with_trained_sections(config: Config, trained: Config) -> Config:
     """`config` with the sections a model was trained with (`TRAINED_SECTIONS`) taken from `trained`."""
     return dataclasses.replace(config, **{section: getattr(trained, section) for section in TRAINED_SECTIONS})

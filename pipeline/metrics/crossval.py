@@ -6,7 +6,8 @@ slices and values, every slice's values, the mean, standard deviation and range 
 folds, and what can be pooled over all held-out slices. `markdown` shows it as tables;
 `compare` and `comparison_markdown` set several cross-validations of the same folds against
 the first (the levers table of docs/results.md); `seeds` gives a recipe's mean over its
-seeds. No model and no TensorFlow.
+seeds; `estimate`, the accuracy it estimates for a model of its recipe without a held-out
+score. No model and no TensorFlow.
 """
 
 from __future__ import annotations
@@ -181,6 +182,41 @@ def compare(reports: list[dict]) -> list[dict]:
                 "lower_in": sum(difference < 0 for difference in differences), "folds": len(differences)}
         rows.append(row)
     return rows
+
+
+# What a model may change against the cross-validation that estimates its accuracy (`estimate`): which
+# slices train and which are held out, the seed, and how training runs rather than what it learns.
+NOT_ESTIMATED = ("data.data_dir", "data.folds", "data.fold", "data.test_slices", "data.val_slices",
+                 "train.seed", "train.include_validation", "train.select_by", "train.early_stopping_patience",
+                 "train.strategy", "train.jit_compile", "train.keep_freed_memory")
+# The sections of a configuration that make the recipe (rundir.TRAINED_SECTIONS: what a model file records).
+RECIPE_SECTIONS = ("data", "weight_map", "model", "augment", "train")
+
+
+def estimate(report: dict, model: dict, source: str) -> dict:
+    """The accuracy that cross-validation `report` (`aggregate`'s, with its "configuration"; read
+    from `source`) estimates for a model trained with configuration `model` (`Config.to_dict`)
+    and never scored on held-out slices, as the final model on every labelled slice.
+
+    Refuses, in one line, a model of another recipe: any setting of RECIPE_SECTIONS but those
+    NOT_ESTIMATED that differs. The estimate: the folds, slices, steps, seed and test-time
+    averaging of the cross-validation, the mean, spread and range over the folds of its values,
+    and the pooled warping error.
+    """
+    if report.get("members"):
+        raise PipelineError(f"{source}: an ensemble's cross-validation, which estimates an ensemble, not one model")
+    theirs = report["configuration"]
+    for change in settings_changes(theirs, model):
+        key = change.split("=", 1)[0]
+        section, _, field = key.partition(".")
+        if section in RECIPE_SECTIONS and key not in NOT_ESTIMATED:
+            raise PipelineError(f"{source}: cross-validates {key}={theirs[section][field]!r}, the model was "
+                                f"trained with {change.split('=', 1)[1]}; it estimates only a model of its recipe")
+    train = theirs["train"]
+    return {"crossval": source, "folds": len(report["folds"]), "slices": len(report["slices"]),
+            "steps": train["epochs"] * train["steps_per_epoch"], "seed": train["seed"],
+            "test_time_augmentation": theirs["predict"]["test_time_augmentation"],
+            "across_folds": report["across_folds"], "pooled_warping_error": report["pooled"]["warping_error"]}
 
 
 def settings_changes(first: dict, other: dict) -> list[str]:

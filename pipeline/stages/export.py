@@ -68,9 +68,10 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.files import bioimageio, io, model_source
+from pipeline.files import bioimageio, io, model_source, rundir
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, png_segmentation_function, segmentation_function, tile_function
+from pipeline.metrics import crossval
 
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 PROVENANCE_FILE = Path("assets.extra") / "provenance.json"
@@ -263,7 +264,8 @@ def provenance(config: Config, run: RunDir) -> dict:
     """What a version records about where it came from: run, model, configuration, scores, time.
 
     The scores are those of the run's evaluation of this very model (`RunDir.model_report`),
-    or None with a note saying why there are none.
+    or None with a note saying why there are none; with `export.crossval`, also the accuracy
+    that cross-validation estimates for the model's recipe (`metrics.crossval.estimate`).
     """
     model = run.best_model
     record = {
@@ -276,11 +278,14 @@ def provenance(config: Config, run: RunDir) -> dict:
         "software": {"unet-pipeline": _version("unet-pipeline"), "tensorflow": tf.__version__,
                      "keras": keras.__version__},
     }
+    if config.export.crossval:
+        source = rundir.crossval_report_file(Path(config.export.crossval))
+        record["crossval_estimate"] = crossval.estimate(json.loads(source.read_text()), config.to_dict(), str(source))
     report, note = run.model_report()
     if report is None:
         return record | {"evaluation": None, "evaluation_note": note}
     values = report["mean_per_image"] if report.get("overall") is None else report["overall"]
-    evaluation = {key: report.get(key) for key in ("split", "dataset", "threshold", "warnings")}
+    evaluation = {key: report.get(key) for key in ("split", "dataset", "threshold", "model_selection", "warnings")}
     return record | {"evaluation": evaluation | {key: values[key] for key in HEADLINE if key in values}}
 
 
