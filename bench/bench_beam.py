@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pipeline  # noqa: F401  before TensorFlow: its quiet console hides the CUDA probe lines
 import keras
 import numpy as np
 import tifffile

@@ -18,6 +18,7 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import pipeline  # noqa: F401, E402  before TensorFlow: its quiet console hides the CUDA probe lines
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 

@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pipeline  # noqa: F401  before TensorFlow: its quiet console hides the CUDA probe lines
 import keras
 import numpy as np
 import onnxruntime

@@ -23,6 +23,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
+import pipeline  # noqa: F401  before TensorFlow: its quiet console hides the CUDA probe lines
 import keras
 import numpy as np
 import tensorflow as tf

@@ -14,6 +14,7 @@ import argparse
 import base64
 import json
 
+import pipeline  # noqa: F401  before TensorFlow: its quiet console hides the CUDA probe lines
 import cv2
 import keras
 import numpy as np

@@ -1,8 +1,11 @@
 """What the benchmark scripts share: pinning to one core, JSON results, the machine, tables.
 
-Only the standard library is imported at module level: the one-core scripts import this
-module before NumPy, OpenCV and TensorFlow, which must not start their thread pools
-before `use_one_core` has pinned the process.
+Only the standard library and `pipeline` (which imports nothing else at first) are imported
+at module level: the one-core scripts import this module before NumPy, OpenCV and
+TensorFlow, which must not start their thread pools before `use_one_core` has pinned the
+process. `pipeline` first, for every script that imports this module before TensorFlow:
+its quiet console (`pipeline.quiet`) hides TensorFlow's CUDA probe lines on machines
+without a GPU.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import textwrap
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import pipeline  # noqa: F401  (see the module doc)
 
 ROOT = Path(__file__).resolve().parents[1]
 
