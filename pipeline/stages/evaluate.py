@@ -160,7 +160,8 @@ def _selection(split_name: str, held_out: bool, train: TrainConfig) -> str:
         return "held out: the test split never chose the model (the validation split did)"
     if train.include_validation:
         return (f"none: the {split_name} images scored here were also trained on (train.include_validation); "
-                "no held-out score exists for this model")
+                "no held-out score exists for this model; a cross-validation of its recipe estimates one "
+                "(--stage crossval; export.crossval records it with the export)")
     if train.select_by == "last":
         return (f"held out: the {split_name} images scored here were not trained on and chose nothing "
                 "(train.select_by=last: the last epoch kept)")
