@@ -284,6 +284,7 @@ def test_the_levers_table_pairs_each_cross_validation_with_the_first_fold_by_fol
     assert crossval_stage.ensemble_minutes([{"fold-0": 2.0, "fold-1": 3.0}, {"fold-0": 5.0}]) == {"fold-0": 7.0}
     other_preset = json.loads(json.dumps(reports[1]))
     other_preset["configuration"]["preset"] = "cpu"
+    other_preset["configuration"]["export"]["crossval"] = "elsewhere"  # exports are no recipe
     assert crossval.settings_changes(reports[0]["configuration"], other_preset["configuration"]) == [
         "preset=cpu", "train.seed=1"]
 

@@ -150,8 +150,10 @@ def _cost_lines(cost: dict) -> list[str]:
 
 # The values a comparison of recipes pairs fold by fold: the challenge's two rankings' errors.
 COMPARED = ("rand_error", "warping_error")
-# Settings that differ between cross-validations of one protocol without making another recipe.
+# Settings that differ between cross-validations of one protocol without making another recipe: where
+# the data is, which fold, and what an export of the folds' models would say (none is exported).
 NOT_RECIPE = ("data.data_dir", "data.fold")
+NOT_RECIPE_SECTIONS = ("export",)
 
 
 def compare(reports: list[dict]) -> list[dict]:
@@ -223,6 +225,8 @@ def settings_changes(first: dict, other: dict) -> list[str]:
     """The settings of configuration `other` (`Config.to_dict`) that differ from `first`'s, as key=value."""
     changes = []
     for section, fields in other.items():
+        if section in NOT_RECIPE_SECTIONS:
+            continue
         if not isinstance(fields, dict):  # a top-level setting, the preset's name
             changes += [f"{section}={fields}"] if first.get(section) != fields else []
             continue
