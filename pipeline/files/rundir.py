@@ -162,14 +162,15 @@ class RunDir:
     def report_of(self, split: str | None = None) -> Path:
         return self.evaluation_of(split) / "report.json"
 
-    def model_report(self) -> tuple[dict | None, str | None]:
+    def model_report(self, model_sha256: str | None = None) -> tuple[dict | None, str | None]:
         """(the default split's evaluation report of the best model, None), or (None, why there is
         none): not written yet, or it scored another model (its "model_sha256" is not the best
-        model's: trained again since, or a report of before 2026-12-07, which named no model)."""
+        model's: trained again since, or a report of before 2026-12-07, which named no model).
+        `model_sha256`: the best model's, where the caller has read it already."""
         if not self.report.exists():
             return None, f"{self.report} does not exist"
         report = json.loads(self.report.read_text())
-        if report.get("model_sha256") != io.sha256(self.best_model):
+        if report.get("model_sha256") != (model_sha256 or io.sha256(self.best_model)):
             return None, f"{self.report} scored another model than {self.best_model}"
         return report, None
 

@@ -191,16 +191,14 @@ def compare(reports: list[dict]) -> list[dict]:
 NOT_ESTIMATED = ("data.data_dir", "data.folds", "data.fold", "data.test_slices", "data.val_slices",
                  "train.seed", "train.include_validation", "train.select_by", "train.early_stopping_patience",
                  "train.strategy", "train.jit_compile", "train.keep_freed_memory")
-# The sections of a configuration that make the recipe (rundir.TRAINED_SECTIONS: what a model file records).
-RECIPE_SECTIONS = ("data", "weight_map", "model", "augment", "train")
-
 
 def estimate(report: dict, model: dict, source: str) -> dict:
     """The accuracy that cross-validation `report` (`aggregate`'s, with its "configuration"; read
-    from `source`) estimates for a model trained with configuration `model` (`Config.to_dict`)
-    and never scored on held-out slices, as the final model on every labelled slice.
+    from `source`) estimates for a model trained with the settings `model` (the sections of
+    `Config.to_dict` that a model file records) and never scored on held-out slices, as the
+    final model on every labelled slice.
 
-    Refuses, in one line, a model of another recipe: any setting of RECIPE_SECTIONS but those
+    Refuses, in one line, a model of another recipe: any setting of `model` but those
     NOT_ESTIMATED that differs. The estimate: the folds, slices, steps, seed and test-time
     averaging of the cross-validation, the mean, spread and range over the folds of its values,
     and the pooled warping error.
@@ -211,8 +209,8 @@ def estimate(report: dict, model: dict, source: str) -> dict:
     for change in settings_changes(theirs, model):
         key = change.split("=", 1)[0]
         section, _, field = key.partition(".")
-        if section in RECIPE_SECTIONS and key not in NOT_ESTIMATED:
-            raise PipelineError(f"{source}: cross-validates {key}={theirs[section][field]!r}, the model was "
+        if key not in NOT_ESTIMATED:
+            raise PipelineError(f"{source}: cross-validates {key}={theirs[section].get(field)!r}, the model was "
                                 f"trained with {change.split('=', 1)[1]}; it estimates only a model of its recipe")
     train = theirs["train"]
     return {"crossval": source, "folds": len(report["folds"]), "slices": len(report["slices"]),

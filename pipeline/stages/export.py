@@ -268,20 +268,22 @@ def provenance(config: Config, run: RunDir) -> dict:
     that cross-validation estimates for the model's recipe (`metrics.crossval.estimate`).
     """
     model = run.best_model
+    digest = io.sha256(model)
     record = {
         "exported_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "run_dir": str(run.root.resolve()),
         "model": str(model.resolve()),
-        "model_sha256": io.sha256(model),
+        "model_sha256": digest,
         "configuration": config.to_dict(),
         "software": {"unet-pipeline": _version("unet-pipeline"), "tensorflow": tf.__version__,
                      "keras": keras.__version__},
     }
     if config.export.crossval:
         source = rundir.crossval_report_file(Path(config.export.crossval))
-        record["crossval_estimate"] = crossval.estimate(json.loads(source.read_text()), config.to_dict(), str(source))
-    report, note = run.model_report()
+        trained = {section: config.to_dict()[section] for section in rundir.TRAINED_SECTIONS}
+        record["crossval_estimate"] = crossval.estimate(json.loads(source.read_text()), trained, str(source))
+    report, note = run.model_report(digest)
     if report is None:
         return record | {"evaluation": None, "evaluation_note": note}
     values = report["mean_per_image"] if report.get("overall") is None else report["overall"]
