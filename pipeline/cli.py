@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import time
 import typing
@@ -372,7 +373,7 @@ def _check_models(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of run_pipeline.py: `--stage STAGE` (default: all) and its options."""
-    return _main(sys.argv[1:] if argv is None else list(argv), parser())
+    return _main(sys.argv[1:] if argv is None else list(argv), parser(), str)
 
 
 def console(argv: list[str] | None = None) -> int:
@@ -382,11 +383,18 @@ def console(argv: list[str] | None = None) -> int:
     if not argv:  # a bare command is a question, not an order to train
         command.print_help()
         return 0
-    return _main(argv, command)
+    return _main(argv, command, as_subcommands)
 
 
-def _main(argv: list[str], command: argparse.ArgumentParser) -> int:
-    """Runs the command `argv` asks `command` for; 2 after a one-line `error: ...` on stderr."""
+def as_subcommands(message: str) -> str:
+    """`message` in the `unet-pipeline` command's words: messages name a stage as run_pipeline.py's
+    `--stage STAGE`, which that command's users would type as `unet-pipeline STAGE`."""
+    return re.sub(r"--stage (\w+)", rf"{CONSOLE} \1", message)
+
+
+def _main(argv: list[str], command: argparse.ArgumentParser, words: typing.Callable[[str], str]) -> int:
+    """Runs the command `argv` asks `command` for; 2 after a one-line `error: ...` on stderr, in the
+    command's `words`."""
     try:
         args = parse(argv, command)
         _check_backend(args)
@@ -417,7 +425,7 @@ def _main(argv: list[str], command: argparse.ArgumentParser) -> int:
                 print(f"== {stage} ({run})", flush=True)
                 run_stage(stage, config, run, args)
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {words(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:  # what no check could foresee (a disk filling up during training)
         named = f"{error.filename}: " if error.filename else ""  # never an empty name before the colon

@@ -145,6 +145,16 @@ def test_a_refused_subcommand_is_one_error_line_and_creates_nothing(capsys, tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+def test_messages_name_a_stage_as_the_command_in_use_runs_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = "error: r/prepared/manifest.json: not found; run {} first for this run directory\n"
+    assert console(["evaluate", "--run-dir", "r"]) == 2
+    assert capsys.readouterr().err == missing.format("unet-pipeline prepare")
+    assert main(["--stage", "evaluate", "--run-dir", "r"]) == 2
+    assert capsys.readouterr().err == missing.format("--stage prepare")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_with_a_zoo_package_needs_no_run_and_writes_what_run_pipeline_writes(smoke_run, tmp_path):
     """The issue's acceptance: `unet-pipeline predict -i IN -o OUT --model ZIP` where no runs/ is."""
     from pipeline.files import model_source  # TensorFlow: only for the test that predicts
