@@ -259,6 +259,12 @@ def test_crossval_ensemble_scores_each_fold_with_its_models(two_crossvals, capsy
     assert capsys.readouterr().err == (f"error: {namesake}: another member's folder has the name "
                                        f"{cv1.root.name!r}, which names the ensemble's report folder; rename one\n")
     assert not cv0.crossval_ensemble([cv1, namesake]).exists()
+    joined = RunDir(two_crossvals["root"] / f"{cv1.root.name}+x")
+    shutil.copytree(cv1.root, joined.root)
+    assert main(["--stage", "crossval", "--run-dir", str(cv0), "--model", str(joined)]) == 2
+    assert capsys.readouterr().err == (f"error: {joined}: a member's folder name holds '+', which joins the "
+                                       "members' names in the ensemble's report folder; rename it\n")
+    assert not cv0.crossval_ensemble([joined]).exists()
 
     # An ensemble of other members is written beside the first, which stays as it was.
     copy = RunDir(two_crossvals["root"] / "copy")

@@ -113,6 +113,9 @@ def require_crossvals(runs: list[RunDir]) -> None:
                                 f"run --stage crossval --run-dir {cv} first")
         if any(cv.root.resolve() == other.root.resolve() for other in runs[:index]):
             raise PipelineError(f"{cv}: named twice; an ensemble's members are different cross-validations")
+        if index and "+" in cv.root.name:  # ["a+b", "c"] and ["a", "b+c"] would share one report folder
+            raise PipelineError(f"{cv}: a member's folder name holds '+', which joins the members' names in the "
+                                "ensemble's report folder; rename it")
         if any(cv.root.name == other.root.name for other in runs[1:index]):
             raise PipelineError(f"{cv}: another member's folder has the name {cv.root.name!r}, which names the "
                                 "ensemble's report folder; rename one")
