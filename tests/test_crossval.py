@@ -20,6 +20,7 @@ from pipeline.config import resolve as configuration
 from pipeline.config.schema import Config, DataConfig
 from pipeline.data.isbi2012 import FILES, fold_parts
 from pipeline.errors import PipelineError
+from pipeline.files import bioimageio
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import Ensemble
 from pipeline.metrics import crossval
@@ -187,6 +188,15 @@ def test_crossval_trains_every_fold_reports_them_and_resumes(two_crossvals, tmp_
     assert {path: path.stat().st_mtime_ns for path in models} == models
     assert main(["--stage", "crossval", "--run-dir", str(run_dir), "--set", "train.epochs=2"]) == 2
     assert "the run's model was trained with train.epochs=1, not 2" in capsys.readouterr().err
+    # Other prediction settings score every fold again, and train nothing: a report never mixes them.
+    assert main(["--stage", "crossval", "--run-dir", str(run_dir), "--set", "predict.instances=watershed"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluated already" not in out and out.count(": evaluate (") == FOLDS and ": train (" not in out
+    assert {path: path.stat().st_mtime_ns for path in models} == models
+    rescored = json.loads((run_dir / "crossval" / "report.json").read_text())
+    assert rescored["configuration"]["predict"]["instances"] == "watershed"
+    assert "predict.instances=watershed separates them" in rescored["protocol"][0]
+    assert all(json.loads(path.read_text())["segmentation"] == "watershed" for path in reports)
     # The folds are runs of their own; the cross-validation's folder is not one.
     assert main(["--stage", "evaluate", "--run-dir", str(run_dir)]) == 2
     assert capsys.readouterr().err.startswith(f"error: {run_dir}: a cross-validation (--stage crossval)")
@@ -336,6 +346,7 @@ def test_the_final_model_exports_the_accuracy_its_recipes_cross_validation_estim
     assert (estimate["folds"], estimate["slices"], estimate["seed"]) == (FOLDS, SLICES, 0)
     assert estimate["across_folds"] == cv_report["across_folds"]
     assert estimate["pooled_warping_error"] == cv_report["pooled"]["warping_error"]
+    assert estimate["segmentation"] == provenance["evaluation"]["segmentation"] == "components"
     selection = provenance["evaluation"]["model_selection"]  # what it was scored on, it trained on
     assert selection.startswith("none") and "a cross-validation of its recipe estimates one" in selection
     with zipfile.ZipFile(final.export_root / "unet" / "1" / PACKAGE_FILE) as package:
@@ -344,6 +355,10 @@ def test_the_final_model_exports_the_accuracy_its_recipes_cross_validation_estim
     assert (f"Estimated by a {FOLDS}-fold cross-validation of the same recipe over {SLICES} labelled images "
             f"({cv0.crossval_report}; 2 steps, seed 0, test-time averaging off)") in readme
     assert f"Rand error {rand['mean']:.4g} (sd {rand['std']:.2g})" in readme
+    assert "predict.instances" not in readme  # the challenge's reading of the map goes without saying
+    watershed = bioimageio.accuracy(provenance | {"crossval_estimate": estimate | {"segmentation": "watershed"}})
+    assert watershed.count("predict.instances") == 1
+    assert "pooled over all images" in watershed.split("`predict.instances=watershed` separates them")[0]
 
     # A cross-validation of another recipe, or an ensemble's, estimates nothing for it: refused, nothing written.
     for name, change, error in [

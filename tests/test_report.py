@@ -1,5 +1,6 @@
 """The evaluation report: scores per image and overall, warnings, SEG per sequence, object matching, table and panel."""
 
+import cv2
 import numpy as np
 import pytest
 
@@ -9,6 +10,7 @@ from pipeline.inference.labelling.instances import cell_instances
 from pipeline.metrics.ctc import seg
 from pipeline.metrics.matching import match, pool, record
 from pipeline.metrics.report import COLOURS, panel, report_for, summary, table
+from test_instances import discs_with_bridge
 
 NO_MEMBRANE = "ground truth has no membrane pixels; warping, Rand and pixel errors, 1-Vrand and 1-Vinfo are 0"
 NO_CELL = "ground truth has no cell pixels; Rand and warping errors, 1-Vrand and 1-Vinfo are 0 by definition"
@@ -108,6 +110,32 @@ def test_warping_pixels_are_the_warping_error_by_kind():
     assert lines[2].startswith(f"         0   {1 / 35:.6f}          1          0 ")
     assert lines[4].startswith(f"      mean   {1 / 70:.6f}          -          - ")
     assert lines[5].startswith(f"   overall   {1 / 70:.6f}          1          0 ")
+
+
+def test_the_segmentation_metrics_score_the_cells_as_the_method_separates_them():
+    # Two cells 4 px apart, and a prediction that misses the membrane where a 3 px bridge crosses it.
+    probability, first, second = discs_with_bridge((15, 15))
+    truth = np.zeros(probability.shape, np.uint8)
+    for (y, x) in (first, second):
+        cv2.circle(truth, (x, y), 15, 1, -1)
+    components = report_for([probability], [truth.astype(bool)], 0.5)
+    assert components == report_for([probability], [truth.astype(bool)], 0.5, method="components")
+    assert components["segmentation"] == "components"
+    assert components["rand_error"] > 0.3 and components["overall"]["warping_pixels"]["mergers"] > 0
+    # The watershed cuts the bridge inside the true membrane: the merger is gone, and nothing else changes.
+    watershed = report_for([probability], [truth.astype(bool)], 0.5, method="watershed")
+    assert watershed["segmentation"] == "watershed"
+    assert watershed["rand_error"] == watershed["warping_error"] == 0.0
+    assert watershed["overall"]["v_rand_error"] == watershed["overall"]["v_info_error"] == 0.0
+    assert watershed["overall"]["warping_pixels"] == {"splits": 0, "mergers": 0}
+    assert watershed["pixel_error"] == components["pixel_error"]  # the map's pixels, whatever the method
+    assert "predict.instances=watershed separates them" in table(watershed)
+    assert "predict.instances" not in table(components)
+    # The panel shows the cut as predicted membrane and no merger pixels.
+    errors = panel(probability, truth.astype(bool), 0.5, method="watershed")[:, -probability.shape[1]:]
+    assert not (errors == COLOURS["merger"]).all(axis=-1).any()
+    assert (panel(probability, truth.astype(bool), 0.5)[:, -probability.shape[1]:] == COLOURS["merger"]).all(
+        axis=-1).any()
 
 
 def test_instance_matching_pools_images_of_different_sizes():

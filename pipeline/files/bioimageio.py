@@ -302,8 +302,8 @@ def accuracy(provenance: dict | None) -> str:
     if evaluation:
         values = ", ".join(f"{name} {evaluation[key]:.4g}" for key, name in ACCURACY_NAMES.items() if key in evaluation)
         lines.append(f"Scored by unet-pipeline's `evaluate` on the {evaluation['split']} split of "
-                     f"`{evaluation['dataset']}`: {values}. Model selection: "
-                     f"{evaluation.get('model_selection') or 'not recorded'}.")
+                     f"`{evaluation['dataset']}`: {values}{_segmentation(evaluation.get('segmentation'))}. "
+                     f"Model selection: {evaluation.get('model_selection') or 'not recorded'}.")
     else:
         lines.append(f"No evaluation of this model was recorded ({provenance.get('evaluation_note', 'none given')}).")
     estimate = provenance.get("crossval_estimate")
@@ -316,8 +316,17 @@ def accuracy(provenance: dict | None) -> str:
                      f"seed {estimate['seed']}, test-time averaging "
                      f"{'on' if estimate['test_time_augmentation'] else 'off'}): each fold's model scored on the "
                      f"images it never saw, the mean (and standard deviation) over the folds: {values}; "
-                     f"warping error pooled over all images {estimate['pooled_warping_error']:.4g}.")
+                     f"warping error pooled over all images {estimate['pooled_warping_error']:.4g}"
+                     f"{_segmentation(estimate.get('segmentation'))}.")
     return "\n\n".join(lines)
+
+
+def _segmentation(method: str | None) -> str:
+    """How the errors' cells were separated, in words where it is not the challenge's reading of the map."""
+    if method in (None, "components"):  # records written before the setting are components'
+        return ""
+    return (f" (the cells at each threshold as `predict.instances={method}` separates them, not each 4-connected "
+            "component as the challenge reads a map)")
 
 
 def readme(config: Config, version: int, provenance: dict | None) -> str:

@@ -199,8 +199,8 @@ def estimate(report: dict, model: dict, source: str) -> dict:
     final model on every labelled slice.
 
     Refuses, in one line, a model of another recipe: any setting of `model` but those
-    NOT_ESTIMATED that differs. The estimate: the folds, slices, steps, seed and test-time
-    averaging of the cross-validation, the mean, spread and range over the folds of its values,
+    NOT_ESTIMATED that differs. The estimate: the folds, slices, steps, seed, test-time
+    averaging and segmentation (`predict.instances`) of the cross-validation, the mean, spread and range over the folds of its values,
     and the pooled warping error.
     """
     if report.get("members"):
@@ -216,6 +216,7 @@ def estimate(report: dict, model: dict, source: str) -> dict:
     return {"crossval": source, "folds": len(report["folds"]), "slices": len(report["slices"]),
             "steps": train["epochs"] * train["steps_per_epoch"], "seed": train["seed"],
             "test_time_augmentation": theirs["predict"]["test_time_augmentation"],
+            "segmentation": theirs["predict"]["instances"],
             "across_folds": report["across_folds"], "pooled_warping_error": report["pooled"]["warping_error"]}
 
 

@@ -4,13 +4,16 @@ Pixel error (1 - F-score of the cell class), foreground-restricted Rand error, a
 2015 leaderboard's 1 - V_rand and 1 - V_info after thinning the proposal's membranes,
 each swept over the reference's threshold grid; foreground IoU and pixel accuracy at
 one threshold. Conventions: `pipeline.metrics.common`; exact definitions:
-`docs/metrics.md`.
+`docs/metrics.md`. The segment metrics (Rand, V_rand, V_info) score the cells as the
+challenge reads a map, each 4-connected component of probability > t one segment, or, with
+`method="watershed"`, as the predict stage's labels separate them (`cell_segments`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from pipeline.inference.labelling.instances import cell_segments
 from pipeline.metrics.common import Sweep, check_pair, components, contingency, isbi_thresholds
 
 
@@ -75,29 +78,30 @@ def _rand_counts(i: np.ndarray, j: np.ndarray, n: np.ndarray) -> tuple[int, int,
     return tp, int((b ** 2).sum()) + n0, int((a ** 2).sum())
 
 
-def rand_error_sweep(probability: np.ndarray, truth: np.ndarray) -> Sweep:
+def rand_error_sweep(probability: np.ndarray, truth: np.ndarray, method: str = "components") -> Sweep:
     """Foreground-restricted Rand error (1 - F-score of the Rand index) per threshold.
 
     Ground truth segments: 4-connected components of its cells; its membrane pixels
-    are dropped. Proposal segments: 4-connected components of probability > t; its
-    membrane pixels are singletons. Sums are added over slices.
+    are dropped. Proposal segments: 4-connected components of probability > t, after
+    `method` cut its thin necks (`cell_segments`); its membrane pixels are singletons.
+    Sums are added over slices.
     """
-    return _segment_sweep(probability, truth, _cell_components, _rand_f_score)
+    return _segment_sweep(probability, truth, _cell_components, _rand_f_score, method)
 
 
-def v_rand_sweep(probability: np.ndarray, truth: np.ndarray) -> Sweep:
+def v_rand_sweep(probability: np.ndarray, truth: np.ndarray, method: str = "components") -> Sweep:
     """1 - V_rand per threshold, after thinning the proposal's membranes (see `thin_membranes`)."""
-    return _segment_sweep(probability, truth, thin_membranes, _rand_f_score)
+    return _segment_sweep(probability, truth, thin_membranes, _rand_f_score, method)
 
 
-def v_info_sweep(probability: np.ndarray, truth: np.ndarray) -> Sweep:
+def v_info_sweep(probability: np.ndarray, truth: np.ndarray, method: str = "components") -> Sweep:
     """1 - V_info per threshold, after thinning the proposal's membranes.
 
     V_info = 2 I(A; B) / (H(A) + H(B)) over the ground truth's cell pixels, with the
     same segments as `v_rand_sweep` (proposal membrane pixels are singletons); 1 when
     both entropies are 0.
     """
-    return _segment_sweep(probability, truth, thin_membranes, _info_f_score)
+    return _segment_sweep(probability, truth, thin_membranes, _info_f_score, method)
 
 
 def _cell_components(cells: np.ndarray) -> np.ndarray:
@@ -148,11 +152,12 @@ def _entropy(sizes: np.ndarray, total: float) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def _segment_sweep(probability, truth, segment, statistics) -> Sweep:
+def _segment_sweep(probability, truth, segment, statistics, method) -> Sweep:
     """1 - F over the 11-value grid of a pair-counting statistic of the segmentations.
 
-    `segment(cells) -> labels` makes the proposal's segments; `statistics(i, j, n)`
-    returns (TP, FP, FN)-like sums, added over the slices before the F-score.
+    `segment(cells) -> labels` makes the proposal's segments of the cells that `method`
+    separates (`cell_segments`); `statistics(i, j, n)` returns (TP, FP, FN)-like sums,
+    added over the slices before the F-score.
     """
     probability, truth = check_pair(probability, truth)
     truth_labels = [_cell_components(cells) for cells in truth]
@@ -160,6 +165,6 @@ def _segment_sweep(probability, truth, segment, statistics) -> Sweep:
     for t in isbi_thresholds():
         sums = np.zeros(3)
         for labels, slice_probability in zip(truth_labels, probability):
-            sums += statistics(*contingency(labels, segment(slice_probability > t)))
+            sums += statistics(*contingency(labels, segment(cell_segments(slice_probability, t, method))))
         errors.append(1.0 - _f_score(*sums))
     return Sweep(tuple(isbi_thresholds()), tuple(errors))

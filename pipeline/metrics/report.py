@@ -13,15 +13,15 @@ import cv2
 import numpy as np
 
 from pipeline.display import bgr8, grey8
-from pipeline.inference.labelling.instances import cell_instances
+from pipeline.inference.labelling.instances import cell_instances, cell_segments
 from pipeline.metrics import common, ctc, isbi, matching, warping
 
 # Error picture colours (BGR): false membrane, missed membrane, split, merger.
 COLOURS = {"false_membrane": (255, 128, 0), "missed_membrane": (0, 215, 255),
            "split": (0, 0, 255), "merger": (255, 0, 255)}
 
-_SWEEPS = {
-    "pixel_error": isbi.pixel_error_sweep,
+# The segmentation metrics score the cells as `method` separates them; the pixel error the map itself.
+_SEGMENT_SWEEPS = {
     "rand_error": isbi.rand_error_sweep,
     "warping_error": warping.warping_error_sweep,
     "v_rand_error": isbi.v_rand_sweep,
@@ -39,17 +39,20 @@ def score(probability: np.ndarray, truth: np.ndarray, threshold: float = 0.5,
     `threshold`, and, when ground-truth `instances` are given, CTC SEG and the object
     matching ("instance_matching", `matching.record`) of the prediction's instances as
     `predict` writes them (`instances.cell_instances` at `threshold` by `method`, without
-    objects under `min_size` pixels). V_rand and V_info are reported as
+    objects under `min_size` pixels). The Rand, warping, V_rand and V_info errors score
+    the cells at each threshold as `method` separates them (`instances.cell_segments`;
+    "components" is the challenge's reading of a map). V_rand and V_info are reported as
     errors, 1 - V, so that lower is better everywhere. A ground truth without membrane
     or without cell pixels adds "warning": which values it makes meaningless.
     """
     probability, cells = common.check_pair(probability, truth)
     result, curves = {}, {}
-    for name, sweep_of in _SWEEPS.items():
-        sweep = sweep_of(probability, cells)
+    sweeps = [("pixel_error", isbi.pixel_error_sweep(probability, cells))]
+    sweeps += [(name, sweep_of(probability, cells, method)) for name, sweep_of in _SEGMENT_SWEEPS.items()]
+    for name, sweep in sweeps:
         result[name], result[f"{name}_threshold"] = sweep.error, sweep.threshold
         curves[name] = dict(zip(map(repr, sweep.thresholds), sweep.errors))
-    result["warping_pixels"] = warping.splits_and_mergers(probability, cells, result["warping_error_threshold"])
+    result["warping_pixels"] = warping.splits_and_mergers(probability, cells, result["warping_error_threshold"], method)
     result["foreground_iou"] = isbi.foreground_iou(probability, cells, threshold)
     result["pixel_accuracy"] = isbi.pixel_accuracy(probability, cells, threshold)
     if instances is not None:
@@ -93,7 +96,8 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
                         None if instances is None else np.stack(instances), **finding)
     headline = mean if overall is None else overall
     report = ({key: headline[key] for key in ("warping_error", "rand_error", "pixel_error")}
-              | {"warnings": warnings, "threshold": threshold, "overall": overall, "mean_per_image": mean,
+              | {"warnings": warnings, "threshold": threshold, "segmentation": method, "overall": overall,
+                 "mean_per_image": mean,
                  "per_image": per_image})
     if instances is not None:
         report["instance_matching"] = matching.record(matching.pool(
@@ -175,6 +179,10 @@ def table(report: dict) -> str:
     source = f"{report['dataset']} {report['split']} split" if "dataset" in report else report.get("prediction", "")
     title = (f"{source}: lowest errors over the ISBI threshold grid; IoU, accuracy, SEG and object matching at "
              f"threshold {report['threshold']}")
+    if report.get("segmentation", "components") != "components":  # reports written before it are components'
+        notes.append(f"warping, splits, mergers, Rand, 1-Vrand, 1-Vinfo: the cells at each threshold as "
+                     f"predict.instances={report['segmentation']} separates them, not each 4-connected component "
+                     "as the challenge reads a map")
     if "model_selection" in report:
         notes.append(f"model selection: {report['model_selection']}")
     notes += [f"! {warning}" for warning in report["warnings"]]
@@ -188,18 +196,20 @@ def _field(values: dict, key: str) -> float | None:
     return values
 
 
-def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: np.ndarray | None = None) -> np.ndarray:
-    """BGR picture: [input [H, W, C] (in colour where RGB),] ground truth, prediction at `threshold`, errors.
+def panel(probability: np.ndarray, truth: np.ndarray, threshold: float, image: np.ndarray | None = None,
+          method: str = "components") -> np.ndarray:
+    """BGR picture: [input [H, W, C] (in colour where RGB),] ground truth, prediction at `threshold`
+    (its cells as `method` separates them), errors.
 
     Errors: false membrane (predicted membrane on a cell) and missed membrane
     (predicted cell on a membrane) in their colours, and on top the split and merger
     pixels of the warping error at the same threshold (see `COLOURS`).
     """
-    predicted = probability > threshold
+    predicted = cell_segments(probability, threshold, method)
     errors = np.full(truth.shape + (3,), 255, np.uint8)
     errors[truth & ~predicted] = COLOURS["false_membrane"]
     errors[~truth & predicted] = COLOURS["missed_membrane"]
-    kinds = warping.warping_mismatches(probability, truth, threshold)
+    kinds = warping.warping_mismatches(probability, truth, threshold, method)
     errors[kinds == warping.SPLIT] = COLOURS["split"]
     errors[kinds == warping.MERGER] = COLOURS["merger"]
     tiles = [cv2.cvtColor(grey8(mask, (0, 1)), cv2.COLOR_GRAY2BGR) for mask in (truth, predicted)] + [errors]

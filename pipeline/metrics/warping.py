@@ -2,8 +2,10 @@
 
 The ground truth is warped toward the thresholded prediction by simple-point flips
 (`warp_truth`), and the pixels where they still differ are classified
-(`classify_mismatches`): only splits and mergers count. Conventions:
-`pipeline.metrics.common`; exact definitions: `docs/metrics.md`.
+(`classify_mismatches`): only splits and mergers count. The thresholded prediction is
+probability > t, or with `method="watershed"` the cells as the predict stage's labels
+separate them (`cell_segments`). Conventions: `pipeline.metrics.common`; exact
+definitions: `docs/metrics.md`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from pipeline.inference.labelling.instances import cell_segments
 from pipeline.metrics.common import Sweep, check_pair, components, isbi_thresholds
 
 WARPING_RADIUS = 20  # half-size of the window that decides a split, as in the ISBI script
@@ -47,8 +50,10 @@ _SIMPLE = np.array([_is_simple(code) for code in range(256)])
 _BITS = (1 << np.arange(8)).astype(np.int32)
 
 
-def warp_truth(truth: np.ndarray, probability: np.ndarray, threshold: float) -> np.ndarray:
-    """The ground truth relaxed toward `probability > threshold` by simple-point flips.
+def warp_truth(truth: np.ndarray, probability: np.ndarray, threshold: float,
+               cells: np.ndarray | None = None) -> np.ndarray:
+    """The ground truth relaxed toward the prediction's `cells` (by default `probability > threshold`)
+    by simple-point flips.
 
     One 2-D slice: `truth` a cell mask, `probability` in double. Follows the reference:
     the image is padded with membrane; each pass visits the current mismatches
@@ -57,7 +62,7 @@ def warp_truth(truth: np.ndarray, probability: np.ndarray, threshold: float) -> 
     passes repeat until one flips nothing. Returns the warped cell mask.
     """
     labels = np.pad(truth, 1).astype(np.uint8)
-    predicted = np.pad(probability > threshold, 1).astype(np.uint8)
+    predicted = np.pad(probability > threshold if cells is None else cells, 1).astype(np.uint8)
     key = np.abs(np.pad(probability, 1) - threshold).astype(np.float32)
     # Mismatches only ever leave the set, and keys and scan positions are fixed, so
     # every later pass visits a subsequence of the first pass's order: no re-sorting.
@@ -184,24 +189,25 @@ def _splits_locally(window: np.ndarray, radius: int) -> bool:
     return int(_distinct_count(ring)[0]) > 2
 
 
-def warping_error_sweep(probability: np.ndarray, truth: np.ndarray, radius: int = WARPING_RADIUS) -> Sweep:
+def warping_error_sweep(probability: np.ndarray, truth: np.ndarray, method: str = "components",
+                        radius: int = WARPING_RADIUS) -> Sweep:
     """Warping error (splits + mergers, Jain et al. 2010) per threshold of the 10-value grid.
 
-    Per slice the truth is warped toward probability > t (`warp_truth`); the split
-    and merger pixels (`classify_mismatches`) are added over the slices and divided by
-    the number of pixels of the stack.
+    Per slice the truth is warped toward the cells at t (`warp_truth`, `warping_mismatches`);
+    the split and merger pixels (`classify_mismatches`) are added over the slices and
+    divided by the number of pixels of the stack.
     """
     probability, truth = check_pair(probability, truth)
     thresholds = warping_thresholds()
     errors = [
-        sum(np.count_nonzero(warping_mismatches(p, cells, t, radius)) for p, cells in zip(probability, truth))
+        sum(np.count_nonzero(warping_mismatches(p, cells, t, method, radius)) for p, cells in zip(probability, truth))
         / probability.size
         for t in thresholds
     ]
     return Sweep(tuple(thresholds), tuple(errors))
 
 
-def splits_and_mergers(probability: np.ndarray, truth: np.ndarray, threshold: float,
+def splits_and_mergers(probability: np.ndarray, truth: np.ndarray, threshold: float, method: str = "components",
                        radius: int = WARPING_RADIUS) -> dict[str, int]:
     """The warping error's pixels at one threshold, by kind: {"splits": n, "mergers": m}.
 
@@ -210,13 +216,15 @@ def splits_and_mergers(probability: np.ndarray, truth: np.ndarray, threshold: fl
     different remedies, and the error's sum hides which one dominates.
     """
     probability, truth = check_pair(probability, truth)
-    kinds = [warping_mismatches(p, cells, threshold, radius) for p, cells in zip(probability, truth)]
+    kinds = [warping_mismatches(p, cells, threshold, method, radius) for p, cells in zip(probability, truth)]
     return {"splits": sum(int(np.count_nonzero(k == SPLIT)) for k in kinds),
             "mergers": sum(int(np.count_nonzero(k == MERGER)) for k in kinds)}
 
 
-def warping_mismatches(probability: np.ndarray, truth: np.ndarray, threshold: float,
+def warping_mismatches(probability: np.ndarray, truth: np.ndarray, threshold: float, method: str = "components",
                        radius: int = WARPING_RADIUS) -> np.ndarray:
-    """The split and merger pixels of one slice at one threshold (see `classify_mismatches`)."""
+    """The split and merger pixels of one slice at one threshold (see `classify_mismatches`), the
+    prediction's cells separated by `method` (`cell_segments`)."""
     probability, truth = np.asarray(probability, np.float64), np.asarray(truth, bool)
-    return classify_mismatches(warp_truth(truth, probability, threshold), probability > threshold, radius)
+    cells = cell_segments(probability, threshold, method)
+    return classify_mismatches(warp_truth(truth, probability, threshold, cells), cells, radius)

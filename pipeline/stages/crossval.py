@@ -65,7 +65,8 @@ def check(config: Config, run: RunDir, overwrite: bool) -> None:
 
 
 def remaining(config: Config, fold: RunDir, overwrite: bool) -> tuple[str, ...]:
-    """The stages fold `fold` still needs: all with `overwrite`; none once its report scored its model."""
+    """The stages fold `fold` still needs: all with `overwrite`; none once its report scored its model
+    with the command's prediction settings (other ones score it again: a report never mixes them)."""
     prepared = fold.manifest.exists() and rundir.prepared_with(fold, config)
     if overwrite or not prepared:
         return FOLD_STAGES
@@ -73,7 +74,8 @@ def remaining(config: Config, fold: RunDir, overwrite: bool) -> tuple[str, ...]:
     if not trained:
         return FOLD_STAGES[1:]
     evaluated, _ = fold.model_report()
-    return () if evaluated is not None else FOLD_STAGES[2:]
+    scored_alike = evaluated is not None and fold.saved_config().predict == config.predict
+    return () if scored_alike else FOLD_STAGES[2:]
 
 
 def record_training(run: RunDir, index: int, seconds: float, resumed: bool) -> None:
@@ -218,7 +220,11 @@ def protocol(config: Config, training: dict[str, float]) -> list[str]:
         "the other folds' slices (the next fold is its validation split, trained on too: "
         "train.include_validation=true, train.select_by=last), so no slice scored here chose the model: "
         "no epoch, no early stop. As evaluate (and the challenge) scores, each error is the lowest over the "
-        "ISBI threshold grid, on the scored slices themselves; cell IoU and accuracy are at predict.threshold.",
+        "ISBI threshold grid, on the scored slices themselves; cell IoU and accuracy are at predict.threshold."
+        + ("" if config.predict.instances == "components" else
+           f" The warping, Rand, V_rand and V_info errors score the cells at each threshold as "
+           f"predict.instances={config.predict.instances} separates them (thin necks cut), not each 4-connected "
+           "component as the challenge reads a map."),
         f"Preset {config.preset}: {train.epochs} epochs x {train.steps_per_epoch} steps = {steps:,} steps, "
         f"{budget}; train.seed={train.seed}.",
         "Minutes of training per fold (added over the commands that finished training it; a killed "

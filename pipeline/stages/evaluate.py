@@ -133,7 +133,8 @@ def run(config: Config, run: RunDir, requested: str | None = None, models: list[
     _write(report, path, overwrite=models is None or overwrite)
     for index, (image, probability, cells) in enumerate(zip(split["images"], probabilities, split["instances"] > 0)):
         height, width = probability.shape
-        picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width])
+        picture = panel(probability, cells[:height, :width], report["threshold"], image[:height, :width],
+                        report["segmentation"])
         target = run.panel(index, other) if models is None else _panels(path) / f"panel_{index:03d}.png"
         io.write_png(target, picture, overwrite=True)
     return report

@@ -287,7 +287,8 @@ def provenance(config: Config, run: RunDir) -> dict:
     if report is None:
         return record | {"evaluation": None, "evaluation_note": note}
     values = report["mean_per_image"] if report.get("overall") is None else report["overall"]
-    evaluation = {key: report.get(key) for key in ("split", "dataset", "threshold", "model_selection", "warnings")}
+    evaluation = {key: report.get(key) for key in ("split", "dataset", "threshold", "segmentation", "model_selection",
+                                                   "warnings")}
     return record | {"evaluation": evaluation | {key: values[key] for key in HEADLINE if key in values}}
 
 

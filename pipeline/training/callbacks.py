@@ -203,7 +203,8 @@ class ChallengeScores(keras.callbacks.Callback):
     challenge ranks: this lets `train.select_by` keep the epoch the challenge would rank
     best. The images are predicted as `evaluate` predicts them (overlap-tile, without
     test-time augmentation, which would cost 8 passes) and each error is the best over
-    the challenge's thresholds, as `evaluate` reports it.
+    the challenge's thresholds, of the cells as `predict.instances` separates them, as
+    `evaluate` reports it.
     """
 
     def __init__(self, images: np.ndarray, cells: np.ndarray, sizes: np.ndarray | None, config: Config):
@@ -219,8 +220,9 @@ class ChallengeScores(keras.callbacks.Callback):
             self.segment = _segmenter(self.model, self.config)
         probabilities = [self.segment(image) for image in self.images]
         if logs is not None:
-            logs["val_rand_error"] = _best(rand_error_sweep, probabilities, self.cells)
-            logs["val_warping_error"] = _best(warping_error_sweep, probabilities, self.cells)
+            method = self.config.predict.instances  # the cells as evaluate separates them
+            logs["val_rand_error"] = _best(rand_error_sweep, probabilities, self.cells, method)
+            logs["val_warping_error"] = _best(warping_error_sweep, probabilities, self.cells, method)
 
 
 def _segmenter(model: keras.Model, config: Config) -> typing.Callable[[np.ndarray], np.ndarray]:
@@ -261,13 +263,13 @@ class WholeImage:
         return np.asarray(probabilities[0, :height, :width, 1], np.float32)
 
 
-def _best(sweep: typing.Callable[[np.ndarray, np.ndarray], Sweep], probabilities: list[np.ndarray],
-          cells: list[np.ndarray]) -> float:
-    """The lowest error over the thresholds: of the stack (the challenge's sums over slices)
-    or, for images of different sizes, of the mean per threshold."""
+def _best(sweep: typing.Callable[[np.ndarray, np.ndarray, str], Sweep], probabilities: list[np.ndarray],
+          cells: list[np.ndarray], method: str) -> float:
+    """The lowest error over the thresholds, of the cells as `method` separates them: of the stack
+    (the challenge's sums over slices) or, for images of different sizes, of the mean per threshold."""
     if len({p.shape for p in probabilities}) == 1:
-        return sweep(np.stack(probabilities), np.stack(cells)).error
-    return float(np.min(np.mean([sweep(p, c).errors for p, c in zip(probabilities, cells)], axis=0)))
+        return sweep(np.stack(probabilities), np.stack(cells), method).error
+    return float(np.min(np.mean([sweep(p, c, method).errors for p, c in zip(probabilities, cells)], axis=0)))
 
 
 class ValidationImages(keras.callbacks.Callback):

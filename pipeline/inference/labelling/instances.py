@@ -46,19 +46,33 @@ def cell_instances(probability: np.ndarray, threshold: float = 0.5, method: str 
     The cells at `threshold`, split by `method` (one of `INSTANCE_METHODS`); objects of fewer than
     `min_size` pixels are dropped and the others numbered 1..N.
     """
-    if method not in INSTANCE_METHODS:
-        raise ValueError(f"method must be one of {INSTANCE_METHODS}, got {method!r}")
+    _check_method(method)
     probability = np.asarray(probability)
     stack = probability[None] if probability.ndim == 2 else probability
     labels = [_label_slice(p, threshold, method, min_size) for p in stack]
     return np.stack(labels).reshape(probability.shape)
 
 
-def _label_slice(probability: np.ndarray, threshold: float, method: str, min_size: int) -> np.ndarray:
-    """`cell_instances` of one [H, W] slice."""
+def cell_segments(probability: np.ndarray, threshold: float, method: str = "components") -> np.ndarray:
+    """Boolean mask of one [H, W] slice's cells as `method` separates them: the pixels above
+    `threshold`, less the 1 px lines by which "watershed" cuts thin necks, so that each
+    4-connected component is one cell. What the predict stage labels, and what evaluation's
+    segmentation metrics score."""
+    _check_method(method)
     cells = cell_mask(probability, threshold)
     if method == "watershed" and cells.any():
         cells &= ~_split_lines(cells, probability, threshold)
+    return cells
+
+
+def _check_method(method: str) -> None:
+    if method not in INSTANCE_METHODS:
+        raise ValueError(f"method must be one of {INSTANCE_METHODS}, got {method!r}")
+
+
+def _label_slice(probability: np.ndarray, threshold: float, method: str, min_size: int) -> np.ndarray:
+    """`cell_instances` of one [H, W] slice."""
+    cells = cell_segments(probability, threshold, method)
     count, labels, stats, _ = cv2.connectedComponentsWithStats(cells.astype(np.uint8), connectivity=4,
                                                                 ltype=cv2.CV_32S)
     kept = stats[:, cv2.CC_STAT_AREA] >= min_size
