@@ -2,6 +2,9 @@
 
 Ground truth: the real ISBI 2012 labels when present (repeated to 30 slices), else
 synthetic labels. Proposal: the labels blurred and noised into a probability map.
+The segment metrics are timed twice: on the map's 4-connected components (the
+challenge's reading) and on the cells as `predict.instances=watershed` separates them,
+with the ratio of the two.
 The warping error is compared with the tests' one-pixel-at-a-time oracle (the
 reference's visiting order in plain Python) on a few slices, checked equal, and the
 ratio reported. One core: the process is pinned to CPU 0, one thread per library.
@@ -39,6 +42,7 @@ SWEEPS = {  # name in the JSON: (label in the table, sweep)
     "v_rand_sweep": ("V_rand", isbi.v_rand_sweep),
     "v_info_sweep": ("V_info", isbi.v_info_sweep),
 }
+SEGMENT_SWEEPS = ("rand_error_sweep", "warping_error_sweep", "v_rand_sweep", "v_info_sweep")  # take a method
 
 
 def labels() -> tuple[np.ndarray, str]:
@@ -92,6 +96,10 @@ def measure(slices: int = 30, oracle_slices: int = 1, size: int | None = None) -
         rows.append({"metric": name, "seconds": seconds, "thresholds": len(sweep.thresholds),
                      "error": sweep.error, "threshold": sweep.threshold})
         print(f"  {name:>20}: {seconds:7.2f} s   best {sweep.error:.6f} at t = {sweep.threshold!r}", flush=True)
+        if name in SEGMENT_SWEEPS:
+            cut, seconds = timed(sweep_of, probability, truth, "watershed")
+            rows[-1] |= {"watershed_seconds": seconds, "watershed_error": cut.error}
+            print(f"  {'watershed':>20}: {seconds:7.2f} s   best {cut.error:.6f} at t = {cut.threshold!r}", flush=True)
     oracle_warp = _oracle_warp()
     ours = reference = 0.0
     for cells, p in zip(truth[:oracle_slices], probability[:oracle_slices]):
@@ -117,9 +125,12 @@ def render(results: dict[str, Any]) -> str:
     if results["size"] is not None:
         command += f" --size {results['size']}"
     table = [[SWEEPS[row["metric"]][0], str(row["thresholds"]), f"{row['seconds']:.2f}",
-              f"{1000 * row['seconds'] / slices:.1f}", f"{row['error']:.6f}", repr(row["threshold"])]
+              f"{1000 * row['seconds'] / slices:.1f}", f"{row['error']:.6f}", repr(row["threshold"]),
+              *([f"{row['watershed_seconds']:.2f}", f"{row['watershed_seconds'] / row['seconds']:.1f}x",
+                 f"{row['watershed_error']:.6f}"] if "watershed_seconds" in row else ["-", "-", "-"])]
              for row in results["rows"]]
     total = sum(row["seconds"] for row in results["rows"])
+    cut = sum(row.get("watershed_seconds", row["seconds"]) for row in results["rows"])
     warping = next(row["seconds"] for row in results["rows"] if row["metric"] == "warping_error_sweep")
     return "\n\n".join([
         f"## Evaluation metrics: ISBI 2012 sweeps over {slices} slices of {height}x{width}, one CPU core",
@@ -129,11 +140,13 @@ def render(results: dict[str, Any]) -> str:
             f"{results['source']}, {'repeated to' if slices > results['source_slices'] else 'the first'} {slices} "
             "slices; proposal: the labels blurred and noised into a "
             "probability map. Each sweep scores the whole stack at every threshold of the reference's grid, as "
-            "`evaluate` does."),
-        common.markdown_table(["metric", "thresholds", "seconds", "ms per slice", "best error", "at threshold"],
-                              table, "lrrrrr"),
+            "`evaluate` does; the segment metrics also as `evaluate --set predict.instances=watershed` scores them, "
+            "the cells' thin necks cut at every threshold first (seconds, their ratio to the map's, best error)."),
+        common.markdown_table(["metric", "thresholds", "seconds", "ms per slice", "best error", "at threshold",
+                               "watershed: seconds", "ratio", "best error"], table, "lrrrrrrrr"),
         common.paragraph(
-            f"All five sweeps: {total:.1f} s for {slices} slices ({1000 * total / slices:.0f} ms per slice). "
+            f"All five sweeps: {total:.1f} s for {slices} slices ({1000 * total / slices:.0f} ms per slice); with "
+            f"the watershed's cells, {cut:.1f} s ({cut / total:.1f}x). "
             "The warping error's simple-point warping against the tests' oracle (the reference's visiting order, "
             f"one pixel at a time in plain Python) on {common.count(oracle['slices'], 'slice')} x "
             f"{oracle['thresholds']} thresholds: ours {oracle['ours']:.2f} s, oracle {oracle['reference']:.1f} s, "
