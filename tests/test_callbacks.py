@@ -2,6 +2,7 @@
 a collapse at its epoch's end, validation pictures reach TensorBoard, in colour for RGB inputs, the
 challenge's errors are evaluate's."""
 
+import dataclasses
 import json
 import re
 
@@ -185,8 +186,10 @@ def test_validation_input_is_shown_in_colour_for_rgb_and_by_its_first_channel_el
         np.testing.assert_array_equal(shown[..., 0], 255 * tile[2:10, 2:10, 0])  # white square on black
 
 
-def test_challenge_scores_are_the_errors_evaluate_reports():
+@pytest.mark.parametrize("method", ["components", "watershed"])
+def test_challenge_scores_are_the_errors_evaluate_reports(method):
     config = configuration.preset("smoke")
+    config = dataclasses.replace(config, predict=dataclasses.replace(config.predict, instances=method))
     keras.utils.set_random_seed(3)
     model = unet(config.model)
     images, instances = synthetic_em_stack(2, 96, seed=1)
@@ -196,3 +199,4 @@ def test_challenge_scores_are_the_errors_evaluate_reports():
     scores.on_epoch_end(0, logs)
     report = evaluate_model(model, images, cells, config)
     assert logs == {"val_rand_error": report["rand_error"], "val_warping_error": report["warping_error"]}
+    assert report["segmentation"] == method

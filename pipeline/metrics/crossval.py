@@ -200,8 +200,8 @@ def estimate(report: dict, model: dict, source: str) -> dict:
 
     Refuses, in one line, a model of another recipe: any setting of `model` but those
     NOT_ESTIMATED that differs. The estimate: the folds, slices, steps, seed, test-time
-    averaging and segmentation (`predict.instances`) of the cross-validation, the mean, spread and range over the folds of its values,
-    and the pooled warping error.
+    averaging and segmentation (`predict.instances`) of the cross-validation, the mean,
+    spread and range over the folds of its values, and the pooled warping error.
     """
     if report.get("members"):
         raise PipelineError(f"{source}: an ensemble's cross-validation, which estimates an ensemble, not one model")

@@ -97,8 +97,7 @@ def report_for(probabilities: list[np.ndarray], truth: list[np.ndarray], thresho
     headline = mean if overall is None else overall
     report = ({key: headline[key] for key in ("warping_error", "rand_error", "pixel_error")}
               | {"warnings": warnings, "threshold": threshold, "segmentation": method, "overall": overall,
-                 "mean_per_image": mean,
-                 "per_image": per_image})
+                 "mean_per_image": mean, "per_image": per_image})
     if instances is not None:
         report["instance_matching"] = matching.record(matching.pool(
             matching.match(cell_instances(p, threshold, method, min_size), r)
