@@ -20,6 +20,7 @@ from pipeline.data import DATASETS
 from pipeline.errors import PipelineError
 from pipeline.files import rundir
 from pipeline.files.rundir import RunDir
+from pipeline.metrics import crossval as crossval_report
 
 STAGES = ("prepare", "train", "evaluate", "export", "predict")
 CROSSVAL = "crossval"  # prepare, train and evaluate in every fold, then one report (pipeline.stages.crossval)
@@ -417,6 +418,8 @@ def _main(argv: list[str], command: argparse.ArgumentParser, words: typing.Calla
         with run.lock(exclusive=writes):
             config = resolve(args, run)
             run.check_changes(config, stages, args.overwrite)
+            if "export" in stages:
+                crossval_report.export_estimate(config)  # a refusal before training, not after it
             if config.train.init_from and stages[0] == "prepare" and "train" in stages:
                 from pipeline.training import finetune  # TensorFlow: only for the weights a new run starts from
 

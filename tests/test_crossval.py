@@ -375,3 +375,18 @@ def test_the_final_model_exports_the_accuracy_its_recipes_cross_validation_estim
                      "--set", f"export.crossval={tmp_path / f'{name}.json'}"]) == 2
         assert capsys.readouterr().err == f"error: {tmp_path / f'{name}.json'}: {error}\n"
         assert not (tmp_path / "saved").exists()
+
+    # --stage all refuses it before preparing and training, not after; so too a file that is no
+    # cross-validation's report (a fold's evaluation report).
+    fold_report = cv0.fold(0).report
+    for source, error in [
+        (tmp_path / "longer.json", "cross-validates train.epochs=3, the model was trained with 1; it estimates only "
+                                   "a model of its recipe"),
+        (fold_report, "not a cross-validation report (it lacks across_folds, configuration, folds, pooled, slices)"),
+    ]:
+        other = tmp_path / "refused"
+        capsys.readouterr()
+        assert main(["--stage", "all", "--run-dir", str(other), "--data-dir", str(two_crossvals["root"] / "data"),
+                     *every_slice, "--set", "train.include_validation=true", "--set", f"export.crossval={source}"]) == 2
+        assert capsys.readouterr().err == f"error: {source}: {error}\n"
+        assert not other.exists()

@@ -7,16 +7,21 @@ folds, and what can be pooled over all held-out slices. `markdown` shows it as t
 `compare` and `comparison_markdown` set several cross-validations of the same folds against
 the first (the levers table of docs/results.md); `seeds` gives a recipe's mean over its
 seeds; `estimate`, the accuracy it estimates for a model of its recipe without a held-out
-score. No model and no TensorFlow.
+score (`export_estimate`: for the run that `export.crossval` names it for). No model and no
+TensorFlow.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 
+from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
+from pipeline.files import rundir
 from pipeline.metrics.report import summary
 
 # The values the report carries, with their titles in the tables (lower is better, IoU and accuracy aside).
@@ -218,6 +223,30 @@ def estimate(report: dict, model: dict, source: str) -> dict:
             "test_time_augmentation": theirs["predict"]["test_time_augmentation"],
             "segmentation": theirs["predict"]["instances"],
             "across_folds": report["across_folds"], "pooled_warping_error": report["pooled"]["warping_error"]}
+
+
+def export_estimate(config: Config) -> dict | None:
+    """`estimate` for the model of a run with `config`, from the cross-validation `export.crossval`
+    names (a run directory or a report file), or None where it names none.
+
+    Refuses, in one line, a path without a report, a file that is not one, and a cross-validation
+    of another recipe: checked before training too, so that an hour of it never ends refused.
+    """
+    if not config.export.crossval:
+        return None
+    source = rundir.crossval_report_file(Path(config.export.crossval))
+    try:
+        report = json.loads(source.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PipelineError(f"{source}: not a cross-validation report ({error})") from None
+    if not isinstance(report, dict) or not REPORT_KEYS <= report.keys():
+        raise PipelineError(f"{source}: not a cross-validation report (it lacks {', '.join(sorted(REPORT_KEYS))})")
+    trained = {section: config.to_dict()[section] for section in rundir.TRAINED_SECTIONS}
+    return estimate(report, trained, str(source))
+
+
+# What `estimate` reads of a report.
+REPORT_KEYS = frozenset({"configuration", "folds", "slices", "across_folds", "pooled"})
 
 
 def settings_changes(first: dict, other: dict) -> list[str]:

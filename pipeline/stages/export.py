@@ -68,7 +68,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from pipeline.config.schema import Config
 from pipeline.errors import PipelineError
-from pipeline.files import bioimageio, io, model_source, rundir
+from pipeline.files import bioimageio, io, model_source
 from pipeline.files.rundir import RunDir
 from pipeline.inference.segmenter import load_model, png_segmentation_function, segmentation_function, tile_function
 from pipeline.metrics import crossval
@@ -280,9 +280,7 @@ def provenance(config: Config, run: RunDir) -> dict:
                      "keras": keras.__version__},
     }
     if config.export.crossval:
-        source = rundir.crossval_report_file(Path(config.export.crossval))
-        trained = {section: config.to_dict()[section] for section in rundir.TRAINED_SECTIONS}
-        record["crossval_estimate"] = crossval.estimate(json.loads(source.read_text()), trained, str(source))
+        record["crossval_estimate"] = crossval.export_estimate(config)
     report, note = run.model_report(digest)
     if report is None:
         return record | {"evaluation": None, "evaluation_note": note}
