@@ -312,9 +312,7 @@ def run_crossval(args: argparse.Namespace, run: RunDir) -> None:
             with fold.lock(exclusive=True):
                 if "train" in stages:
                     print(f"== crossval fold {index}: train ({fold})", flush=True)
-                    resumed, start = not args.overwrite and fold.backup().exists(), time.monotonic()
                     train.run(fold_config, fold, overwrite=args.overwrite)
-                    crossval.record_training(run, index, time.monotonic() - start, resumed)
                 if "evaluate" in stages:
                     print(f"== crossval fold {index}: evaluate ({fold})", flush=True)
                     evaluate.run(fold_config, fold)

@@ -170,6 +170,15 @@ def test_crossval_trains_every_fold_reports_them_and_resumes(two_crossvals, tmp_
     assert report["pooled"]["slices"] == SLICES
     assert report["pooled"]["warping_error"] >= np.mean([f["warping_error"] for f in report["folds"]]) - 1e-12
     assert "train.seed=0" in " ".join(report["protocol"])
+    # Minutes per fold: its epochs' wall time (TINY trains one epoch a fold).
+    for index in range(FOLDS):
+        seconds = json.loads((run_dir / "folds" / f"fold-{index}" / "train" / "epoch_seconds.json").read_text())
+        assert len(seconds["epoch_seconds"]) == 1 and seconds["epoch_seconds"][0] > 0
+        assert report["training_minutes"][f"fold-{index}"] == pytest.approx(sum(seconds["epoch_seconds"]) / 60)
+    # A fold with an epoch that an earlier version did not time takes the minutes that version kept.
+    (run_dir / "folds" / "fold-0" / "train" / "epoch_seconds.json").write_text('{"epoch_seconds": [null]}')
+    (run_dir / "crossval" / "timing.json").write_text('{"fold-0": 90.0}')
+    assert crossval_stage.training_minutes(RunDir(run_dir)) == report["training_minutes"] | {"fold-0": 1.5}
 
     # A second command finds every fold evaluated: nothing is trained or scored again.
     models = {path: path.stat().st_mtime_ns for path in run_dir.glob("folds/*/train/best.keras")}

@@ -161,6 +161,8 @@ def test_killed_training_resumes_and_ends_like_an_uninterrupted_run(prepared, tm
     output = finished(pipeline_process(args))
     assert "resuming after epoch" in output
     assert logged_epochs(killed) == list(range(8))  # each once, wherever in its epoch the kill came
+    timed = json.loads((killed / "train" / "epoch_seconds.json").read_text())["epoch_seconds"]
+    assert len(timed) == 8 and all(seconds > 0 for seconds in timed)  # the killed command's epochs too
     for a, b in zip(weights(straight / "train" / "last.keras"), weights(killed / "train" / "last.keras")):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
 
@@ -193,6 +195,7 @@ def test_a_full_disk_at_an_epoch_end_resumes_with_every_epoch_logged_once(prepar
     assert main(args) == 0
     assert "resuming after epoch 1" in capsys.readouterr().out
     assert logged_epochs(run_dir) == [0, 1, 2, 3]
+    assert len(json.loads((run_dir / "train" / "epoch_seconds.json").read_text())["epoch_seconds"]) == 4
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_model(prepared, tmp_path, capsys):

@@ -128,6 +128,11 @@ class RunDir:
     def history(self) -> Path:
         return self.train / "history.csv"
 
+    @property
+    def epoch_times(self) -> Path:
+        """The wall time of each finished epoch, kept across resumes (`epoch_seconds`)."""
+        return self.train / "epoch_seconds.json"
+
     def worker(self, task_id: int | None = None) -> Path:
         """train/ for the chief; train/worker-N/ for the last model and backup of worker N.
 
@@ -227,7 +232,8 @@ class RunDir:
 
     @property
     def crossval_timing(self) -> Path:
-        """Seconds each fold has trained, added over the commands that trained it."""
+        """Seconds each fold has trained, added over the commands that finished training it: what
+        cross-validations recorded before each fold timed its epochs (`epoch_seconds`)."""
         return self.crossval / "timing.json"
 
     @contextlib.contextmanager
@@ -424,6 +430,12 @@ def mark_latest(run: RunDir) -> None:
     """Records `run` as the one later commands without --run-dir use."""
     if is_chief():
         io.atomic_write_text(LATEST, f"{run.root}\n")
+
+
+def epoch_seconds(path: Path) -> list[float | None]:
+    """The seconds of each epoch recorded in `path` (a run's `epoch_times`, written by
+    `training.callbacks.EpochTimes`; None for an epoch that was not timed); [] where none were."""
+    return json.loads(path.read_text())["epoch_seconds"] if Path(path).exists() else []
 
 
 def crossval_report_file(path: Path) -> Path:

@@ -78,15 +78,6 @@ def remaining(config: Config, fold: RunDir, overwrite: bool) -> tuple[str, ...]:
     return () if scored_alike else FOLD_STAGES[2:]
 
 
-def record_training(run: RunDir, index: int, seconds: float, resumed: bool) -> None:
-    """Adds the seconds a command trained fold `index` to `<run>/crossval/timing.json`
-    (replaces them where the fold's training started over)."""
-    timing = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
-    key = f"fold-{index}"
-    timing[key] = (timing.get(key, 0.0) if resumed else 0.0) + seconds
-    io.atomic_write_text(run.crossval_timing, json.dumps(timing, indent=2))
-
-
 def run(config: Config, run: RunDir) -> dict:
     """Writes `<run>/crossval/report.json` and `report.md` from the folds' evaluation reports."""
     results = [_fold_result(index, fold) for index, (_, fold) in enumerate(folds(config, run))]
@@ -191,9 +182,19 @@ def _fold_result(index: int, fold: RunDir, path: Path | None = None) -> crossval
 
 
 def training_minutes(run: RunDir) -> dict[str, float]:
-    """Minutes each fold trained (`record_training`), by fold name; empty where none were recorded."""
-    timing = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
-    return {fold: seconds / 60 for fold, seconds in sorted(timing.items())}
+    """Minutes each fold trained, by fold name: the wall time of its epochs (`RunDir.epoch_times`,
+    complete however often its training was killed), or where some epochs were not timed (trained
+    by an earlier version), the seconds of the commands that finished training it
+    (`RunDir.crossval_timing`, which that version kept). Folds with neither are left out."""
+    commands = json.loads(run.crossval_timing.read_text()) if run.crossval_timing.exists() else {}
+    minutes = {}
+    for fold in sorted(run.folds.glob("fold-*")):
+        epochs = rundir.epoch_seconds(RunDir(fold).epoch_times)
+        if epochs and None not in epochs:
+            minutes[fold.name] = sum(epochs) / 60
+        elif fold.name in commands:
+            minutes[fold.name] = commands[fold.name] / 60
+    return minutes
 
 
 def ensemble_minutes(members: list[dict[str, float]]) -> dict[str, float]:
@@ -227,8 +228,9 @@ def protocol(config: Config, training: dict[str, float]) -> list[str]:
            "component as the challenge reads a map."),
         f"Preset {config.preset}: {train.epochs} epochs x {train.steps_per_epoch} steps = {steps:,} steps, "
         f"{budget}; train.seed={train.seed}.",
-        "Minutes of training per fold (added over the commands that finished training it; a killed "
-        f"command's are missing): {minutes or 'not recorded'}.",
+        "Minutes of training per fold (the wall time of its epochs, added over every command that trained "
+        "it, not its start-up (reading the data, building the model); folds trained by earlier versions: the "
+        f"commands that finished training them): {minutes or 'not recorded'}.",
         "Recipes are compared on this report (another seed: the same command with --set train.seed=N and "
         "another --run-dir), never on the slices a README figure is quoted from.",
         "The final model trains on every labelled slice with the same steps (docs/results.md, "

@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import math
+import time
 import typing
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline import mirror, sizes
 from pipeline.config.schema import Config, TrainConfig
 from pipeline.display import grey8
 from pipeline.errors import PipelineError
-from pipeline.files import io, model_file
+from pipeline.files import io, model_file, rundir
 from pipeline.files.rundir import RunDir
 from pipeline.metrics.common import Sweep
 from pipeline.metrics.isbi import rand_error_sweep
@@ -195,6 +196,32 @@ def _keep_rows_before(path: Path, epoch: int) -> None:
         csv.writer(handle).writerows([header, *kept])
 
 
+class EpochTimes(keras.callbacks.Callback):
+    """Writes the wall time of every finished epoch, its callbacks' work included, to `path`
+    (JSON: {"epoch_seconds": [...]}), kept across resumes as the history is: the epochs from the
+    resumed one on are dropped and timed again. What a run's training took, however often it
+    was killed: the cross-validation's minutes per fold. An epoch finished by a version that
+    did not time epochs is null, so that a sum never passes for the whole training's.
+    """
+
+    def __init__(self, path: Path, resumed_epoch: int):
+        super().__init__()
+        self.path, self.resumed_epoch = Path(path), resumed_epoch
+        self.seconds: list[float | None] = []
+        self.start = 0.0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        recorded = rundir.epoch_seconds(self.path)
+        self.seconds = (recorded + [None] * self.resumed_epoch)[: self.resumed_epoch]
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.monotonic() - self.start)
+        io.atomic_write_text(self.path, json.dumps({"epoch_seconds": self.seconds}))
+
+
 class ChallengeScores(keras.callbacks.Callback):
     """Adds the ISBI challenge's Rand and warping errors of the whole validation images to
     every epoch's logs, as `val_rand_error` and `val_warping_error`.
@@ -360,6 +387,8 @@ def run_callbacks(
             config.train.select_by, patience=config.train.early_stopping_patience, restore_best_weights=True))
     if averaged is not None:
         chosen.append(averaged.restorer())
+    if task_id is None:  # last but the backup: an epoch's time includes its callbacks' work
+        chosen.append(EpochTimes(run.epoch_times, resumed_epoch(backup)))
     return chosen + [keras.callbacks.BackupAndRestore(str(backup), double_checkpoint=True)]
 
 
