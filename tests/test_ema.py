@@ -118,8 +118,9 @@ def test_the_average_is_in_the_model_from_validation_to_just_before_the_backup(t
     averaged = chosen[0]
     assert isinstance(averaged, AveragedWeights)
     assert isinstance(chosen[-1], keras.callbacks.BackupAndRestore)
-    assert isinstance(chosen[-3], keras.callbacks.EarlyStopping)
-    restorer = chosen[-2]
+    assert isinstance(chosen[-2], callbacks.EpochTimes)  # times the epoch's callbacks too, the average's among them
+    assert isinstance(chosen[-4], keras.callbacks.EarlyStopping)
+    restorer = chosen[-3]
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     for callback in (averaged, restorer):
         callback.set_model(model)
@@ -128,7 +129,7 @@ def test_the_average_is_in_the_model_from_validation_to_just_before_the_backup(t
     assert averaged.trained is None
     plain = configuration.apply_overrides(config, {"train": {"ema_momentum": 0.0}}, "test")
     assert [type(c) for c in callbacks.run_callbacks(plain, RunDir(tmp_path), None, tile, val_split)] == [
-        type(c) for c in chosen[1:-2] + chosen[-1:]]
+        type(c) for c in chosen[1:-3] + chosen[-2:]]
 
 
 @pytest.fixture(scope="module")
