@@ -386,12 +386,14 @@ def test_the_final_model_exports_the_accuracy_its_recipes_cross_validation_estim
         assert not (tmp_path / "saved").exists()
 
     # --stage all refuses it before preparing and training, not after; so too a file that is no
-    # cross-validation's report (a fold's evaluation report).
+    # cross-validation's report (a fold's evaluation report, or no JSON at all).
     fold_report = cv0.fold(0).report
+    (tmp_path / "garbage.json").write_text("not JSON")
     for source, error in [
         (tmp_path / "longer.json", "cross-validates train.epochs=3, the model was trained with 1; it estimates only "
                                    "a model of its recipe"),
         (fold_report, "not a cross-validation report (it lacks across_folds, configuration, folds, pooled, slices)"),
+        (tmp_path / "garbage.json", "not a cross-validation report (Expecting value: line 1 column 1 (char 0))"),
     ]:
         other = tmp_path / "refused"
         capsys.readouterr()
