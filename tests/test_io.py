@@ -352,8 +352,19 @@ def test_nan_and_infinite_pixels_are_refused(tmp_path):
     image = np.random.default_rng(0).uniform(size=(20, 25)).astype(np.float32)
     image[1, 2], image[3, 4], image[5, 6] = np.nan, np.inf, -np.inf
     tifffile.imwrite(tmp_path / "nan.tif", image)
-    assert refusal(io.read_stack, tmp_path / "nan.tif") == f"{tmp_path / 'nan.tif'}: 3 NaN/infinite pixel values"
+    assert refusal(io.read_stack, tmp_path / "nan.tif") == (
+        f"{tmp_path / 'nan.tif'}: 3 pixel values are NaN, infinite or beyond float32's range (3.4e38)")
     assert refusal(io.read_slices, tmp_path / "nan.tif", "prediction") == refusal(io.read_stack, tmp_path / "nan.tif")
+
+
+def test_float64_pixels_beyond_float32_are_refused_not_made_infinite(tmp_path):
+    image = np.random.default_rng(0).uniform(size=(20, 25))
+    tifffile.imwrite(tmp_path / "in-range.tif", image * np.finfo(np.float32).max)
+    assert io.read_stack(tmp_path / "in-range.tif").shape == (1, 20, 25, 1)
+    image[1, 2], image[3, 4] = 1e39, -1e300
+    tifffile.imwrite(tmp_path / "huge.tif", image)
+    assert refusal(io.read_stack, tmp_path / "huge.tif") == (
+        f"{tmp_path / 'huge.tif'}: 2 pixel values are NaN, infinite or beyond float32's range (3.4e38)")
 
 
 # --- input folders -----------------------------------------------------------------------------

@@ -344,6 +344,10 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path, image, monkeypatch)
         large_image.statistics(corrupt, config)
     with pytest.raises(PipelineError, match=r"colour\.tif: colour image \(3 channels\) but the model takes 1"):
         large_image.statistics(colour, config)
+    unreadable = image.astype(np.float64)
+    unreadable[0, 0], unreadable[-1, -1], unreadable[5, 7] = np.nan, 1e39, -np.inf  # in two chunks
+    with pytest.raises(PipelineError, match=r"huge\.tif: 3 pixel values are NaN, infinite or beyond float32"):
+        large_image.statistics(write_tiled_tiff(tmp_path / "huge.tif", unreadable), config)
     with pytest.raises(PipelineError, match=r"grey image \(1 channel\) but the model takes 3 channels"):
         lazy_image.open_lazy(write_tiled_tiff(tmp_path / "grey.tif", image), 3)
     assert not large_image.is_large(text, config)  # the whole-image reader names its problem

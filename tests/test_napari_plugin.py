@@ -182,7 +182,7 @@ def test_a_bad_layer_is_a_one_line_notification(widget, qtbot, smoke_run):
     segment(qtbot, made, nan)
     colour = viewer.add_image(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8), name="rgb", rgb=True)
     segment(qtbot, made, colour)
-    assert errors()[-2:] == ["layer holes: 64 NaN/infinite pixel values",
+    assert errors()[-2:] == ["layer holes: 64 pixel values are NaN, infinite or beyond float32's range (3.4e38)",
                              "layer rgb: colour image (3 channels) but the model takes 1 channel; "
                              "convert it to grey or train with model.input_channels=3"]
     loaded(qtbot, made, smoke_run["run_dir"] / "train")

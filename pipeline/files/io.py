@@ -554,8 +554,8 @@ def read_stack(path: Path, channels: int | None = 1) -> np.ndarray:
 
     TIFF axes come from tifffile (see `_as_nhwc`); a PNG is one image, grey or colour.
     The channels follow `as_model_channels`; with `channels=None`, C is the file's own
-    (where no model is involved, e.g. a TFDS data set of the files as they are). NaN or
-    infinite pixels are refused.
+    (where no model is involved, e.g. a TFDS data set of the files as they are). Pixels the
+    network cannot read (`unreadable_pixels`) are refused.
     """
     array, axes = _read_file(path)
     stack = _finite(_as_nhwc(array, axes, path), path)
@@ -570,8 +570,8 @@ def read_slices(path: Path, role: str) -> np.ndarray:
     but Y, X and S (the samples of a colour pixel) is the slice axis, whatever the file
     calls it, C included (`tifffile.imwrite(path, stack, imagej=True)` declares a stack's
     slices as ImageJ channels). Samples follow `COLOUR_AS_GREY`'s test: grey stored as
-    colour is read as grey, with a notice; real colour is refused. NaN or infinite pixels
-    are refused.
+    colour is read as grey, with a notice; real colour is refused. Pixels the network cannot
+    read (`unreadable_pixels`) are refused.
     """
     array, axes = _read_file(path)
     stack = _finite(_as_nhwc(array, axes, path, channel_axes="S"), path)
@@ -587,10 +587,27 @@ def read_slices(path: Path, role: str) -> np.ndarray:
 
 
 def _finite(stack: np.ndarray, path: Path) -> np.ndarray:
-    """`stack`, or a one-line error counting its NaN or infinite pixels."""
-    if stack.dtype.kind == "f" and not np.isfinite(stack).all():
-        raise PipelineError(f"{path}: {np.count_nonzero(~np.isfinite(stack))} NaN/infinite pixel values")
+    """`stack`, or a one-line error counting the pixels the network cannot read."""
+    if count := unreadable_pixels(stack):
+        raise unreadable_pixels_error(path, count)
     return stack
+
+
+def unreadable_pixels(values: np.ndarray) -> int:
+    """How many of `values` the network cannot read: NaN, infinite, or beyond float32's range.
+
+    The network computes in float32, where a float64 value beyond about 3.4e38 would become
+    infinite: such pixels are counted here rather than turned into infinities in the graph.
+    """
+    if values.dtype.kind != "f":
+        return 0
+    largest = np.finfo(np.float32).max
+    return int(np.count_nonzero(~((values >= -largest) & (values <= largest))))  # NaN fails both
+
+
+def unreadable_pixels_error(where: Path, count: int) -> PipelineError:
+    """The one-line refusal of an image with `count` pixels that `unreadable_pixels` counts."""
+    return PipelineError(f"{where}: {count} pixel values are NaN, infinite or beyond float32's range (3.4e38)")
 
 
 def is_ome_zarr(path: Path) -> bool:

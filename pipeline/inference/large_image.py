@@ -127,8 +127,8 @@ def statistics(path: Path, config: Config) -> tuple[float, float]:
     `normalization`'s rule over all pixels and channels the model reads: chunk by chunk in
     float64 (Chan et al.'s pairwise update of mean and sum of squared deviations), which
     holds the squares of any float32 image; no floor on the deviation, which is 0 only for
-    a constant image (its lowest pixel equals its highest), with a notice. Refuses NaN or
-    infinite pixels, and a colour image that `open_lazy` took for grey but is not.
+    a constant image (its lowest pixel equals its highest), with a notice. Refuses pixels
+    the network cannot read (`io.unreadable_pixels`), and a colour image that `open_lazy` took for grey but is not.
     """
     channels = config.model.input_channels
     count, mean, squares, invalid = 0, 0.0, 0.0, 0
@@ -142,12 +142,11 @@ def statistics(path: Path, config: Config) -> tuple[float, float]:
                 _check_grey(block, first, path)
                 block = block[..., :1]
             values = block.astype(np.float64)
-            if block.dtype.kind == "f":
-                invalid += np.count_nonzero(~np.isfinite(values))
+            invalid += io.unreadable_pixels(block)
             count, mean, squares = _merged(count, mean, squares, values)
             low, high = min(low, values.min()), max(high, values.max())
     if invalid:
-        raise PipelineError(f"{path}: {invalid} NaN/infinite pixel values")
+        raise io.unreadable_pixels_error(path, invalid)
     if low == high:
         print(constant_notice(path, low), file=sys.stderr)
         return float(low), 0.0

@@ -21,8 +21,9 @@ from pipeline.inference.labelling import instances
 def model_stack(data: np.ndarray, rgb: bool, name: str, channels: int) -> np.ndarray:
     """A layer's pixels as [N, H, W, `channels`]: its last two (or, for an RGB layer, the two before
     its colour axis) axes are an image's, any before them its slices. Refused in one line naming the
-    layer: fewer than two image axes, a pixel type no image file has, NaN or infinite pixels, and
-    other channels than the model's (`io.as_model_channels`: grey stored as colour is grey)."""
+    layer: fewer than two image axes, a pixel type no image file has, pixels the network cannot read
+    (`io.unreadable_pixels`), and other channels than the model's (`io.as_model_channels`: grey
+    stored as colour is grey)."""
     array = np.asarray(data)
     spatial = array.ndim - int(rgb)
     named = Path(f"layer {name}")
@@ -30,8 +31,8 @@ def model_stack(data: np.ndarray, rgb: bool, name: str, channels: int) -> np.nda
         raise PipelineError(f"{named}: shape {array.shape} is not an image (two axes, none empty)")
     if array.dtype.kind not in "uif":
         raise PipelineError(f"{named}: unsupported pixel type {array.dtype}")
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        raise PipelineError(f"{named}: {np.count_nonzero(~np.isfinite(array))} NaN/infinite pixel values")
+    if count := io.unreadable_pixels(array):
+        raise io.unreadable_pixels_error(named, count)
     height, width = array.shape[spatial - 2:spatial]
     stack = array.reshape(-1, height, width, array.shape[-1] if rgb else 1)
     return io.as_model_channels(stack, channels, named)
