@@ -128,7 +128,8 @@ def statistics(path: Path, config: Config) -> tuple[float, float]:
     float64 (Chan et al.'s pairwise update of mean and sum of squared deviations), which
     holds the squares of any float32 image; no floor on the deviation, which is 0 only for
     a constant image (its lowest pixel equals its highest), with a notice. Refuses pixels
-    the network cannot read (`io.unreadable_pixels`), and a colour image that `open_lazy` took for grey but is not.
+    the network cannot read (`io.unreadable_pixels`), and a colour image that `open_lazy`
+    took for grey but is not.
     """
     channels = config.model.input_channels
     count, mean, squares, invalid = 0, 0.0, 0.0, 0
